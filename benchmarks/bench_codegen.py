@@ -1,0 +1,299 @@
+"""Benchmark + on-device check of slimfx code generation (issue 5).
+
+    python benchmarks/bench_codegen.py [--shapes Llama-3.2-1B SmolLM2-135M] [--context 1024]
+                                       [--steps 32] [--budget-s 200] [--out results/bench_codegen.json]
+
+On one GPU, in the same run:
+  * correctness of the compiled kernels on CUDA: random pointwise/reduction programs
+    (tests/test_codegen_pointwise.py's generator) and a tiny HF Llama, vs eager;
+  * decode at batch 1, bf16, random weights, HF StaticCache at `--context` tokens:
+    the decode step compiled with codegen=slimfx (our kernels + our CUDA graph),
+    inductor default and inductor reduce-overhead; ms/step, first-call (compile) seconds,
+    and a warm recompile (dynamo reset, kernel and autotune caches kept);
+  * where the slimfx step spends its time: CUDA kernel time per kernel name over a
+    few steps without CUDA graphs (torch.profiler), top entries.
+Writes one JSON file (device, date, versions, every number) and prints tables. Stops
+starting new measurements after --budget-s seconds (shared GPU time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "SmolLM2-135M": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+    "Llama-3.2-1B": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+}
+SLIMFX_OPTIONS = {"config": {"compile": {"codegen": "slimfx", "pipeline": "off"}}}
+START = time.perf_counter()
+
+
+def _slimfx_backend():
+    # The function itself, so this runs from a source checkout without the entry point.
+    from slimfx.compiler.backend import slimfx_backend
+
+    return slimfx_backend
+
+
+def elapsed() -> float:
+    return time.perf_counter() - START
+
+
+# ----------------------------------------------------------------------------- correctness on CUDA
+
+
+def _test_module():
+    """tests/test_codegen_pointwise.py (its op tables); a stub hypothesis if none is installed."""
+    import types
+
+    try:
+        import hypothesis  # noqa: F401
+    except ImportError:  # the GPU machine may lack test extras: the tables do not need it
+        stub = types.ModuleType("hypothesis")
+        stub.HealthCheck = types.SimpleNamespace(function_scoped_fixture=None, too_slow=None)
+        stub.given = stub.settings = lambda *a, **k: (lambda f: f)
+        stub.strategies = types.SimpleNamespace(composite=lambda f: f, integers=None, sampled_from=None)
+        sys.modules["hypothesis"] = stub
+        sys.modules["hypothesis.strategies"] = stub.strategies
+    path = Path(__file__).resolve().parent.parent / "tests" / "test_codegen_pointwise.py"
+    spec = importlib.util.spec_from_file_location("codegen_programs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def random_case(tm, rng):
+    """One random program, drawn like the test's hypothesis strategy."""
+    ndim = rng.randint(1, 3)
+    shape = tuple(rng.randint(1, 5) for _ in range(ndim - 1)) + (rng.randint(2, 33),)
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    input_shapes = [shape, shape[-1:], shape[:-1] + (1,)][: rng.randint(1, 3)]
+    program, n = [], len(input_shapes)
+    for _ in range(rng.randint(2, 7)):
+        kind = rng.choice(["unary", "binary", "reduce"])
+        names = {"unary": tm.UNARY, "binary": tm.BINARY, "reduce": tm.REDUCE}[kind]
+        args = tuple(rng.randint(0, n - 1) for _ in range(2 if kind == "binary" else 1))
+        program.append((kind, rng.choice(sorted(names)), args))
+        n += 1
+    return dtype, input_shapes, program
+
+
+def check_random_programs(n: int = 12) -> dict:
+    import random
+
+    from slimfx.codegen import compile_graph
+
+    tm = _test_module()
+    rng = random.Random(0)
+    worst: dict = {}
+    for _ in range(n):
+        dtype, input_shapes, program = random_case(tm, rng)
+        inputs = [torch.randn(s, device="cuda").to(dtype) for s in input_shapes]
+        fn = tm.program_fn(program, len(inputs))
+        compiled = compile_graph(tm._trace(fn, len(inputs)), inputs, cudagraphs=False)
+        for e, g in zip(fn(*inputs), compiled(*inputs)):
+            torch.testing.assert_close(g.float(), e.float(), atol=tm.TOL[dtype], rtol=tm.TOL[dtype])
+            err = (g.float() - e.float()).abs().max().item()
+            worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
+        assert all(grp.source is not None for grp in compiled.slimfx_codegen.groups)
+    return {"programs": n, "max_abs_err": worst}
+
+
+def check_tiny_llama() -> dict:
+    from slimfx.runtime.models import tiny_model
+
+    model = tiny_model("llama_gqa").cuda()
+    ids = torch.randint(0, 128, (1, 9), device="cuda")
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch._dynamo.reset()
+        got = torch.compile(model, backend=_slimfx_backend(), options=SLIMFX_OPTIONS)(ids).logits
+    err = (got - expected).abs().max().item()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    return {"max_abs_err_fp32": err, "argmax_equal": bool(torch.equal(got.argmax(-1), expected.argmax(-1)))}
+
+
+# ----------------------------------------------------------------------------- decode timing
+
+
+def build_model(shape: str):
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=32768, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def time_loop(step, n: int) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e3 / n
+
+
+class DecodeRun:
+    """HF StaticCache decode after a `context`-token eager prefill; `compile_fn` wraps the step."""
+
+    def __init__(self, model, context: int, steps: int):
+        from transformers import StaticCache
+
+        self.model, self.steps = model, steps
+        self.cache = StaticCache(config=model.config, max_cache_len=context + 4 * steps + 32)
+        ids = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
+        with torch.inference_mode():
+            out = model(ids, past_key_values=self.cache, cache_position=torch.arange(context, device="cuda"), use_cache=True)
+        self.tok = out.logits[:, -1:].argmax(-1)
+        self.pos = context
+
+    def fwd(self, tok, pos):
+        return self.model(tok, past_key_values=self.cache, cache_position=pos, position_ids=pos[None], use_cache=True).logits[:, -1:].argmax(-1)
+
+    def measure(self, compiled) -> dict:
+        def step():
+            with torch.inference_mode():
+                self.tok = compiled(self.tok, torch.tensor([self.pos], device="cuda")).clone()
+            self.pos += 1
+
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - t
+        for _ in range(2):
+            step()  # slimfx: capture; reduce-overhead: its own warm-up/capture
+        return {"first_call_s": round(first_s, 2), "ms_per_step": round(time_loop(step, self.steps), 4)}
+
+
+def bench_shape(shape: str, context: int, steps: int, budget_s: float) -> dict:
+    model = build_model(shape)
+    out: dict = {"shape": shape, "context": context, "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    def slimfx(fwd):
+        return torch.compile(fwd, backend=_slimfx_backend(), options=SLIMFX_OPTIONS, fullgraph=True)
+
+    def warm_recompile():
+        # dynamo reset; kept: in-process kernel modules, Triton's and our autotune caches.
+        torch._dynamo.reset()
+        run = DecodeRun(model, context, steps)
+        t = time.perf_counter()
+        result = run.measure(slimfx(run.fwd))
+        return {"warm_first_call_s": result["first_call_s"], "total_s": round(time.perf_counter() - t, 2)}
+
+    plan = [
+        ("slimfx", lambda: _variant(model, context, steps, slimfx)),
+        ("inductor-reduce-overhead", lambda: _variant(model, context, steps, lambda f: torch.compile(f, mode="reduce-overhead", fullgraph=True))),
+        ("slimfx-warm-recompile", warm_recompile),
+        ("slimfx-profile-no-cudagraphs", lambda: profile_slimfx(model, context)),
+        ("inductor-default", lambda: _variant(model, context, steps, lambda f: torch.compile(f, fullgraph=True))),
+    ]
+    for name, fn in plan:
+        if elapsed() > budget_s:
+            out[name] = "skipped: time budget"
+            continue
+        try:
+            out[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
+            out[name] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+        print(f"[{elapsed():6.1f}s] {shape} {name}: {out[name]}", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def _variant(model, context: int, steps: int, make) -> dict:
+    torch._dynamo.reset()
+    run = DecodeRun(model, context, steps)
+    return run.measure(make(run.fwd))
+
+
+def profile_slimfx(model, context: int, steps: int = 5) -> list:
+    """CUDA time per kernel name over `steps` decode steps of the slimfx step without CUDA graphs."""
+    os.environ["SLIMFX_CUDAGRAPHS"] = "0"
+    try:
+        torch._dynamo.reset()
+        run = DecodeRun(model, context, steps)
+        compiled = torch.compile(run.fwd, backend=_slimfx_backend(), options=SLIMFX_OPTIONS, fullgraph=True)
+        run.measure(compiled)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                with torch.inference_mode():
+                    run.tok = compiled(run.tok, torch.tensor([run.pos], device="cuda"))
+                run.pos += 1
+            torch.cuda.synchronize()
+        rows = []
+        for evt in prof.key_averages():
+            cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+            if cuda_us:
+                rows.append({"kernel": evt.key[:90], "us_per_step": round(cuda_us / steps, 2), "calls_per_step": evt.count / steps})
+        rows.sort(key=lambda r: -r["us_per_step"])
+        return rows[:15]
+    finally:
+        os.environ.pop("SLIMFX_CUDAGRAPHS", None)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["Llama-3.2-1B"], choices=sorted(SHAPES))
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--out", default="results/bench_codegen.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_codegen: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
+        "args": vars(args),
+    }
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out_path.write_text(json.dumps(report, indent=1))
+
+    if not args.skip_checks:
+        for name, check in (("check_random_programs", check_random_programs), ("check_tiny_llama", check_tiny_llama)):
+            try:
+                report[name] = check()
+            except Exception as exc:  # noqa: BLE001
+                report[name] = f"FAILED: {type(exc).__name__}: {exc}"[:2000]
+            print(f"[{elapsed():6.1f}s] {name}: {report[name]}", flush=True)
+            save()
+    report["decode"] = []
+    for shape in args.shapes:
+        if elapsed() > args.budget_s:
+            report["decode"].append({"shape": shape, "skipped": "time budget"})
+            continue
+        report["decode"].append(bench_shape(shape, args.context, args.steps, args.budget_s))
+        save()
+    save()
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

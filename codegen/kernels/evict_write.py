@@ -1,0 +1,102 @@
+"""Decode-time eviction in one kernel: choose the slot a new token overwrites and write it.
+
+For each (sequence, kv head) one program scans the site's C slots once: the cost of a
+slot is -inf when empty, +inf when protected (a sink, or inside the recent window),
+else its priority (accumulated attention mass for H2O/A2SF/SnapKV, the position for
+StreamingLLM); the first slot of least cost receives the token's k, v, position, and a
+zero score. In PyTorch the same choice takes ~12 small kernels per layer (where, sort
+or argmin, four scatters), which at batch 1 costs more than the attention itself.
+
+    evict_write(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, by_position)
+
+k, v [B, Hkv, 1, D]; pos [B] int64 (the token's true position); caches as SiteCache.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _evict_write_kernel(
+    k_ptr, v_ptr, pos_ptr, kc_ptr, vc_ptr, sp_ptr, sc_ptr,
+    Hkv, C, D, n_sink, window,
+    s_kb, s_kh, s_cb, s_ch, s_cc, s_pb, s_ph,
+    BY_POSITION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    h = pid % Hkv
+    seen = tl.load(pos_ptr + b)
+    best = float("inf")
+    best_idx = 0
+    for start in range(0, C, BLOCK_C):
+        offs = start + tl.arange(0, BLOCK_C)
+        inside = offs < C
+        p = tl.load(sp_ptr + b * s_pb + h * s_ph + offs, mask=inside, other=-1).to(tl.int64)
+        if BY_POSITION:
+            prio = p.to(tl.float32)
+        else:
+            prio = tl.load(sc_ptr + b * s_pb + h * s_ph + offs, mask=inside, other=0.0).to(tl.float32)
+        filled = p >= 0
+        protected = filled & ((p < n_sink) | (p >= seen - window))
+        cost = tl.where(filled, tl.where(protected, float("inf"), prio), float("-inf"))
+        cost = tl.where(inside, cost, float("inf"))
+        block_min = tl.min(cost, axis=0)
+        block_idx = tl.argmin(cost, axis=0)
+        take = block_min < best  # strict: the first block holding the minimum wins
+        best_idx = tl.where(take, start + block_idx, best_idx)
+        best = tl.where(take, block_min, best)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    src = b * s_kb + h * s_kh + d
+    dst = b * s_cb + h * s_ch + best_idx * s_cc + d
+    tl.store(kc_ptr + dst, tl.load(k_ptr + src, mask=dm).to(kc_ptr.dtype.element_ty), mask=dm)
+    tl.store(vc_ptr + dst, tl.load(v_ptr + src, mask=dm).to(vc_ptr.dtype.element_ty), mask=dm)
+    tl.store(sp_ptr + b * s_pb + h * s_ph + best_idx, seen.to(sp_ptr.dtype.element_ty))
+    tl.store(sc_ptr + b * s_pb + h * s_ph + best_idx, 0.0)
+
+
+def _check(k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
+    B, Hkv, T, D = k.shape
+    if T != 1 or v.shape != k.shape:
+        raise ValueError(f"evict_write: k, v must be [B, Hkv, 1, D] alike; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k_cache.shape[:2] != (B, Hkv) or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"evict_write: caches {tuple(k_cache.shape)} do not fit k {tuple(k.shape)}")
+    if slot_pos.shape != k_cache.shape[:3] or scores.shape != slot_pos.shape or pos.shape != (B,):
+        raise ValueError(f"evict_write: slot_pos/scores must be {tuple(k_cache.shape[:3])} and pos ({B},)")
+    if k.stride(-1) != 1 or k_cache.stride(-1) != 1 or slot_pos.stride() != scores.stride() or slot_pos.stride(-1) != 1:
+        raise ValueError("evict_write: last dimensions must be contiguous and slot_pos/scores share strides")
+
+
+def evict_write(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, window: int, by_position: bool) -> None:
+    """Write one token per (sequence, kv head) into the slot the policy frees (in place)."""
+    _check(k, v, pos, k_cache, v_cache, slot_pos, scores)
+    B, Hkv, _, D = k.shape
+    C = k_cache.shape[2]
+    _evict_write_kernel[(B * Hkv,)](
+        k, v, pos, k_cache, v_cache, slot_pos, scores,
+        Hkv, C, D, n_sink, window,
+        k.stride(0), k.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slot_pos.stride(0), slot_pos.stride(1),
+        BY_POSITION=by_position, BLOCK_C=min(1024, triton.next_power_of_2(C)), BLOCK_D=triton.next_power_of_2(D),
+        num_warps=4,
+    )
+
+
+def evict_write_ref(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, window: int, by_position: bool) -> None:
+    """The definition in PyTorch (same in-place effect as evict_write)."""
+    _check(k, v, pos, k_cache, v_cache, slot_pos, scores)
+    B, Hkv = k.shape[:2]
+    p = slot_pos.long()
+    filled = p >= 0
+    protected = filled & ((p < n_sink) | (p >= pos.view(B, 1, 1) - window))
+    prio = p.float() if by_position else scores.float()
+    cost = torch.where(filled, torch.where(protected, float("inf"), prio), float("-inf"))
+    slot = cost.argmin(dim=-1, keepdim=True)  # first index of the minimum
+    idx = slot[..., None].expand(B, Hkv, 1, k.shape[3])
+    k_cache.scatter_(2, idx, k.to(k_cache.dtype))
+    v_cache.scatter_(2, idx, v.to(v_cache.dtype))
+    slot_pos.scatter_(2, slot, pos.view(B, 1, 1).expand(B, Hkv, 1).to(slot_pos.dtype))
+    scores.scatter_(2, slot, 0.0)

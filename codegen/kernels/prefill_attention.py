@@ -1,0 +1,142 @@
+"""Prefill attention: many query tokens against keys that carry explicit positions.
+
+Triplet (DESIGN.md decision 5):
+
+    _prefill_kernel          (@triton.jit) flash-attention forward, position-masked
+    prefill_attention(...)   host wrapper
+    prefill_attention_ref()  plain PyTorch, the definition
+
+Shapes:
+
+    q      [B, Hq, T, D]     the chunk's queries (RoPE applied with true positions)
+    q_pos  [B, T] int        query positions; < 0 marks a padding query (output 0)
+    k, v   [B, Hkv, N, D]    keys/values: the store's slots followed by the chunk's own
+    k_pos  [B, Hkv, N] int   key positions; < 0 marks an empty slot or a padding token
+
+A key is visible to a query iff 0 <= k_pos <= q_pos. The mask is made from
+positions, not from slot order, so causality, left padding and empty or evicted
+slots all come out of one rule and no mask tensor is materialised.
+returns out [B, Hq, T, D] in q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, QPOS, KPOS, OUT,
+    qk_scale,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_ot,
+    stride_qpb, stride_kpb, stride_kph,
+    T, N, HQ,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    hkv = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(K.dtype.element_ty)
+    qpos = tl.load(QPOS + b * stride_qpb + offs_m, mask=m_ok, other=-1)
+    m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    p_base = KPOS + b * stride_kpb + hkv * stride_kph
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + offs_n
+        n_ok = n < N
+        kpos = tl.load(p_base + n, mask=n_ok, other=-1)
+        k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+        visible = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+        m_i = m_new
+    out = acc * tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)[:, None]
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _check(q, q_pos, k, v, k_pos):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"prefill_attention: q must be [B, Hq, T, D] and k, v [B, Hkv, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, T, D = q.shape
+    Bk, Hkv, N, Dk = k.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"prefill_attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
+    if Hq % Hkv:
+        raise ValueError(f"prefill_attention: Hq={Hq} is not a multiple of Hkv={Hkv}; allowed: MHA, GQA or MQA head counts")
+    if tuple(q_pos.shape) != (B, T):
+        raise ValueError(f"prefill_attention: q_pos must be [B, T] = {(B, T)}, got {tuple(q_pos.shape)}")
+    if tuple(k_pos.shape) != (B, Hkv, N):
+        raise ValueError(f"prefill_attention: k_pos must be [B, Hkv, N] = {(B, Hkv, N)}, got {tuple(k_pos.shape)}")
+    return B, Hq, Hkv, T, N, D
+
+
+def prefill_attention(q, q_pos, k, v, k_pos, *, scale: float | None = None, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+    """Position-masked attention of a chunk of queries (see module doc). Returns [B, Hq, T, D]."""
+    B, Hq, Hkv, T, N, D = _check(q, q_pos, k, v, k_pos)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("prefill_attention: the last (head_dim) dimension of q, k and v must be contiguous")
+    q_pos = q_pos.to(torch.int64).contiguous()
+    k_pos = k_pos.to(torch.int64).contiguous()
+    if q.is_cuda:
+        BLOCK_M, BLOCK_N, warps, stages = block_m or 64, block_n or 64, num_warps or 4, num_stages or 2
+    else:  # interpreter: small tiles
+        BLOCK_M, BLOCK_N, warps, stages = block_m or 16, block_n or 16, num_warps or 4, num_stages or 1
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    grid = (triton.cdiv(T, BLOCK_M), B * Hq)
+    _prefill_kernel[grid](
+        q, k, v, q_pos, k_pos, out,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        q_pos.stride(0), k_pos.stride(0), k_pos.stride(1),
+        T, N, Hq,
+        GROUP=Hq // Hkv, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D,
+        num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def prefill_attention_ref(q, q_pos, k, v, k_pos, *, scale: float | None = None):
+    """The definition in float32 PyTorch; same arguments and result as prefill_attention."""
+    B, Hq, Hkv, T, N, D = _check(q, q_pos, k, v, k_pos)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    group = Hq // Hkv
+    qf = q.float().view(B, Hkv, group, T, D)
+    logits = torch.einsum("bhgtd,bhnd->bhgtn", qf, k.float()) * scale
+    qp = q_pos.view(B, 1, 1, T, 1)
+    kp = k_pos.view(B, Hkv, 1, 1, N)
+    visible = (kp >= 0) & (kp <= qp)
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhgtn,bhnd->bhgtd", probs, v.float()).reshape(B, Hq, T, D)
+    return out.to(q.dtype)

@@ -1,0 +1,763 @@
+"""Model anatomy from the graph alone.
+
+Given a dynamo FX graph of a decoder-only LM, find: the linears (with shapes), the
+attention sites (SDPA calls, or matmul -> softmax -> matmul written by hand), each
+site's q/k/v/o projections, rotary embedding, KV-cache inputs and update ops, the
+residual stream and decoder blocks, the MLPs, the final norm and the LM head.
+
+Nothing here looks at module class names: recognition is by dataflow. Parameter
+paths (recovered from dynamo's placeholder names) are used only to label what was
+found. Whatever cannot be recognised is listed in `Anatomy.unrecognised` rather
+than guessed.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+Node = torch.fx.Node
+
+# ----------------------------------------------------------------------------- op classes
+
+
+def _targets(*names: str) -> set:
+    """Resolve 'torch.x', 'F.x', 'aten.x' spellings to the callables present in this torch."""
+    found = set()
+    for name in names:
+        obj = {"torch": torch, "F": F, "nn": torch._C._nn, "operator": operator}
+        root, _, rest = name.partition(".")
+        cur = obj.get(root)
+        for part in rest.split("."):
+            cur = getattr(cur, part, None) if cur is not None else None
+        if cur is not None:
+            found.add(cur)
+    return found
+
+
+LINEAR = _targets("F.linear", "nn.linear")
+SDPA = _targets("F.scaled_dot_product_attention", "nn.scaled_dot_product_attention")
+MATMUL = _targets("torch.matmul", "operator.matmul", "torch.bmm")
+SOFTMAX = _targets("F.softmax", "torch.softmax", "torch.nn.functional.softmax", "torch.special.softmax")
+EMBEDDING = _targets("F.embedding", "torch.embedding")
+ADD = _targets("operator.add", "torch.add", "operator.iadd")
+MUL = _targets("operator.mul", "torch.mul")
+CAT = _targets("torch.cat", "torch.concat", "torch.concatenate")
+LAYER_NORM = _targets("F.layer_norm", "F.rms_norm", "torch.layer_norm", "torch.rms_norm")
+ACTIVATIONS = _targets("F.silu", "F.gelu", "F.relu", "torch.tanh", "F.tanh", "torch.sigmoid", "F.sigmoid")
+ACTIVATION_METHODS = {"silu", "gelu", "relu", "tanh", "sigmoid"}
+
+# Ops a value can flow through without becoming a different quantity: reshapes,
+# layout changes, casts, head splitting/merging, dropout at eval.
+_VIEW_METHODS = {
+    "view", "reshape", "transpose", "permute", "contiguous", "to", "float", "half", "bfloat16",
+    "type_as", "unsqueeze", "squeeze", "expand", "flatten", "unflatten", "clone", "repeat_interleave",
+    "view_as", "__getitem__", "chunk", "split", "unbind",
+}
+_VIEW_FUNCS = _targets(
+    "torch.reshape", "torch.transpose", "torch.permute", "torch.flatten", "torch.unsqueeze", "torch.squeeze",
+    "torch.repeat_interleave", "F.dropout", "torch.split", "torch.chunk", "torch.unbind", "operator.getitem",
+    "torch.narrow", "torch.clone",
+)
+# Calls that write into their first argument (KV caches updated in place).
+_MUTATING_METHODS = {"index_put_", "index_copy_", "copy_", "__setitem__", "scatter_", "narrow_copy"}
+_MUTATING_FUNCS = _targets("operator.setitem", "torch.index_put", "torch.Tensor.index_put_", "torch.Tensor.copy_")
+
+
+def is_call(node, funcs: set | None = None, methods: Iterable[str] = ()) -> bool:
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_function" and funcs and node.target in funcs:
+        return True
+    return node.op == "call_method" and node.target in set(methods)
+
+
+def is_linear(node) -> bool:
+    return is_call(node, LINEAR)
+
+
+def is_sdpa(node) -> bool:
+    return is_call(node, SDPA)
+
+
+def is_softmax(node) -> bool:
+    return is_call(node, SOFTMAX, ("softmax",))
+
+
+def is_matmul(node) -> bool:
+    return is_call(node, MATMUL, ("matmul", "bmm", "__matmul__"))
+
+
+def is_view_like(node) -> bool:
+    return is_call(node, _VIEW_FUNCS, _VIEW_METHODS)
+
+
+def is_add(node) -> bool:
+    return is_call(node, ADD, ("add", "__add__"))
+
+
+def is_mutation(node) -> bool:
+    return is_call(node, _MUTATING_FUNCS, _MUTATING_METHODS)
+
+
+def is_activation(node) -> bool:
+    return is_call(node, ACTIVATIONS, ACTIVATION_METHODS)
+
+
+def meta(node) -> torch.Tensor | None:
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def shape_of(node) -> tuple | None:
+    value = meta(node)
+    if value is None:
+        return None
+    # Symbolic sizes stay symbolic: int() on a SymInt would specialise it (a guard
+    # pinning one prompt length, so every new length recompiles).
+    return tuple(s if isinstance(s, torch.SymInt) else int(s) for s in value.shape)
+
+
+def tensor_inputs(node: Node) -> list[Node]:
+    return [a for a in node.all_input_nodes]
+
+
+# ----------------------------------------------------------------------------- parameter names
+
+_DYNAMO_PARAM = re.compile(r"^L_(?:self|model|mod|fn)_(.*)_$")
+
+
+def param_path(node: Node, gm: torch.fx.GraphModule | None = None) -> str:
+    """Human-readable path of a parameter node: 'model.layers.0.self_attn.q_proj.weight'."""
+    if node.op == "get_attr":
+        return str(node.target)
+    name = str(node.target if node.op == "placeholder" else node.name)
+    m = _DYNAMO_PARAM.match(name)
+    if not m:
+        return name
+    path = m.group(1)
+    for token in ("_modules_", "_parameters_", "_buffers_"):
+        path = path.replace(token, ".")
+    return path.removeprefix("modules_").removeprefix("parameters_")
+
+
+def is_parameter_node(node) -> bool:
+    if not isinstance(node, Node):
+        return False
+    if node.op == "get_attr":
+        return True
+    return node.op == "placeholder" and isinstance(meta(node), torch.nn.Parameter)
+
+
+def weight_source(node: Node) -> Node | None:
+    """The parameter/buffer node behind a weight operand (through casts and views)."""
+    seen = 0
+    while isinstance(node, Node) and seen < 8:
+        if node.op in ("placeholder", "get_attr"):
+            return node
+        if is_view_like(node) and node.args:
+            node = node.args[0]
+            seen += 1
+            continue
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass
+class LinearInfo:
+    node: str
+    weight: str  # parameter path
+    in_features: int
+    out_features: int
+    bias: bool
+    role: str = "unknown"  # q k v qkv o gate up gate_up down lm_head unknown
+    block: int | None = None
+
+
+@dataclass
+class KVCacheInfo:
+    """How a site's keys/values reach the attention.
+
+    kind: "none" (no cache in this graph), "concat" (past tensors are graph inputs,
+    new ones concatenated: HF DynamicCache), "inplace" (a buffer written in place and
+    read whole: gpt-fast, HF StaticCache).
+    """
+
+    kind: str = "none"
+    key_inputs: list[str] = field(default_factory=list)
+    value_inputs: list[str] = field(default_factory=list)
+    update_nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AttentionSite:
+    index: int
+    node: str  # the SDPA node, or the softmax node for hand-written attention
+    kind: str  # "sdpa" | "matmul_softmax"
+    q_proj: str | None = None
+    k_proj: str | None = None
+    v_proj: str | None = None
+    o_proj: str | None = None
+    fused_qkv: bool = False
+    n_q_heads: int | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    rotary: str | None = None  # "rotate_half" | "interleaved" | "complex" | None
+    cache: KVCacheInfo = field(default_factory=KVCacheInfo)
+    q_input: str | None = None  # node feeding the attention's query operand
+    k_input: str | None = None
+    v_input: str | None = None
+    output: str | None = None  # node whose value is the attention output [B, H, S, D]
+
+    @property
+    def gqa_group(self) -> int | None:
+        if self.n_q_heads and self.n_kv_heads:
+            return self.n_q_heads // self.n_kv_heads
+        return None
+
+
+@dataclass
+class MLPInfo:
+    linears: dict[str, str]  # role -> linear node
+    activation: str | None = None
+
+
+@dataclass
+class Block:
+    index: int
+    attention: int | None  # index into attention_sites
+    mlp: MLPInfo | None
+    residual_adds: list[str] = field(default_factory=list)
+    input_norm: str | None = None  # rms_norm | layer_norm | None
+
+
+@dataclass
+class Anatomy:
+    linears: list[LinearInfo]
+    attention_sites: list[AttentionSite]
+    blocks: list[Block]
+    embedding: str | None = None  # embedding weight path
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    final_norm: str | None = None
+    lm_head: LinearInfo | None = None
+    tied_head: bool | None = None
+    unrecognised: list[str] = field(default_factory=list)
+
+    def linear(self, node_name: str) -> LinearInfo | None:
+        return next((l for l in self.linears if l.node == node_name), None)
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """Bytes of K and V one token adds across all sites (at `dtype_bytes` per element)."""
+        total = 0
+        for s in self.attention_sites:
+            if s.n_kv_heads and s.head_dim:
+                total += 2 * s.n_kv_heads * s.head_dim * dtype_bytes
+        return total
+
+    def summary(self) -> str:
+        sites = self.attention_sites
+        heads = {(s.n_q_heads, s.n_kv_heads, s.head_dim) for s in sites}
+        head_text = ", ".join(f"{q}q/{kv}kv x {d}" for q, kv, d in sorted(heads, key=str))
+        head = "none"
+        if self.lm_head:
+            head = f"{self.lm_head.in_features}->{self.lm_head.out_features} ({'tied' if self.tied_head else 'untied'})"
+        return (
+            f"{len(self.blocks)} blocks, {len(sites)} attention sites ({head_text or '-'}), "
+            f"{len(self.linears)} linears, LM head {head}"
+        )
+
+    def table(self) -> str:
+        """The anatomy as text tables (what `slimfx inspect` prints)."""
+        from slimfx.compiler.report import format_table
+
+        lines = [
+            f"vocab {self.vocab_size}  hidden {self.hidden_size}  blocks {len(self.blocks)}  "
+            f"attention sites {len(self.attention_sites)}  final norm {self.final_norm or '?'}  "
+            f"LM head {'tied to embedding' if self.tied_head else 'untied' if self.lm_head else 'not found'}",
+            "",
+        ]
+        rows = []
+        for s in self.attention_sites:
+            proj = "qkv fused" if s.fused_qkv else "q,k,v"
+            rows.append([
+                s.index, s.kind, s.n_q_heads, s.n_kv_heads, s.head_dim, s.rotary or "-", s.cache.kind,
+                proj, _lin_label(self, s.q_proj), _lin_label(self, s.o_proj),
+            ])
+        lines.append(format_table(["site", "kind", "q heads", "kv heads", "head dim", "rotary", "kv cache", "proj", "q/qkv weight", "o weight"], rows))
+        lines.append("")
+        rows = [[b.index, b.attention if b.attention is not None else "-", b.input_norm or "-",
+                 ",".join(b.mlp.linears) if b.mlp else "-", (b.mlp.activation if b.mlp else None) or "-",
+                 len(b.residual_adds)] for b in self.blocks]
+        lines.append(format_table(["block", "attention", "norm", "mlp linears", "activation", "residual adds"], rows))
+        lines.append("")
+        rows = [[l.block if l.block is not None else "-", l.role, l.weight, l.in_features, l.out_features, "yes" if l.bias else "-"] for l in self.linears]
+        lines.append(format_table(["block", "role", "weight", "in", "out", "bias"], rows))
+        if self.unrecognised:
+            lines += ["", "not recognised:"] + [f"  - {u}" for u in self.unrecognised]
+        return "\n".join(lines)
+
+
+def _lin_label(anatomy: Anatomy, node: str | None) -> str:
+    info = anatomy.linear(node) if node else None
+    return info.weight if info else "-"
+
+
+# ----------------------------------------------------------------------------- graph walks
+
+
+def _trace_back(start: Node, stop, *, limit: int = 64, through_mutations: bool = True, barrier=None) -> list[Node]:
+    """Nodes matching `stop` reached walking backwards from `start` through any op,
+    not walking past a match nor past a `barrier` node. Placeholders written in place
+    (KV buffers) are followed into the value written (the mutation's last tensor argument)."""
+    found, seen = [], set()
+    queue = deque([start])
+    steps = 0
+    while queue and steps < limit * 8:
+        node = queue.popleft()
+        steps += 1
+        if node in seen:
+            continue
+        seen.add(node)
+        if node is not start and stop(node):
+            found.append(node)
+            continue
+        if barrier is not None and node is not start and barrier(node):
+            continue
+        preds = list(node.all_input_nodes)
+        if through_mutations:  # a buffer written in place (a KV cache): follow what was written
+            preds += [_written_value(m) for m in _mutations_of(node)]
+        queue.extend(p for p in preds if isinstance(p, Node))
+    return found
+
+
+def _mutations_of(buffer: Node) -> list[Node]:
+    return [u for u in buffer.users if is_mutation(u) and u.args and u.args[0] is buffer]
+
+
+def _written_value(mutation: Node) -> Node | None:
+    tensors = [a for a in mutation.args[1:] if isinstance(a, Node)]
+    return tensors[-1] if tensors else None
+
+
+def _path_nodes(src: Node, dst: Node, limit: int = 64) -> list[Node]:
+    """Nodes on backward paths from dst to src (inclusive), bounded."""
+    result, seen = [], set()
+    queue = deque([dst])
+    while queue and len(seen) < limit * 8:
+        node = queue.popleft()
+        if node in seen:
+            continue
+        seen.add(node)
+        result.append(node)
+        if node is src:
+            continue
+        queue.extend(node.all_input_nodes)
+    return result
+
+
+def _forward_through_views(node: Node, limit: int = 16) -> list[Node]:
+    """Users of `node` reached through view-like ops (first non-view users)."""
+    out, seen = [], set()
+    queue = deque([node])
+    while queue and len(seen) < limit * 4:
+        cur = queue.popleft()
+        for user in cur.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if is_view_like(user):
+                queue.append(user)
+            else:
+                out.append(user)
+    return out
+
+
+def _back_through_views(node: Node) -> Node:
+    while isinstance(node, Node) and is_view_like(node) and node.args and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+class _Analyzer:
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.unrecognised: list[str] = []
+        self.linears: dict[Node, LinearInfo] = {}
+
+    # -- linears -------------------------------------------------------------
+    def find_linears(self) -> None:
+        for node in self.nodes:
+            if not is_linear(node):
+                continue
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            wshape = shape_of(weight)
+            src = weight_source(weight) if isinstance(weight, Node) else None
+            if wshape is None or len(wshape) != 2:
+                self.unrecognised.append(f"linear {node.name}: weight shape unknown")
+                continue
+            self.linears[node] = LinearInfo(
+                node=node.name,
+                weight=param_path(src) if src is not None else weight.name,
+                in_features=int(wshape[1]),
+                out_features=int(wshape[0]),
+                bias=isinstance(bias, Node),
+            )
+
+    def linear_producers(self, node: Node) -> list[Node]:
+        return _trace_back(node, lambda n: n in self.linears)
+
+    # -- attention -----------------------------------------------------------
+    def find_attention(self) -> list[AttentionSite]:
+        sites = []
+        for node in self.nodes:
+            if is_sdpa(node):
+                q, k, v = (list(node.args) + [node.kwargs.get(n) for n in ("query", "key", "value")])[:3]
+                sites.append(self._site(node, "sdpa", q, k, v, node))
+            elif is_softmax(node):
+                site = self._handwritten_site(node)
+                if site is not None:
+                    sites.append(site)
+        for i, s in enumerate(sites):
+            s.index = i
+        return sites
+
+    def _handwritten_site(self, softmax: Node) -> AttentionSite | None:
+        scores = _trace_back(softmax, is_matmul, limit=8)
+        outs = [u for u in _forward_through_views(softmax) if is_matmul(u) and self._reaches(softmax, u.args[0])]
+        if len(scores) != 1 or len(outs) != 1:
+            return None  # a softmax that is not attention (e.g. a router or a sampler)
+        qk, pv = scores[0], outs[0]
+        q, k_t, v = qk.args[0], qk.args[1], pv.args[1]
+        return self._site(softmax, "matmul_softmax", q, k_t, v, pv)
+
+    def _reaches(self, src: Node, dst) -> bool:
+        return isinstance(dst, Node) and src in _path_nodes(src, dst, limit=8)
+
+    def _site(self, node, kind, q, k, v, output) -> AttentionSite:
+        site = AttentionSite(index=-1, node=node.name, kind=kind, output=output.name)
+        site.q_input, site.k_input, site.v_input = (getattr(x, "name", None) for x in (q, k, v))
+        qp, kp, vp = (self._single_producer(site, role, x) for role, x in (("q", q), ("k", k), ("v", v)))
+        site.q_proj, site.k_proj, site.v_proj = (p.name if p is not None else None for p in (qp, kp, vp))
+        site.fused_qkv = qp is not None and qp is kp is vp
+        self._heads(site, q, qp, kp)
+        site.rotary = self._rotary(qp, q) if qp is not None else None
+        site.cache = self._cache(k, v, kp, vp)
+        o = self._o_proj(output)
+        site.o_proj = o.name if o is not None else None
+        if o is None:
+            self.unrecognised.append(f"attention {node.name}: no output projection found")
+        return site
+
+    def _single_producer(self, site, role: str, x) -> Node | None:
+        if not isinstance(x, Node):
+            self.unrecognised.append(f"attention {site.node}: {role} operand is not a graph value")
+            return None
+        found = self.linear_producers(x)
+        if len(found) != 1:
+            what = "no" if not found else f"{len(found)} candidate"
+            self.unrecognised.append(f"attention {site.node}: {what} {role} projection")
+            return None
+        return found[0]
+
+    def _heads(self, site: AttentionSite, q, qp, kp) -> None:
+        qshape = shape_of(q)
+        if qshape is None or len(qshape) != 4:
+            self.unrecognised.append(f"attention {site.node}: query shape unknown")
+            return
+        site.n_q_heads, site.head_dim = int(qshape[1]), int(qshape[3])
+        if kp is None:
+            return
+        k_out = self.linears[kp].out_features
+        if site.fused_qkv:
+            k_out = (k_out - site.n_q_heads * site.head_dim) // 2
+        if k_out % site.head_dim:
+            self.unrecognised.append(f"attention {site.node}: k projection width {k_out} not a multiple of head_dim")
+            return
+        site.n_kv_heads = k_out // site.head_dim
+
+    def _rotary(self, proj: Node, q: Node) -> str | None:
+        on_path = _path_nodes(proj, q, limit=32)
+        names = {str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", str(n.target)) for n in on_path}
+        if "view_as_complex" in names:
+            return "complex"
+        if "neg" in names and any(is_call(n, CAT) for n in on_path):
+            return "rotate_half"
+        if "stack" in names and ("sub" in names or "mul" in names):
+            return "interleaved"
+        return None
+
+    def _cache(self, k, v, kp, vp) -> KVCacheInfo:
+        info = KVCacheInfo()
+        for operand, out in ((k, info.key_inputs), (v, info.value_inputs)):
+            if not isinstance(operand, Node):
+                continue
+            stores = _trace_back(operand, _is_kv_buffer, limit=16, through_mutations=False, barrier=lambda n: n in self.linears)
+            for buf in stores:
+                out.append(param_path(buf))
+                muts = _mutations_of(buf)
+                if muts:
+                    info.kind = "inplace"
+                    info.update_nodes += [m.name for m in muts]
+                else:
+                    info.kind = "concat"
+                    info.update_nodes += [c.name for c in _forward_cats(buf)]
+            if not stores:
+                src = _back_through_views(operand)
+                if is_call(src, CAT) and (kp is not None or vp is not None) and _cat_with_empty(src):
+                    info.kind = "concat"  # first step of a dynamic cache: cat(empty, new)
+                    info.update_nodes.append(src.name)
+        return info
+
+    def _o_proj(self, output: Node) -> Node | None:
+        users = _forward_through_views(output)
+        linears = [u for u in users if u in self.linears]
+        return linears[0] if len(linears) == 1 else None
+
+    # -- residual stream, blocks, MLPs, head ---------------------------------
+    def find_structure(self, sites: list[AttentionSite]) -> tuple[list[Block], dict]:
+        by_name = {n.name: n for n in self.nodes}
+        extra: dict = {}
+        emb = next((n for n in self.nodes if is_call(n, EMBEDDING)), None)
+        if emb is not None:
+            w = emb.args[1] if len(emb.args) > 1 else None
+            wshape = shape_of(w)
+            extra["embedding_node"] = w
+            if wshape:
+                extra["vocab_size"], extra["hidden_size"] = int(wshape[0]), int(wshape[1])
+            extra["embedding"] = param_path(weight_source(w)) if isinstance(w, Node) and weight_source(w) is not None else None
+        else:
+            self.unrecognised.append("no token embedding in the graph (inputs_embeds given?)")
+
+        blocks = []
+        for i, site in enumerate(sites):
+            o = by_name.get(site.o_proj) if site.o_proj else None
+            attn_add = self._residual_add(o) if o is not None else None
+            next_start = self._block_start(sites[i + 1]) if i + 1 < len(sites) else None
+            mlp, mlp_add = self._mlp(attn_add, next_start) if attn_add is not None else (None, None)
+            adds = [n.name for n in (attn_add, mlp_add) if n is not None]
+            if attn_add is None:
+                self.unrecognised.append(f"block {i}: no residual add after the attention output projection")
+            elif mlp is None:
+                self.unrecognised.append(f"block {i}: no MLP found between this attention and the next")
+            blocks.append(Block(i, site.index, mlp, adds, self._norm_kind(by_name.get(site.q_proj))))
+            self._label_attention(site, i)
+            extra.setdefault("last_add", None)
+            extra["last_add"] = mlp_add or attn_add or extra["last_add"]
+        return blocks, extra
+
+    def _residual_add(self, linear: Node) -> Node | None:
+        adds = [u for u in _forward_through_views(linear) if is_add(u)]
+        return adds[0] if len(adds) == 1 else None
+
+    def _block_start(self, site: AttentionSite) -> int:
+        by_name = {n.name: n for n in self.nodes}
+        projs = [by_name[p] for p in (site.q_proj, site.k_proj, site.v_proj) if p]
+        return min((self.order[p] for p in projs), default=self.order[by_name[site.node]])
+
+    def _mlp(self, attn_add: Node, next_start: int | None) -> tuple[MLPInfo | None, Node | None]:
+        start = self.order[attn_add]
+        end = next_start if next_start is not None else len(self.nodes)
+        linears = [n for n in self.linears if start < self.order[n] < end]
+        if next_start is None:
+            linears = [n for n in linears if self._is_mlp_linear(n, attn_add)]
+        if not linears:
+            return None, None
+        down = linears[-1]
+        mlp_add = self._residual_add(down)
+        roles: dict[str, str] = {}
+        ups = linears[:-1]
+        activation = None
+        act = next((n for n in self.nodes if start < self.order[n] < self.order[down] and is_activation(n)), None)
+        if act is not None:
+            activation = act.target if act.op == "call_method" else act.target.__name__
+        if len(ups) == 1:
+            roles["gate_up" if self._gated(ups[0], down) else "up"] = ups[0].name
+        elif len(ups) == 2:
+            gate = next((u for u in ups if act is not None and act in _forward_through_views(u)), None)
+            if gate is None:
+                self.unrecognised.append(f"MLP before {down.name}: two input projections but no activation on either")
+                roles.update({"in_0": ups[0].name, "in_1": ups[1].name})
+            else:
+                roles["gate"] = gate.name
+                roles["up"] = next(u for u in ups if u is not gate).name
+        elif ups:
+            self.unrecognised.append(f"MLP before {down.name}: {len(ups)} input projections")
+        roles["down"] = down.name
+        for role, name in roles.items():
+            self.linears[next(n for n in self.linears if n.name == name)].role = role
+        return MLPInfo(roles, activation), mlp_add
+
+    def _gated(self, up: Node, down: Node) -> bool:
+        """One projection split in two halves multiplied together (Phi-3 gate_up)."""
+        on_path = _path_nodes(up, down.args[0], limit=16)
+        return any(is_call(n, MUL, ("mul", "__mul__")) and all(up in _path_nodes(up, a, 16) for a in n.all_input_nodes) for n in on_path if len(n.all_input_nodes) == 2)
+
+    def _is_mlp_linear(self, lin: Node, attn_add: Node) -> bool:
+        return self.linears[lin].out_features != self._vocab_guess()
+
+    def _vocab_guess(self) -> int | None:
+        emb = next((n for n in self.nodes if is_call(n, EMBEDDING)), None)
+        shape = shape_of(emb.args[1]) if emb is not None else None
+        return int(shape[0]) if shape else None
+
+    def _norm_kind(self, proj: Node | None) -> str | None:
+        if proj is None or not proj.args or not isinstance(proj.args[0], Node):
+            return None
+        # The norm sits between the residual stream (an add, or the embedding for
+        # the first block) and the projection's input.
+        stream = _trace_back(proj.args[0], lambda n: is_add(n) or is_call(n, EMBEDDING), limit=12)
+        if not stream:
+            return None
+        return _classify_norm(_path_nodes(stream[0], proj.args[0], limit=16))
+
+    def _label_attention(self, site: AttentionSite, block: int) -> None:
+        by_name = {n.name: n for n in self.linears}
+        for role, name in (("q", site.q_proj), ("k", site.k_proj), ("v", site.v_proj), ("o", site.o_proj)):
+            if name in by_name:
+                info = self.linears[by_name[name]]
+                info.role = "qkv" if site.fused_qkv and role != "o" else role
+                info.block = block
+
+    def find_head(self, extra: dict) -> tuple[LinearInfo | None, bool | None, str | None]:
+        vocab = extra.get("vocab_size")
+        cands = [n for n, info in self.linears.items() if info.role == "unknown" and (vocab is None or info.out_features == vocab)]
+        if not cands:
+            self.unrecognised.append("no LM head (no linear to vocab size after the last block)")
+            return None, None, None
+        head = cands[-1]
+        info = self.linears[head]
+        info.role = "lm_head"
+        emb_w = extra.get("embedding_node")
+        head_w = head.args[1]
+        tied = None
+        if emb_w is not None:
+            a, b = weight_source(emb_w), weight_source(head_w)
+            tied = a is not None and (a is b or _same_storage(a, b))
+        last = extra.get("last_add")
+        norm = None
+        if last is not None and isinstance(head.args[0], Node):
+            norm = _classify_norm(_path_nodes(last, head.args[0], limit=24))
+        return info, tied, norm
+
+    def assign_blocks(self, blocks: list[Block]) -> None:
+        for b in blocks:
+            if b.mlp:
+                for name in b.mlp.linears.values():
+                    for n, info in self.linears.items():
+                        if n.name == name:
+                            info.block = b.index
+
+
+_FACTORIES = _targets("torch.zeros", "torch.empty", "torch.full", "torch.zeros_like", "torch.empty_like")
+
+
+def _is_kv_buffer(node: Node) -> bool:
+    """A 4-D tensor that enters the graph as an input/buffer, or is allocated in it
+    (HF's StaticCache allocates lazily inside the first compiled call)."""
+    shape = shape_of(node)
+    if shape is None or len(shape) != 4:
+        return False
+    if node.op in ("placeholder", "get_attr"):
+        return not is_parameter_node(node)
+    return is_call(node, _FACTORIES, ("new_zeros", "new_empty"))
+
+
+def _forward_cats(buf: Node) -> list[Node]:
+    return [u for u in _forward_through_views(buf) if is_call(u, CAT)]
+
+
+def _cat_with_empty(cat: Node) -> bool:
+    parts = cat.args[0] if cat.args else []
+    for p in parts if isinstance(parts, (list, tuple)) else []:
+        shape = shape_of(p)
+        if shape is not None and 0 in shape:
+            return True
+    return False
+
+
+def _same_storage(a: Node, b: Node) -> bool:
+    ta, tb = meta(a), meta(b)
+    if ta is None or tb is None:
+        return False
+    try:
+        return ta.untyped_storage().data_ptr() == tb.untyped_storage().data_ptr() and ta.shape == tb.shape
+    except Exception:  # fake tensors without storage
+        return False
+
+
+def _classify_norm(nodes: list[Node]) -> str | None:
+    names = {str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", str(n.target)) for n in nodes}
+    if "layer_norm" in names:
+        return "layer_norm"
+    if "rms_norm" in names or ("rsqrt" in names and "mean" in names):
+        return "rms_norm"
+    return None
+
+
+def analyze(gm: torch.fx.GraphModule) -> Anatomy:
+    """The anatomy of a dynamo-captured decoder LM graph (see module docstring)."""
+    a = _Analyzer(gm)
+    a.find_linears()
+    sites = a.find_attention()
+    blocks, extra = a.find_structure(sites) if sites else ([], {})
+    if not sites:
+        a.unrecognised.append("no attention sites (no SDPA and no matmul-softmax-matmul)")
+        emb = next((n for n in a.nodes if is_call(n, EMBEDDING)), None)
+        if emb is not None and shape_of(emb.args[1]):
+            extra["vocab_size"], extra["hidden_size"] = shape_of(emb.args[1])
+            extra["embedding_node"] = emb.args[1]
+    a.assign_blocks(blocks)
+    head, tied, norm = a.find_head(extra) if (sites or extra) else (None, None, None)
+    for n, info in a.linears.items():
+        if info.role == "unknown":
+            a.unrecognised.append(f"linear {info.weight} ({info.in_features}->{info.out_features}): role unknown")
+    return Anatomy(
+        linears=list(a.linears.values()),
+        attention_sites=sites,
+        blocks=blocks,
+        embedding=extra.get("embedding"),
+        vocab_size=extra.get("vocab_size"),
+        hidden_size=extra.get("hidden_size"),
+        final_norm=norm,
+        lm_head=head,
+        tied_head=tied,
+        unrecognised=a.unrecognised,
+    )
+
+
+def capture_graph(model: torch.nn.Module, *args, **kwargs) -> torch.fx.GraphModule:
+    """Run `model(*args, **kwargs)` once under dynamo and return the (single) captured graph.
+
+    Raises RuntimeError when dynamo splits the forward into several graphs.
+    """
+    graphs = []
+
+    def grab(gm, example_inputs, **_):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=grab, dynamic=False)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    torch._dynamo.reset()
+    if len(graphs) != 1:
+        raise RuntimeError(f"dynamo captured {len(graphs)} graphs (graph breaks); anatomy needs one whole-model graph")
+    return graphs[0]

@@ -1,0 +1,97 @@
+"""The `slimfx` torch.compile backend.
+
+    torch.compile(model, backend="slimfx", options={"config": PATH_OR_DICT})
+
+Registered through the `torch_dynamo_backends` entry point, so it works without
+importing slimfx first. Dynamo hands over each captured graph; the backend finds
+its anatomy, runs the configured pipeline, records a CompileReport and returns a
+callable for the rewritten graph. With no configuration only lossless passes run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.fx
+
+from slimfx.compiler.config import ConfigError, load_config
+from slimfx.compiler.passmanager import PassContext, PassManager
+from slimfx.compiler.report import CompileReport, next_graph_id, record
+
+_OPTION_KEYS = ("config",)
+
+
+def _unknown_option(key) -> ConfigError:
+    from slimfx.compiler.config import _unknown_key
+
+    return _unknown_key("options", key, _OPTION_KEYS)
+
+
+def _config_from_options(options) -> object:
+    if options is None:
+        return load_config(None)
+    if not isinstance(options, dict):
+        raise ConfigError(f"options: got {type(options).__name__}; allowed: a dict like {{'config': PATH_OR_DICT}}")
+    for key in options:
+        if key not in _OPTION_KEYS:
+            raise _unknown_option(key)
+    return load_config(options.get("config"))
+
+
+def _lower(gm: torch.fx.GraphModule, example_inputs, codegen: str):
+    """Turn the rewritten graph into a callable.
+
+    eager / auto: the FX graph's own Python code (exact).
+    inductor: hand the whole rewritten graph to inductor (to compare or fall back).
+    slimfx: slimfx's own code generation (codegen/).
+    """
+    if codegen == "inductor":
+        from slimfx.runtime.lowering import STORE_ATTR_PREFIX, lower_with_inductor
+
+        if any(n.op == "get_attr" and str(n.target).startswith(STORE_ATTR_PREFIX) for n in gm.graph.nodes):
+            # Inductor treats attributes as constants: KV-store buffers must become
+            # inputs or the attention op's in-place writes would be lost.
+            return lower_with_inductor(gm, example_inputs), "inductor"
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs), "inductor"
+    if codegen == "slimfx":
+        from slimfx.codegen import compile_graph
+
+        return compile_graph(gm, example_inputs), "slimfx"
+    # "auto" runs the FX code here: exact, and no compiler toolchain needed. The fast
+    # loop (slimfx.runtime.generate) lowers its own graphs, with inductor on CUDA.
+    return gm.forward, "eager"
+
+
+def slimfx_backend(gm: torch.fx.GraphModule, example_inputs, options=None, **kwargs):
+    """Dynamo backend entry: returns a callable equivalent to `gm` after the configured passes."""
+    if kwargs:
+        raise ConfigError(f"slimfx backend: unexpected arguments {sorted(kwargs)}; pass settings as options={{'config': ...}}")
+    start = time.perf_counter()
+    config = _config_from_options(options)
+    ctx = PassContext(config=config, example_inputs=list(example_inputs), graph_id=next_graph_id())
+    anatomy = ctx.refresh_anatomy(gm)
+    results = PassManager(config).run(gm, ctx)
+    compiled, codegen = _lower(gm, example_inputs, config.compile["codegen"])
+    report = CompileReport(
+        graph_id=ctx.graph_id,
+        config_source=config.source,
+        pipeline_name=config.compile["pipeline"],
+        anatomy_summary=anatomy.summary(),
+        passes=results,
+        codegen=codegen,
+        compile_seconds=time.perf_counter() - start,
+    )
+    record(report)
+    if config.compile["verbose"]:
+        print(report.format())
+    return compiled
+
+
+def compile(model, config=None, **torch_compile_kwargs):
+    """`torch.compile(model, backend="slimfx", options={"config": config})`, with the
+    configuration validated now (a ConfigError here, not at the first call)."""
+    config = load_config(config)
+    return torch.compile(model, backend="slimfx", options={"config": config}, **torch_compile_kwargs)

@@ -1,0 +1,88 @@
+"""The `slimfx` command line: run | inspect | config | eval | bench.
+
+Every command exits 2 with one line on stderr for bad input (a config error, a
+missing model), never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from slimfx.compiler.config import ConfigError
+from slimfx.compiler.errors import UsageError
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
+
+# Commands that live in their own modules: name -> (module, help). A module that is
+# not present in this build is simply not offered.
+COMMAND_MODULES = {
+    "run": ("slimfx.compiler.cmd_run", "generate with a model compiled by slimfx (default: SmolLM2-135M)"),
+    "inspect": ("slimfx.compiler.cmd_inspect", "print a model's anatomy as found in its graph"),
+    "config": ("slimfx.compiler.cmd_config", "validate a pass-configuration file or print the schema"),
+    "eval": ("slimfx.runtime.measure.eval_cmd", "what a configuration costs in quality (passkey, fidelity, bytes)"),
+    "bench": ("slimfx.runtime.measure.bench_cmd", "what a configuration buys in speed (GPU)"),
+    "calibrate": ("slimfx.compiler.cmd_calibrate", "compute calibration artifacts (codebooks, plans, head choices)"),
+}
+
+
+def _available() -> dict:
+    out = {}
+    for name, (module, help_text) in COMMAND_MODULES.items():
+        try:
+            present = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            present = False
+        if present:
+            out[name] = (module, help_text)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimfx", description="slimfx: a torch.compile backend that makes LLM inference cheaper")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in _available().items():
+        cmd = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_arguments(p)
+        p.set_defaults(_main=cmd.main)
+    return parser
+
+
+def _run_unwrapped(args) -> int:
+    """Run a command; a user error raised inside the backend (dynamo wraps it in
+    BackendCompilerFailed) is re-raised as itself so it prints as one line."""
+    import torch._dynamo
+
+    try:
+        return int(args._main(args) or 0)
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        inner = getattr(exc, "inner_exception", None)
+        if isinstance(inner, (ConfigError, UsageError)):
+            raise inner from None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return _run_unwrapped(args)
+    except ConfigError as exc:
+        print(f"slimfx: config error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head`
+        return 0
+    except UsageError as exc:
+        print(f"slimfx: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""`slimfx inspect [MODEL]`: the model's anatomy as found in its dynamo graph."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from slimfx.compiler.errors import UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="a local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--tiny", metavar="ARCH", help="inspect a tiny random-weight model instead: llama_mha, llama_gqa, llama_untied, qwen2, mistral, phi3, gptfast")
+    p.add_argument("--tokens", type=int, default=8, help="length of the probe input (default 8)")
+    p.add_argument("--plan", metavar="PATH", help="also print a bit-allocation plan (slimfx calibrate bits): format and bytes per linear")
+
+
+def _tiny(arch: str):
+    from slimfx.runtime.models import TINY_ARCHITECTURES, tiny_model
+
+    if arch == "gptfast":
+        from slimfx.runtime.models import load_example_module
+
+        module = load_example_module("gptfast_model")
+        model = module.tiny_gptfast()
+        return model, lambda ids: ((ids, torch.arange(ids.shape[1])), {})
+    if arch not in TINY_ARCHITECTURES:
+        raise UsageError(f"--tiny {arch}: unknown; allowed: {', '.join(TINY_ARCHITECTURES + ('gptfast',))}")
+    return tiny_model(arch), lambda ids: ((ids,), {})
+
+
+def main(args: argparse.Namespace) -> int:
+    from slimfx.compiler.anatomy import analyze, capture_graph
+    from slimfx.runtime.models import load_model
+
+    if args.tokens < 1:
+        raise UsageError(f"--tokens {args.tokens}: allowed: an integer >= 1")
+    if args.tiny:
+        model, make_inputs = _tiny(args.tiny)
+        vocab = model.tok_embeddings.num_embeddings if args.tiny == "gptfast" else model.config.vocab_size
+        name = f"tiny {args.tiny} (random weights)"
+    else:
+        model, _ = load_model(args.model)
+        vocab, name = model.config.vocab_size, args.model or "SmolLM2-135M-Instruct (embedded default)"
+        make_inputs = lambda ids: ((ids,), {})
+    ids = torch.randint(0, vocab, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    call_args, call_kwargs = make_inputs(ids)
+    anatomy = analyze(capture_graph(model, *call_args, **call_kwargs))
+    print(f"model: {name}")
+    print(anatomy.table())
+    if args.plan:
+        from slimfx.runtime import bitalloc
+
+        print()
+        print(bitalloc.format_plan(bitalloc.read_plan(args.plan)))
+    return 0

@@ -1,0 +1,149 @@
+"""The pass manager: runs a named pipeline of passes over one FX graph.
+
+For every pass it records what the pass did (a PassResult), times it, checks the
+graph afterwards (lint + recompile) when asked, and dumps each stage's code to
+$SLIMFX_DEBUG_DIR. When a pass raises, the error names the pass and the passes
+that ran before it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.fx
+
+from slimfx.compiler.config import Config, ConfigError, PassConfig
+
+
+@dataclass
+class PassResult:
+    """What one pass did to one graph.
+
+    applied is False when the pass found nothing to do or could not apply; `notes`
+    then says why. bytes_saved counts device bytes no longer held or read per step
+    (weights, KV cache); 0 when the pass does not change memory.
+    """
+
+    name: str
+    applied: bool = False
+    sites_matched: int = 0
+    nodes_rewritten: int = 0
+    bytes_saved: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def skipped(cls, name: str, why: str) -> "PassResult":
+        return cls(name, applied=False, notes=[why])
+
+    def summary(self) -> str:
+        if not self.applied:
+            return "skipped: " + ("; ".join(self.notes) or "nothing to do")
+        text = f"{self.sites_matched} sites, {self.nodes_rewritten} nodes rewritten"
+        if self.bytes_saved:
+            text += f", {format_bytes(self.bytes_saved)} saved"
+        if self.notes:
+            text += "; " + "; ".join(self.notes)
+        return text
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+class PassFailure(RuntimeError):
+    """A pass raised or left a broken graph. The message names it and the passes before it."""
+
+
+@dataclass
+class PassContext:
+    """What passes share while one graph is compiled.
+
+    anatomy: the model anatomy of the graph (recomputed with refresh_anatomy() after
+    structural rewrites). state: objects that outlive the compilation (KV stores,
+    loaded artifacts), shared by passes and the runtime.
+    """
+
+    config: Config
+    example_inputs: list
+    anatomy: Any = None
+    state: dict = field(default_factory=dict)
+    graph_id: int = 0
+
+    def refresh_anatomy(self, gm: torch.fx.GraphModule):
+        from slimfx.compiler.anatomy import analyze
+
+        self.anatomy = analyze(gm)
+        return self.anatomy
+
+
+class PassManager:
+    """Runs `pipeline` (pass names) over a graph with the options in `config`."""
+
+    def __init__(self, config: Config, pipeline: list[str] | None = None):
+        from slimfx.passes import registered_passes
+
+        self.config = config
+        self.passes = registered_passes()
+        self.pipeline = list(config.pipeline if pipeline is None else pipeline)
+        unknown = [p for p in self.pipeline if p not in self.passes]
+        if unknown:
+            raise PassFailure(f"unknown passes in pipeline: {', '.join(unknown)}; allowed: {', '.join(self.passes)}")
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> list[PassResult]:
+        results: list[PassResult] = []
+        dump_dir = _debug_dir(ctx.graph_id)
+        _dump(dump_dir, 0, "input", gm)
+        for step, name in enumerate(self.pipeline, start=1):
+            result = self._run_one(name, gm, ctx, [r.name for r in results])
+            results.append(result)
+            _dump(dump_dir, step, name, gm)
+        return results
+
+    def _run_one(self, name: str, gm: torch.fx.GraphModule, ctx: PassContext, before: list[str]) -> PassResult:
+        module = self.passes[name]
+        pass_cfg: PassConfig = self.config.pass_config(name)
+        ran = ", ".join(before) or "none"
+        start = time.perf_counter()
+        try:
+            result = module.run(gm, pass_cfg, ctx)
+        except ConfigError:
+            raise  # the configuration is at fault, and its message already names the key
+        except Exception as exc:
+            raise PassFailure(f"pass {name!r} failed (passes that ran before it: {ran}): {type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, PassResult):
+            raise PassFailure(f"pass {name!r} returned {type(result).__name__}, not a PassResult")
+        if self.config.compile["check_graph"]:
+            try:
+                gm.graph.lint()
+                gm.recompile()
+            except Exception as exc:
+                raise PassFailure(f"pass {name!r} left an invalid graph (passes before it: {ran}): {exc}") from exc
+        if self.config.compile["time_passes"]:
+            result.seconds = time.perf_counter() - start
+        return result
+
+
+def _debug_dir(graph_id: int) -> Path | None:
+    root = os.environ.get("SLIMFX_DEBUG_DIR")
+    if not root:
+        return None
+    path = Path(root) / f"graph_{graph_id:03d}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _dump(dump_dir: Path | None, step: int, name: str, gm: torch.fx.GraphModule) -> None:
+    if dump_dir is None:
+        return
+    (dump_dir / f"{step:02d}_{name}.py").write_text(gm.code)
+    (dump_dir / f"{step:02d}_{name}.graph.txt").write_text(str(gm.graph))

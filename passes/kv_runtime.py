@@ -1,0 +1,131 @@
+"""Bind every attention site to the runtime KV store: SDPA -> torch.ops.slimfx.attention.
+
+The base rewrite of DESIGN.md decisions 2-4 (lossless when every site's capacity
+covers the whole sequence). Needs: anatomy (ctx.anatomy) and a graph captured
+*without* a model-side cache, i.e. the model called with `use_cache=False` and its
+true `position_ids` (what `slimfx.runtime.generate` does): then each SDPA consumes
+exactly this step's k/v and the pass turns it into one op that writes them into the
+site's slot buffers and attends over the store. Sites that already carry a cache
+(HF DynamicCache / StaticCache, so `model.generate` keeps working untouched) are
+left alone and reported.
+
+For every site the pass
+  1. asks the store (found by id in the runtime registry, `passes.kv_runtime.store`)
+     for the site's SiteCache (allocated on first use with the anatomy's heads),
+  2. registers the cache tensors and the store's step-position buffer on the graph
+     module as buffers (the *same* tensors, so the runtime sees every in-place write
+     and a captured CUDA graph keeps valid addresses),
+  3. replaces the SDPA node by `slimfx::attention(q, k, v, positions, caches...)`,
+     taking k/v from before HF's `repeat_kv` (the op handles GQA itself),
+then removes what became dead (the causal mask, the repeated k/v).
+
+Lowering: the rewritten graph runs through its FX code (codegen "eager"/"auto");
+the buffers are graph attributes mutated in place, which inductor's constant
+handling would not write back, so the generator never lowers it with inductor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+
+from slimfx.compiler.anatomy import AttentionSite, is_sdpa, is_view_like, shape_of
+from slimfx.compiler.config import Option
+from slimfx.compiler.passmanager import PassContext, PassResult
+from slimfx.passes._graph import bind_tensor
+
+NAME = "kv_runtime"
+DESCRIPTION = "replaces each attention site (SDPA, no model cache) by one slimfx::attention op over a runtime KV store"
+LOSSY = False
+OPTIONS: dict = {
+    "store": Option(str, "default", "id of the runtime KVStore to bind (slimfx.runtime.kv_store.register_store)", per_layer=False),
+}
+
+
+def _unrepeat(node: torch.fx.Node, n_kv_heads: int) -> torch.fx.Node | None:
+    """The [B, Hkv, T, D] tensor behind `node`, walking back through HF's repeat_kv
+    (expand + reshape) when the graph repeated the kv heads for SDPA."""
+    cur = node
+    for _ in range(8):
+        shape = shape_of(cur)
+        if shape is not None and len(shape) == 4 and shape[1] == n_kv_heads:
+            return cur
+        if not (is_view_like(cur) and cur.args and isinstance(cur.args[0], torch.fx.Node)):
+            return None
+        cur = cur.args[0]
+    return None
+
+
+def _sdpa_scale(node: torch.fx.Node, head_dim: int) -> float:
+    scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+    return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def _site_skip_reason(site: AttentionSite, node: torch.fx.Node | None) -> str | None:
+    if node is None or not is_sdpa(node):
+        return f"site {site.index}: not an SDPA call ({site.kind})"
+    if site.cache.kind != "none":
+        return f"site {site.index}: the model already keeps a {site.cache.kind} cache (left to it)"
+    if not (site.n_q_heads and site.n_kv_heads and site.head_dim):
+        return f"site {site.index}: head counts unknown"
+    return None
+
+
+def _rewrite_site(gm, site: AttentionSite, node: torch.fx.Node, store) -> str | None:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    q = by_name.get(site.q_input)
+    k = _unrepeat(by_name.get(site.k_input), site.n_kv_heads) if site.k_input in by_name else None
+    v = _unrepeat(by_name.get(site.v_input), site.n_kv_heads) if site.v_input in by_name else None
+    qshape = shape_of(q) if q is not None else None
+    if q is None or k is None or v is None or qshape is None:
+        return f"site {site.index}: q/k/v operands not found at {site.n_kv_heads} kv heads"
+    batch, tokens = int(qshape[0]), int(qshape[2])
+    if batch != store.batch:
+        raise ValueError(f"kv_runtime: graph batch {batch} but store {store.id} was made for batch {store.batch}")
+    cache = store.site(site.index, site.n_kv_heads, site.head_dim)
+    prefix = f"_slimfx_kv{site.index}"
+    args = [q, k, v, bind_tensor(gm, f"_slimfx_pos{tokens}", store.step_positions(tokens), node)]
+    for field in ("k", "v", "slot_pos", "scores"):
+        args.append(bind_tensor(gm, f"{prefix}_{field}", getattr(cache, field), node))
+    args += [_sdpa_scale(node, site.head_dim), float(store.score_decay), bool(store.track_scores), cache.owner is None]
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(torch.ops.slimfx.attention.default, tuple(args))
+    new.meta = dict(node.meta)
+    new.meta["slimfx_site"] = site.index  # later passes (kv_eviction) find the site here
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return None
+
+
+def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
+    import slimfx.runtime.attention_op  # noqa: F401  registers torch.ops.slimfx.attention
+    from slimfx.runtime.kv_store import get_store
+
+    store_id = cfg.options["store"]
+    store = get_store(store_id)
+    if store is None:
+        return PassResult.skipped(NAME, f"no KV store registered under {store_id!r} (slimfx.runtime.generate registers one)")
+    anatomy = ctx.anatomy if ctx.anatomy is not None else ctx.refresh_anatomy(gm)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    notes, rewritten = [], 0
+    for site in anatomy.attention_sites:
+        node = by_name.get(site.node)
+        why = _site_skip_reason(site, node) or _rewrite_site(gm, site, node, store)
+        if why:
+            notes.append(why)
+        else:
+            rewritten += 1
+    if not rewritten:
+        return PassResult(NAME, applied=False, sites_matched=len(anatomy.attention_sites), notes=notes or ["no attention sites"])
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    if rewritten != len(anatomy.attention_sites):
+        # A half-bound model would attend over two different caches: refuse.
+        raise RuntimeError(f"kv_runtime bound {rewritten} of {len(anatomy.attention_sites)} sites; {'; '.join(notes)}")
+    ctx.state.setdefault("kv_stores", {})[store.id] = store
+    return PassResult(
+        NAME, applied=True, sites_matched=len(anatomy.attention_sites), nodes_rewritten=rewritten,
+        notes=notes, details={"store": store.id, "kv_bytes": store.nbytes()},
+    )

@@ -1,0 +1,216 @@
+"""KV-cache eviction policies: which slots of a fixed-budget store to keep.
+
+Every policy shares the mechanics in `EvictionPolicy`: sinks (the first `n_sink`
+positions) and the recent window (the last `window` positions seen) are always kept,
+and the rest of the budget goes to the slots the policy ranks highest. A policy
+implements one method, `priority`, that ranks the slots; policies that learn from
+attention set `decay`, the factor the fused attention kernel applies to each slot's
+accumulated mass before adding the current step's (scores = decay * scores + mass):
+
+| policy      | priority of a slot                                | decay  |
+| ----------- | ------------------------------------------------- | ------ |
+| streaming   | its position (oldest evicted first)               | -      |
+| h2o         | accumulated attention mass (heavy hitters)        | 1.0    |
+| a2sf        | mass accumulated with a forgetting factor         | alpha  |
+| tova        | the current query's attention, averaged over heads| 0.0    |
+| keyformer   | accumulated Gumbel-regularised mass               | 1.0    |
+| snapkv      | observation-window attention pooled over keys     | prefill|
+
+Layouts (those of runtime/kv_store.py's SiteCache): priority, scores and slot_pos
+are [B, Hkv, C]; `seen` is [B] (tokens seen so far per sequence). Everything here is
+tensor code without host synchronisation, so it can run inside a captured decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from slimfx.compiler.config import ConfigError
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class EvictionPolicy:
+    """Keep sinks + recent window + the top-priority rest, within `budget` slots."""
+
+    budget: int
+    n_sink: int = 4
+    window: int = 64
+    name: str = "base"
+    decay: float | None = None  # None: the policy needs no attention scores
+
+    def __post_init__(self):
+        self.check_budget()
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.decay is not None
+
+    def check_budget(self, where: str = "budget") -> None:
+        minimum = self.n_sink + self.window + 1
+        if self.budget < minimum:
+            raise ConfigError(
+                f"{where}: got {self.budget}; allowed: >= {minimum} for policy {self.name!r} "
+                f"(n_sink {self.n_sink} + window {self.window} + 1 slot to choose)"
+            )
+
+    # -- the one method a policy implements ---------------------------------
+    def priority(self, scores: torch.Tensor, slot_pos: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """Rank of every slot, [B, Hkv, C] float: higher is kept first."""
+        raise NotImplementedError
+
+    # -- mechanics shared by every policy -----------------------------------
+    def protected(self, slot_pos: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """Slots that are always kept: sinks and the recent window, [B, Hkv, C] bool."""
+        filled = slot_pos >= 0
+        recent = slot_pos >= (seen.view(-1, 1, 1) - self.window)
+        return filled & ((slot_pos < self.n_sink) | recent)
+
+    def keep_mask(self, scores: torch.Tensor, slot_pos: torch.Tensor, seen: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+        """Slots to keep, [B, Hkv, C] bool: protected ones, then the highest-priority
+        candidates until `budget` slots are kept (ties broken by lower slot index)."""
+        budget = self.budget if budget is None else budget
+        filled = slot_pos >= 0
+        prot = self.protected(slot_pos, seen)
+        cand = filled & ~prot
+        room = (budget - prot.sum(-1, keepdim=True)).clamp_min(0)
+        prio = torch.where(cand, self.priority(scores, slot_pos, seen).float(), NEG_INF)
+        order = torch.sort(prio, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        return prot | (cand & (rank < room))
+
+    def victim_slots(self, scores: torch.Tensor, slot_pos: torch.Tensor, seen: torch.Tensor, n_new: int) -> torch.Tensor:
+        """Slots the next `n_new` tokens are written to, [B, Hkv, n_new] int64: empty slots
+        first, then the lowest-priority unprotected ones. Requires n_new <= C - n_sink - window."""
+        filled = slot_pos >= 0
+        prot = self.protected(slot_pos, seen)
+        prio = self.priority(scores, slot_pos, seen).float()
+        # Empty slots cost nothing, protected ones are never chosen.
+        cost = torch.where(~filled, NEG_INF, torch.where(prot, float("inf"), prio))
+        return torch.sort(cost, dim=-1, stable=True).indices[..., :n_new]
+
+    def compact(self, k, v, scores, slot_pos, seen, budget: int | None = None):
+        """Gather the kept slots of [B, Hkv, C(, D)] buffers into the first `budget` slots.
+
+        Returns new (k, v, scores, slot_pos) of capacity min(budget, C); slots past the kept
+        count are empty (slot_pos -1). Used after a prefill that saw more than the budget.
+        """
+        budget = self.budget if budget is None else budget
+        keep = self.keep_mask(scores, slot_pos, seen, budget)
+        # Kept slots first (stable: in slot order), then the rest.
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :budget]
+        kept = torch.gather(keep, -1, order)
+        gather4 = lambda t: torch.gather(t, 2, order[..., None].expand(*order.shape, t.shape[-1]))
+        new_pos = torch.where(kept, torch.gather(slot_pos, -1, order), -1)
+        new_scores = torch.where(kept, torch.gather(scores, -1, order), 0.0)
+        return gather4(k), gather4(v), new_scores, new_pos
+
+
+class StreamingLLM(EvictionPolicy):
+    """Sinks + recent window; the oldest non-sink token goes first (StreamingLLM)."""
+
+    def __init__(self, budget, n_sink=4, window=64, **_):
+        super().__init__(budget, n_sink, window, "streaming", None)
+
+    def priority(self, scores, slot_pos, seen):
+        return slot_pos.float()
+
+
+class H2O(EvictionPolicy):
+    """Heavy hitters: accumulated attention mass over every query seen (H2O)."""
+
+    def __init__(self, budget, n_sink=4, window=64, **_):
+        super().__init__(budget, n_sink, window, "h2o", 1.0)
+
+    def priority(self, scores, slot_pos, seen):
+        return scores
+
+
+class A2SF(EvictionPolicy):
+    """Accumulated mass with a forgetting factor: A_k = sum_q alpha^(n-q) S_qk (A2SF).
+    The decay is applied by the attention kernel; ranking is by the decayed sum."""
+
+    def __init__(self, budget, n_sink=4, window=64, alpha=0.95, **_):
+        super().__init__(budget, n_sink, window, "a2sf", float(alpha))
+
+    def priority(self, scores, slot_pos, seen):
+        return scores
+
+
+class TOVA(EvictionPolicy):
+    """Current query's attention (decay 0), averaged over the kv heads so that every
+    head of a layer keeps the same tokens (TOVA's one index set per layer)."""
+
+    def __init__(self, budget, n_sink=4, window=64, **_):
+        super().__init__(budget, n_sink, window, "tova", 0.0)
+
+    def priority(self, scores, slot_pos, seen):
+        return scores.mean(dim=1, keepdim=True).expand_as(scores)
+
+
+class Keyformer(EvictionPolicy):
+    """Accumulated Gumbel-regularised scores (Keyformer): the mass is perturbed by fixed,
+    seeded Gumbel noise per slot position before ranking, with temperature `tau`."""
+
+    def __init__(self, budget, n_sink=4, window=64, tau=1.0, seed=0, **_):
+        super().__init__(budget, n_sink, window, "keyformer", 1.0)
+        self.tau, self.seed = float(tau), int(seed)
+
+    def priority(self, scores, slot_pos, seen):
+        # Noise is a function of (position, seed) so the ranking is deterministic and
+        # does not depend on which slot a token landed in.
+        u = torch.frac(torch.sin(slot_pos.float() * 12.9898 + self.seed * 78.233) * 43758.5453).abs().clamp(1e-6, 1 - 1e-6)
+        gumbel = -torch.log(-torch.log(u))
+        return torch.log(scores.clamp_min(1e-20)) / self.tau + gumbel
+
+
+class SnapKV(EvictionPolicy):
+    """Prefill-time selection from the attention of the last `obs_window` prompt queries,
+    max-pooled over neighbouring keys (kernel `pool`) and averaged over the GQA group.
+    `snapkv_scores` computes the scores; decode then keeps the prefill selection and
+    slides the recent window (priority: prefill score, new tokens are protected)."""
+
+    def __init__(self, budget, n_sink=4, window=64, obs_window=32, pool=7, **_):
+        super().__init__(budget, n_sink, window, "snapkv", None)
+        self.obs_window, self.pool = int(obs_window), int(pool)
+
+    def priority(self, scores, slot_pos, seen):
+        return scores
+
+
+def snapkv_scores(q: torch.Tensor, k: torch.Tensor, obs_window: int, pool: int, q_pos=None, k_pos=None) -> torch.Tensor:
+    """SnapKV scores of every key, [B, Hkv, N].
+
+    q [B, Hq, T, D], k [B, Hkv, N, D] (RoPE applied); q_pos [B, T] and k_pos [B, Hkv, N]
+    are true positions (default: 0..T-1 and 0..N-1; negative = padding/empty). The last
+    `obs_window` queries' causal softmax attention is summed per key, averaged over each
+    GQA group, then max-pooled over `pool` neighbouring keys so clusters of context survive.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    if q_pos is None:
+        q_pos = torch.arange(T, device=q.device).expand(B, T)
+    if k_pos is None:
+        k_pos = torch.arange(N, device=q.device).expand(B, Hkv, N)
+    w = min(obs_window, T)
+    kk = k.repeat_interleave(Hq // Hkv, dim=1)
+    logits = (q[:, :, -w:].float() @ kk.float().transpose(-1, -2)) / D**0.5  # [B, Hq, w, N]
+    kp = k_pos.repeat_interleave(Hq // Hkv, dim=1)[:, :, None, :]
+    qp = q_pos[:, None, -w:, None]
+    logits = logits.masked_fill((kp < 0) | (kp > qp), NEG_INF)
+    mass = logits.softmax(-1).nan_to_num(0.0).sum(2)  # [B, Hq, N]
+    mass = mass.view(B, Hkv, Hq // Hkv, N).mean(2)
+    return F.max_pool1d(mass, kernel_size=pool, stride=1, padding=pool // 2)[..., :N]
+
+
+POLICIES = {"streaming": StreamingLLM, "h2o": H2O, "a2sf": A2SF, "tova": TOVA, "keyformer": Keyformer, "snapkv": SnapKV}
+
+
+def make_policy(name: str, budget: int, **options) -> EvictionPolicy:
+    if name not in POLICIES:
+        raise ConfigError(f"policy: got {name!r}; allowed: one of {', '.join(POLICIES)}")
+    return POLICIES[name](budget, **options)

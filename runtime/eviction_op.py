@@ -1,0 +1,149 @@
+"""`torch.ops.slimfx.attention_evict`: the attention op of a site whose store holds a
+fixed budget of tokens chosen by an eviction policy (runtime/eviction.py).
+
+    out = torch.ops.slimfx.attention_evict(q, k, v, positions, k_cache, v_cache, slot_pos, scores,
+                                           scale, policy, n_sink, window, param)
+
+Same tensors as `slimfx::attention` (runtime/attention_op.py); the capacity C of the
+site's buffers *is* the budget. `policy` names a policy of runtime/eviction.py,
+`param` its one parameter (A2SF's alpha, Keyformer's tau, SnapKV's observation window).
+
+- decode (T == 1): the policy picks the slot the new token overwrites (an empty slot
+  while there is one, else its lowest-priority unprotected slot), the token is
+  written there, and the query attends over the store; the attention kernel adds each
+  slot's attention mass to `scores` (scaled by the policy's decay) in the same pass.
+- prefill (T > 1): the chunk attends over the store + itself; then store and chunk
+  are merged, the policy's keep rule picks C tokens (sinks, recent window, then by
+  priority from the mass the chunk's queries gave every key, or SnapKV's pooled
+  observation-window scores), and the kept tokens are written back in place.
+
+With C at least the total length nothing is evicted and the result equals the full
+cache. RoPE is applied before the op with each token's true position, and the
+visibility rule compares positions, never slots, so eviction never shifts a position.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from slimfx.codegen.kernels.decode_attention import decode_attention_ref
+from slimfx.codegen.kernels.prefill_attention import prefill_attention_ref
+from slimfx.runtime.eviction import EvictionPolicy, make_policy, snapkv_scores
+
+
+@lru_cache(maxsize=None)
+def _policy(name: str, capacity: int, n_sink: int, window: int, param: float) -> EvictionPolicy:
+    extra = {"a2sf": {"alpha": param}, "keyformer": {"tau": param}, "snapkv": {"obs_window": int(param)}}.get(name, {})
+    return make_policy(name, capacity, n_sink=n_sink, window=window, **extra)
+
+
+def _scatter_heads(buf: torch.Tensor, slots: torch.Tensor, value: torch.Tensor) -> None:
+    """buf[b, h, slots[b, h, t]] = value[b, h, t] (per-head slots), in place."""
+    if buf.dim() == 4:
+        idx = slots[..., None].expand(*slots.shape, buf.shape[-1])
+        buf.scatter_(2, idx, value.to(buf.dtype))
+    else:
+        buf.scatter_(2, slots, value.to(buf.dtype))
+
+
+# Policies whose decode-time priority is the slot's own score or position: their slot
+# choice and write run as one Triton kernel on CUDA (codegen/kernels/evict_write.py).
+_FUSED_VICTIM = {"h2o": False, "a2sf": False, "snapkv": False, "streaming": True}
+
+
+def _write_victim(k, v, pos, k_cache, v_cache, slot_pos, scores, policy: EvictionPolicy) -> None:
+    B, Hkv = k.shape[:2]
+    if k.is_cuda and policy.name in _FUSED_VICTIM:
+        from slimfx.codegen.kernels.evict_write import evict_write
+
+        evict_write(k.contiguous(), v.contiguous(), pos, k_cache, v_cache, slot_pos, scores,
+                    policy.n_sink, policy.window, _FUSED_VICTIM[policy.name])
+        return
+    victims = policy.victim_slots(scores, slot_pos, pos, 1)  # [B, Hkv, 1]
+    _scatter_heads(k_cache, victims, k)
+    _scatter_heads(v_cache, victims, v)
+    _scatter_heads(slot_pos, victims, pos.view(B, 1, 1).expand(B, Hkv, 1).to(slot_pos.dtype))
+    _scatter_heads(scores, victims, torch.zeros(B, Hkv, 1, dtype=scores.dtype, device=scores.device))
+
+
+def _decode(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, policy: EvictionPolicy):
+    pos = positions[:, 0]
+    _write_victim(k, v, pos, k_cache, v_cache, slot_pos, scores, policy)
+    q1 = q[:, :, 0].contiguous()
+    tracked = scores if policy.needs_scores else None
+    decay = policy.decay if policy.decay is not None else 1.0
+    if q.is_cuda:
+        from slimfx.codegen.kernels.decode_attention import decode_attention
+
+        out = decode_attention(q1, k_cache, v_cache, slot_pos, pos, scale=scale, scores=tracked, decay=decay)
+    else:
+        out = decode_attention_ref(q1, k_cache, v_cache, slot_pos, pos, scale=scale, scores=tracked, decay=decay)
+    return out.unsqueeze(2)
+
+
+def prefill_key_mass(q, q_pos, keys, k_pos, scale: float) -> torch.Tensor:
+    """Attention mass every key receives from the chunk's queries, summed over queries and
+    the GQA group: [B, Hkv, N]. (The same softmax as the prefill attention, recomputed:
+    prefill happens once per prompt, so the second pass costs far less than decoding.)"""
+    B, Hq, T, D = q.shape
+    Hkv, N = keys.shape[1], keys.shape[2]
+    qf = q.float().view(B, Hkv, Hq // Hkv, T, D)
+    logits = torch.einsum("bhgtd,bhnd->bhgtn", qf, keys.float()) * scale
+    visible = (k_pos.view(B, Hkv, 1, 1, N) >= 0) & (k_pos.view(B, Hkv, 1, 1, N) <= q_pos.view(B, 1, 1, T, 1))
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    return probs.sum(dim=(2, 3))
+
+
+def _prefill(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, policy: EvictionPolicy):
+    B, Hkv, T, _ = k.shape
+    keys = torch.cat([k_cache, k.to(k_cache.dtype)], dim=2)
+    vals = torch.cat([v_cache, v.to(v_cache.dtype)], dim=2)
+    new_pos = torch.where(positions < 0, -1, positions)[:, None, :].expand(B, Hkv, T)
+    kpos = torch.cat([slot_pos.to(torch.int64), new_pos], dim=2)
+    qc = q.contiguous()
+    if q.is_cuda:
+        from slimfx.codegen.kernels.prefill_attention import prefill_attention
+
+        out = prefill_attention(qc, positions, keys, vals, kpos, scale=scale)
+    else:
+        out = prefill_attention_ref(qc, positions, keys, vals, kpos, scale=scale)
+    merged_scores = torch.cat([scores, torch.zeros(B, Hkv, T, dtype=scores.dtype, device=scores.device)], dim=2)
+    if policy.name == "snapkv":
+        merged_scores = snapkv_scores(q, keys, policy.obs_window, policy.pool, positions, kpos)
+        merged_scores = merged_scores.masked_fill(kpos < 0, 0.0)
+    elif policy.needs_scores:
+        merged_scores = merged_scores * policy.decay + prefill_key_mass(q, positions, keys, kpos, scale)
+    seen = positions.amax(dim=1) + 1
+    kk, vv, ss, pp = policy.compact(keys, vals, merged_scores.to(scores.dtype), kpos, seen, budget=k_cache.shape[2])
+    k_cache.copy_(kk)
+    v_cache.copy_(vv)
+    scores.copy_(ss)
+    slot_pos.copy_(pp.to(slot_pos.dtype))
+    return out.contiguous()
+
+
+@torch.library.custom_op("slimfx::attention_evict", mutates_args=("k_cache", "v_cache", "slot_pos", "scores"))
+def attention_evict(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor, scores: torch.Tensor,
+    scale: float, policy: str, n_sink: int, window: int, param: float,
+) -> torch.Tensor:
+    pol = _policy(policy, k_cache.shape[2], n_sink, window, param)
+    run = _decode if q.shape[2] == 1 else _prefill
+    return run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, pol).contiguous()
+
+
+@attention_evict.register_fake
+def _attention_evict_fake(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, policy, n_sink, window, param):
+    return q.new_empty(q.shape)  # contiguous, like the real op (empty_like would copy q's strides)
+
+
+def attention_evict_ref(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale=None, policy="h2o", n_sink=4, window=64, param=0.0):
+    """The op's definition (the same code the CPU path runs), callable without torch.ops."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    pol = _policy(policy, k_cache.shape[2], n_sink, window, param)
+    run = _decode if q.shape[2] == 1 else _prefill
+    return run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, pol)

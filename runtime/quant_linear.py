@@ -1,0 +1,83 @@
+"""The ops a quantized graph calls (DESIGN.md decision 4), one per weight format:
+
+    torch.ops.slimfx.qlinear_int8(x, qweight, scale, bias)                      int8 [N, K], scale f32 [N]
+    torch.ops.slimfx.qlinear_fp8(x, qweight, scale, bias)                       float8_e4m3fn [N, K], scale f32 [N]
+    torch.ops.slimfx.qlinear_int4(x, qweight, scale, offset, group_size, bias)  uint8 [N, K/2], f16 [N, K/G] x2
+
+x [..., K] -> [..., N] in x's dtype; layouts in runtime/quant_formats.py. On CUDA the
+Triton kernels run (codegen/kernels/gemv_int8.py, gemv_int4.py); elsewhere the
+references (dequantize + matmul). SLIMFX_QLINEAR=ref|triton|auto overrides (triton
+on CPU needs TRITON_INTERPRET=1 set before the kernels are imported).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+_IMPL_ENV = "SLIMFX_QLINEAR"
+_IMPLS = ("auto", "ref", "triton")
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    mode = os.environ.get(_IMPL_ENV, "auto")
+    if mode not in _IMPLS:
+        raise ValueError(f"{_IMPL_ENV}={mode!r}; allowed: {', '.join(_IMPLS)}")
+    return x.is_cuda if mode == "auto" else mode == "triton"
+
+
+def _out_like(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("slimfx::qlinear_int8", mutates_args=())
+def qlinear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., K] @ (qweight int8 [N, K] * scale[:, None]).T + bias."""
+    from slimfx.codegen.kernels.gemv_int8 import gemv_int8, gemv_int8_ref
+
+    return (gemv_int8 if _use_triton(x) else gemv_int8_ref)(x, qweight, scale, bias)
+
+
+@qlinear_int8.register_fake
+def _qlinear_int8_fake(x, qweight, scale, bias):
+    return _out_like(x, qweight.shape[0])
+
+
+@torch.library.custom_op("slimfx::qlinear_fp8", mutates_args=())
+def qlinear_fp8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., K] @ (qweight float8_e4m3fn [N, K] * scale[:, None]).T + bias (weight-only fp8)."""
+    from slimfx.codegen.kernels.gemv_int8 import gemv_int8, gemv_int8_ref
+
+    # The int8 kernels only convert the weight tile to float: fp8 e4m3 works the same way
+    # on GPUs that convert it in hardware (sm_89+; checked when the pass picks fp8).
+    return (gemv_int8 if _use_triton(x) else gemv_int8_ref)(x, qweight, scale, bias)
+
+
+@qlinear_fp8.register_fake
+def _qlinear_fp8_fake(x, qweight, scale, bias):
+    return _out_like(x, qweight.shape[0])
+
+
+@torch.library.custom_op("slimfx::qlinear_int4", mutates_args=())
+def qlinear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                 group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., K] @ W_hat.T + bias with W_hat the packed int4 group-wise weight."""
+    from slimfx.codegen.kernels.gemv_int4 import gemv_int4, gemv_int4_ref
+
+    return (gemv_int4 if _use_triton(x) else gemv_int4_ref)(x, qweight, scale, offset, group_size, bias)
+
+
+@qlinear_int4.register_fake
+def _qlinear_int4_fake(x, qweight, scale, offset, group_size, bias):
+    return _out_like(x, qweight.shape[0])
+
+
+def op_for(kind: str):
+    """The op overload the quantize pass emits for a format kind."""
+    return {
+        "int8": torch.ops.slimfx.qlinear_int8.default,
+        "fp8": torch.ops.slimfx.qlinear_fp8.default,
+        "int4": torch.ops.slimfx.qlinear_int4.default,
+    }[kind]

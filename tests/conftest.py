@@ -1,0 +1,34 @@
+import os
+
+# Triton decides at @triton.jit time whether a kernel is interpreted, so the flag must
+# be set before any test module imports a kernel module. Without a GPU every kernel
+# test runs under the interpreter; with one, kernels run compiled.
+if os.environ.get("TRITON_INTERPRET") is None:
+    import torch.cuda
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2-135M-Instruct, fp32 on CPU (loaded once per session)."""
+    from slimfx.runtime.models import load_model
+
+    model, tokenizer = load_model()
+    return model, tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,138 @@
+"""Anatomy from the graph alone, for every supported architecture."""
+
+import pytest
+import torch
+
+from slimfx.compiler.anatomy import analyze, capture_graph
+from slimfx.runtime.models import tiny_model
+
+EXPECTED = {
+    # arch: (q heads, kv heads, fused qkv, tied head, mlp roles, q/k/v bias)
+    "llama_mha": (4, 4, False, True, {"gate", "up", "down"}, False),
+    "llama_gqa": (4, 2, False, True, {"gate", "up", "down"}, False),
+    "llama_untied": (4, 2, False, False, {"gate", "up", "down"}, False),
+    "qwen2": (4, 2, False, False, {"gate", "up", "down"}, True),
+    "mistral": (4, 2, False, False, {"gate", "up", "down"}, False),
+    "phi3": (4, 2, True, False, {"gate_up", "down"}, False),
+}
+
+
+def _anatomy(arch, layers=3, attn="sdpa"):
+    model = tiny_model(arch, layers=layers, attn_implementation=attn)
+    return analyze(capture_graph(model, torch.randint(0, 128, (1, 6))))
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED))
+def test_hf_architectures(arch):
+    q_heads, kv_heads, fused, tied, mlp_roles, qkv_bias = EXPECTED[arch]
+    a = _anatomy(arch, layers=3)
+    assert a.unrecognised == []
+    assert (a.vocab_size, a.hidden_size) == (128, 64)
+    assert len(a.attention_sites) == 3 and len(a.blocks) == 3
+    for i, site in enumerate(a.attention_sites):
+        assert site.kind == "sdpa"
+        assert (site.n_q_heads, site.n_kv_heads, site.head_dim) == (q_heads, kv_heads, 16)
+        assert site.fused_qkv is fused
+        assert site.rotary == "rotate_half"
+        assert site.cache.kind == "concat"  # HF DynamicCache: torch.cat onto the past
+        proj = a.linear(site.q_proj)
+        assert proj.block == i and proj.weight == f"model.layers.{i}.self_attn.{'qkv_proj' if fused else 'q_proj'}.weight"
+        assert proj.bias is qkv_bias
+        assert a.linear(site.o_proj).weight == f"model.layers.{i}.self_attn.o_proj.weight"
+        if not fused:
+            assert a.linear(site.k_proj).out_features == kv_heads * 16
+            assert a.linear(site.v_proj).role == "v"
+    for block in a.blocks:
+        assert set(block.mlp.linears) == mlp_roles and block.mlp.activation == "silu"
+        assert block.input_norm == "rms_norm" and len(block.residual_adds) == 2
+    assert a.final_norm == "rms_norm"
+    assert a.lm_head.out_features == 128 and a.tied_head is tied
+    assert a.lm_head.weight == ("model.embed_tokens.weight" if tied else "lm_head.weight")
+    per_block = 4 - (2 if fused else 0) + len(mlp_roles)
+    assert len(a.linears) == 3 * per_block + 1
+    assert a.kv_bytes_per_token(2) == 3 * 2 * kv_heads * 16 * 2
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "phi3"])
+def test_handwritten_attention_matmul_softmax(arch):
+    """HF 'eager' attention is matmul -> softmax -> matmul: found the same way as SDPA."""
+    a = _anatomy(arch, layers=2, attn="eager")
+    assert a.unrecognised == []
+    assert [s.kind for s in a.attention_sites] == ["matmul_softmax"] * 2
+    assert all(s.n_kv_heads == 2 and s.o_proj for s in a.attention_sites)
+
+
+def test_decode_step_graph_sees_cache_inputs():
+    """Second step: past keys/values are graph inputs concatenated with the new ones."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama_gqa")
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 5)), past_key_values=cache, use_cache=True)
+    gm = capture_graph(model, torch.randint(0, 128, (1, 1)), past_key_values=cache, use_cache=True)
+    a = analyze(gm)
+    for site in a.attention_sites:
+        assert site.cache.kind == "concat"
+        assert len(site.cache.key_inputs) == 1 and len(site.cache.value_inputs) == 1
+        assert site.cache.update_nodes
+
+
+def _gptfast():
+    from slimfx.runtime.models import load_example_module
+
+    return load_example_module("gptfast_model")
+
+
+def test_handwritten_gptfast_model():
+    mod = _gptfast()
+    model = mod.tiny_gptfast(n_layer=3)
+    a = analyze(capture_graph(model, torch.randint(0, 256, (1, 5)), torch.arange(5)))
+    assert a.unrecognised == []
+    assert len(a.attention_sites) == 3
+    for i, s in enumerate(a.attention_sites):
+        assert (s.n_q_heads, s.n_kv_heads, s.head_dim, s.fused_qkv) == (4, 2, 16, True)
+        assert s.rotary == "interleaved"
+        assert s.cache.kind == "inplace"  # k_cache[:, :, pos] = k
+        assert s.cache.key_inputs == [f"layers.{i}.attention.kv_cache.k_cache"]
+        assert a.linear(s.q_proj).weight == f"layers.{i}.attention.wqkv.weight"
+    assert all(set(b.mlp.linears) == {"gate", "up", "down"} for b in a.blocks)
+    assert a.lm_head.weight == "output.weight" and a.tied_head is False
+
+
+def test_unrecognisable_graph_says_so():
+    """A plain MLP has no attention: the anatomy reports it instead of guessing."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    a = analyze(capture_graph(model, torch.randn(2, 8)))
+    assert a.attention_sites == [] and a.blocks == []
+    assert any("no attention sites" in u for u in a.unrecognised)
+    assert a.lm_head is None
+
+
+@pytest.mark.model
+def test_default_model_anatomy(default_model):
+    model, tok = default_model
+    a = analyze(capture_graph(model, torch.tensor([[1, 2, 3, 4]])))
+    assert a.unrecognised == []
+    assert len(a.attention_sites) == 30 and len(a.blocks) == 30
+    assert {(s.n_q_heads, s.n_kv_heads, s.head_dim) for s in a.attention_sites} == {(9, 3, 64)}
+    assert (a.vocab_size, a.hidden_size) == (49152, 576)
+    assert a.tied_head is True and a.lm_head.in_features == 576
+    assert len(a.linears) == 30 * 7 + 1
+    assert {l.role for l in a.linears} == {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
+
+
+def test_static_cache_graphs_are_inplace_updates():
+    """HF StaticCache: buffers written with index_copy_ (allocated in the first graph,
+    graph inputs afterwards) are recognised as in-place KV updates."""
+    from transformers import StaticCache
+
+    model = tiny_model("llama_gqa")
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    first = analyze(capture_graph(model, torch.randint(0, 128, (1, 5)), past_key_values=cache, use_cache=True, cache_position=torch.arange(5)))
+    step = analyze(capture_graph(model, torch.randint(0, 128, (1, 1)), past_key_values=cache, use_cache=True, cache_position=torch.tensor([5])))
+    for a in (first, step):
+        assert a.unrecognised == []
+        for site in a.attention_sites:
+            assert site.cache.kind == "inplace" and len(site.cache.update_nodes) == 2
+            assert site.n_kv_heads == 2 and a.linear(site.k_proj).role == "k"

@@ -1,0 +1,235 @@
+"""The fast generation loop and HF generate on slimfx-compiled models.
+
+Tiny random-weight models check exactness, padding, chunking, recompilation, sampling
+and streaming quickly; the `model`-marked test checks token identity on the real
+default model (SmolLM2-135M, 128 greedy tokens, several prompt lengths, a padded batch).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import slimfx.runtime as runtime
+from slimfx.runtime.generate import GenerateError, generate, get_generator, sample_next
+from slimfx.runtime.models import tiny_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lively_tiny(arch="llama_gqa", layers=2, seed=0):
+    """A tiny model whose greedy output is not one repeated token (default init is too flat)."""
+    model = tiny_model(arch, layers=layers, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model.to(DEVICE)
+
+
+def padded_batch(lengths, vocab=128, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), T), generator=gen)
+    mask = torch.zeros(len(lengths), T, dtype=torch.int64)
+    for b, n in enumerate(lengths):
+        mask[b, T - n:] = 1
+        ids[b, : T - n] = 0
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+@torch.no_grad()
+def hf_greedy(model, ids, mask, new):
+    """The unmodified model's greedy continuation of each prompt, run alone (no padding,
+    HF DynamicCache), for exactly `new` tokens: a plain loop, so neither EOS handling nor
+    min-length logit processing of HF generate changes the reference."""
+    outs = []
+    for b in range(ids.shape[0]):
+        real = ids[b][mask[b].bool()][None]
+        out = model(real, use_cache=True)
+        past, tokens = out.past_key_values, [out.logits[:, -1].argmax(-1)]
+        for _ in range(new - 1):
+            out = model(tokens[-1][:, None], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tokens.append(out.logits[:, -1].argmax(-1))
+        outs.append(torch.cat(tokens).cpu())
+    return torch.stack(outs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return lively_tiny()
+
+
+def test_runtime_exports_the_generate_function():
+    assert runtime.generate is generate
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "llama_mha", "qwen2"])
+def test_fast_loop_matches_unmodified_model_with_left_padding(arch):
+    model = lively_tiny(arch)
+    ids, mask = padded_batch([9, 3, 6])
+    tokens, stats = generate(model, ids, attention_mask=mask, max_new_tokens=24)
+    assert tokens.shape == (3, 24)
+    assert torch.equal(tokens, hf_greedy(model, ids, mask, 24))
+    assert stats["kv_bytes"] > 0 and stats["cuda_graph"] == (DEVICE == "cuda")
+
+
+def test_chunked_prefill_is_exact_when_capacity_covers_the_sequence(tiny):
+    ids, mask = padded_batch([40, 21], seed=1)
+    tokens, _ = generate(tiny, ids, attention_mask=mask, max_new_tokens=12, prefill_chunk=16, capacity=80)
+    assert torch.equal(tokens, hf_greedy(tiny, ids, mask, 12))
+
+
+def test_prompt_longer_than_capacity_keeps_the_most_recent_tokens(tiny):
+    ids, mask = padded_batch([50], seed=2)
+    generate(tiny, ids, attention_mask=mask, max_new_tokens=4, prefill_chunk=16, capacity=24)
+    store = get_generator(tiny, 1, 24).store
+    assert len(store.sites) == 2
+    for cache in store.sites.values():
+        held = cache.slot_pos[0, 0].sort().values
+        # 50 prompt tokens + 3 decoded and written (the 4th token is sampled, not yet written).
+        assert torch.equal(held.cpu(), torch.arange(53 - 24, 53, dtype=held.dtype))
+    assert torch.equal(store.seen.cpu(), torch.tensor([53]))
+
+
+def test_no_recompilation_across_200_decode_steps(tiny):
+    ids, mask = padded_batch([7, 5], seed=3)
+    generate(tiny, ids, attention_mask=mask, max_new_tokens=4, capacity=256)  # warm-up: compiles
+    graphs_before = counters["stats"]["unique_graphs"]
+    tokens, stats = generate(tiny, ids, attention_mask=mask, max_new_tokens=203, capacity=256)
+    assert counters["stats"]["unique_graphs"] == graphs_before, "decode steps recompiled"
+    assert stats["decode_steps"] == 200
+    assert stats["cuda_graph"] == (DEVICE == "cuda")
+
+
+def test_streaming_callback_gets_every_token_in_order(tiny):
+    ids, mask = padded_batch([5, 8], seed=4)
+    chunks = []
+    tokens, _ = generate(tiny, ids, attention_mask=mask, max_new_tokens=21, stream_interval=4, callback=lambda t, i: chunks.append((i, t)))
+    assert [i for i, _ in chunks] == sorted(i for i, _ in chunks) and chunks[0][0] == 0
+    assert torch.equal(torch.cat([t for _, t in chunks], dim=1), tokens)
+
+
+def test_eos_stops_sequences_and_pads_after(tiny):
+    ids, mask = padded_batch([6], seed=5)
+    free, _ = generate(tiny, ids, attention_mask=mask, max_new_tokens=10)
+    eos = int(free[0, 3])
+    first = int((free[0] == eos).nonzero()[0])
+    tokens, _ = generate(tiny, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=127)
+    assert torch.equal(tokens[0, : first + 1], free[0, : first + 1])
+    assert (tokens[0, first + 1:] == 127).all()
+
+
+def test_sampling_is_reproducible_and_in_vocab(tiny):
+    ids, mask = padded_batch([6, 4], seed=6)
+    a, _ = generate(tiny, ids, attention_mask=mask, max_new_tokens=16, temperature=0.8, top_k=20, top_p=0.9, seed=11)
+    b, _ = generate(tiny, ids, attention_mask=mask, max_new_tokens=16, temperature=0.8, top_k=20, top_p=0.9, seed=11)
+    greedy, _ = generate(tiny, ids, attention_mask=mask, max_new_tokens=16)
+    assert torch.equal(a, b)
+    assert ((a >= 0) & (a < 128)).all()
+    assert not torch.equal(a, greedy)
+
+
+def test_sample_next_restrictions():
+    logits = torch.randn(4, 50)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample_next(logits, 0.0), greedy)
+    assert torch.equal(sample_next(logits, 1.0, top_k=1), greedy)
+    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6), greedy)
+    top5 = logits.topk(5, dim=-1).indices
+    for _ in range(20):
+        pick = sample_next(logits, 2.0, top_k=5)
+        assert (top5 == pick[:, None]).any(dim=1).all()
+
+
+def test_sample_next_follows_the_distribution():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20000, 4)
+    freq = torch.bincount(sample_next(logits, 1.0), minlength=4).float() / 20000
+    assert torch.allclose(freq, probs, atol=0.02)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(prefill_chunk=100), "prefill_chunk"),
+    (dict(capacity=0), "capacity"),
+])
+def test_generate_rejects_bad_arguments(tiny, kwargs, match):
+    ids, _ = padded_batch([4])
+    with pytest.raises(GenerateError, match=match):
+        generate(tiny, ids, **kwargs)
+
+
+def test_generate_rejects_right_padding(tiny):
+    ids, mask = padded_batch([4, 2])
+    with pytest.raises(GenerateError, match="left"):
+        generate(tiny, ids, attention_mask=mask.flip(1))
+
+
+def test_hf_generate_works_on_a_slimfx_compiled_model(tiny):
+    """HF's own generate (DynamicCache) keeps working: the runtime pass leaves cached sites alone."""
+    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    ref = tiny.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    torch._dynamo.reset()
+    tiny.forward = torch.compile(tiny.forward, backend="slimfx")
+    try:
+        out = tiny.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        torch.manual_seed(0)
+        sampled = tiny.generate(ids, max_new_tokens=10, do_sample=True, top_k=10, pad_token_id=0)
+    finally:
+        del tiny.forward
+        torch._dynamo.reset()
+    assert torch.equal(out, ref)
+    assert sampled.shape == (2, 17) and ((sampled >= 0) & (sampled < 128)).all()
+
+
+# ----------------------------------------------------------------------------- the real default model
+
+PROMPTS = [
+    "Hi",
+    "What is the capital of France? Answer in one sentence.",
+    "Write a short poem about the sea, the wind and a lighthouse keeper who has not seen another person in years.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from slimfx.runtime.models import load_model
+
+    model, tok = load_model()
+    tok.padding_side = "left"
+    return model.to(DEVICE), tok
+
+
+@pytest.mark.model
+def test_default_model_token_identity_128_tokens(smollm):
+    """Capacity >= total length: the fast loop equals the unmodified model, for single prompts
+    of several lengths and for the three prompts batched with left padding."""
+    from slimfx.runtime.models import chat_input_ids
+
+    model, tok = smollm
+    start = time.perf_counter()
+    chats = [chat_input_ids(tok, p)[0] for p in PROMPTS]
+    T = max(len(c) for c in chats)
+    ids = torch.full((3, T), tok.pad_token_id, dtype=torch.int64)
+    mask = torch.zeros(3, T, dtype=torch.int64)
+    for b, c in enumerate(chats):
+        ids[b, T - len(c):] = c
+        mask[b, T - len(c):] = 1
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    ref = hf_greedy(model, ids, mask, 128)
+    batched, _ = generate(model, ids, attention_mask=mask, max_new_tokens=128)
+    assert len({len(c) for c in chats}) == 3
+    for b in range(3):
+        assert torch.equal(batched[b], ref[b]), f"prompt {b} (batched) differs from the unmodified model"
+    single, _ = generate(model, chats[2][None].to(DEVICE), max_new_tokens=128)  # alone, unpadded
+    assert torch.equal(single[0], ref[2]), "prompt 2 (alone) differs from the unmodified model"
+    print(f"default-model identity test: {time.perf_counter() - start:.1f} s")
