@@ -232,11 +232,29 @@ def _store_line(src: _Source, j: int, node, offset: sympy.Expr, index_vars: tupl
     return f"    tl.store(out{j} + ({text}), ({src.names[node]}).to({tl_dtype(_val(node).dtype)}), mask={mask})"
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+ROUNDS_ITSELF = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+
+
+def _round_like_eager(expr: str, node: torch.fx.Node) -> str:
+    """Round a half-precision result to its storage dtype, as eager does after every op.
+
+    Values stay fp32 in registers, but where the ATen graph says a value is fp16/bf16,
+    eager has rounded it; keeping the unrounded value would make a later comparison
+    (`a > b`, `where`) disagree with eager on ties such as `x > x.float().half()`.
+    Upcasts the graph spells out (softmax, RMSNorm decompositions) keep fp32 intermediates.
+    """
+    dtype = _val(node).dtype
+    if dtype not in HALF_DTYPES or node.target in ROUNDS_ITSELF:
+        return expr
+    return f"({expr}).to({tl_dtype(dtype)}).to(tl.float32)"
+
+
 def _emit_members(src: _Source, group: FusionGroup, size_n: str | None) -> None:
     for k, node in enumerate(group.nodes):
-        src.names[node] = Val(f"v{k}", _val(node).dtype)
         expr = _reduction_expr(src, node, size_n) if node.target in REDUCTIONS else _member_expr(src, node)
-        src.kernel.append(f"    v{k} = {expr}")
+        src.names[node] = Val(f"v{k}", _val(node).dtype)
+        src.kernel.append(f"    v{k} = {_round_like_eager(expr, node)}")
 
 
 def _kernel_pointwise(group: FusionGroup, name: str, int64: bool) -> tuple[_Source, list, str]:

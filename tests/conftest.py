@@ -11,6 +11,13 @@ if os.environ.get("TRITON_INTERPRET") is None:
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the same examples every time (a red run is reproducible from its log);
+# `SLIMFX_HYPOTHESIS=explore` draws fresh ones to hunt for new counterexamples.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile("explore" if os.environ.get("SLIMFX_HYPOTHESIS") == "explore" else "ci")
 
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -4,14 +4,16 @@ Kernels run under the Triton interpreter: TRITON_INTERPRET=1 is set (monkeypatch
 before compile_graph; triton reads it when a generated module is decorated, so an
 earlier `import triton` in this process does not matter.
 
-Tolerances (compiled vs eager, same inputs): the kernels keep fp32 intermediates where
-eager rounds half-precision values after every op, so
+Tolerances (compiled vs eager, same inputs): the kernels compute in fp32 and round each
+half-precision result to its dtype as eager does (so comparisons see the same values);
+op implementations (exp, rsqrt, reduction order) still differ by an ulp or so:
     float32: atol = rtol = 1e-4     float16: 1e-2     bfloat16: 6e-2
 """
 
 from __future__ import annotations
 
 import operator
+import os
 
 import pytest
 import torch
@@ -91,7 +93,7 @@ def interpreter(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path_factory.mktemp("slimfx_cache")))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("SLIMFX_HYPOTHESIS_EXAMPLES", "30")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=programs(), seed=st.integers(0, 2**16))
 def test_random_graphs_match_eager(interpreter, case, seed):
     shape, dtype, input_shapes, program = case
