@@ -45,7 +45,9 @@ BINARY = {
     "sub": operator.sub,
     "mul": operator.mul,
     "max": torch.maximum,
-    "where": lambda a, b: torch.where(a > b, a, b * 0.5),
+    # Continuous at the tie a == b (both branches give 0): a comparison of values that
+    # differ by an ulp may flip, and a jump there would exceed any tolerance.
+    "where": lambda a, b: torch.where(a > b, a - b, (b - a) * 0.5),
 }
 REDUCE = {
     "sum": lambda v: v.sum(-1, keepdim=True) * 0.1,
