@@ -7,11 +7,14 @@ Pipeline:
    tensors, a few decompositions; custom ops `torch.ops.slimfx.*` stay single nodes;
    in-place cache writes stay in place).
 2. partition.partition: networkx fusion groups (pointwise chains; row groups with
-   last-dim reductions such as RMSNorm and softmax), never across a mutation.
-3. triton_gen: one Triton kernel + host wrapper per group, written to the kernel
-   cache, imported, launched with configs from the autotuner (autotune.py).
+   last-dim reductions such as RMSNorm and softmax; matmul groups: an mm/addmm with
+   its pointwise epilogue), never across a mutation.
+3. triton_gen (matmul_gen for matmul groups): one Triton module + host wrapper per
+   group, written to the kernel cache, imported, launched with configs from the
+   autotuner (autotune.py), which for a matmul also measures the library call.
 4. The wrapper: an FX GraphModule that calls each group's kernel and runs every
-   other node (matmul, SDPA, views, custom ops) as the ATen call it is.
+   other node (a matmul without epilogue off CUDA, SDPA, views, custom ops) as the
+   ATen call it is.
 5. cudagraphs: on CUDA, when all inputs are tensors of static shape (the decode step
    with a static KV cache), the step is captured and replayed as a CUDA graph.
 
@@ -27,7 +30,8 @@ own forward (ATen calls), so a lowering gap costs speed, never a failure.
 
 $SLIMFX_DEBUG_DIR: each compiled graph writes codegen_<n>/ there with the ATen graph,
 the partition, the wrapper's Python code and every generated kernel module.
-$SLIMFX_CUDAGRAPHS=0 turns CUDA graphs off.
+$SLIMFX_CUDAGRAPHS=0 turns CUDA graphs off. $SLIMFX_MATMUL=auto|all|fused|off picks
+which matmuls become template groups (partition.py).
 """
 
 from __future__ import annotations

@@ -8,7 +8,15 @@ on the real arguments of the first call (the generated kernels write only fresh
 outputs, so re-running them is harmless) and the winner is cached. On CPU (the Triton
 interpreter) nothing is timed: a heuristic picks the config. Triton's own
 `@triton.autotune` needs a GPU driver, hence our own (DESIGN decision 6).
-SLIMFX_AUTOTUNE=0 uses the heuristic on a GPU too (fastest compile).
+SLIMFX_AUTOTUNE=0 uses the heuristic on a GPU too (fastest compile). A launch that
+happens while a CUDA graph is being captured is never timed (timing synchronises):
+it uses the cached winner, or the heuristic for that call only.
+
+Templates: "pointwise" and "row" (generated fusion groups), "gemm" (matmul groups,
+codegen/kernels/matmul_template.py). The gemm space holds the library call
+(torch.mm + the epilogue as a separate kernel) beside the template's own configs
+(a GEMV kernel for M <= GEMV_MAX_M, a tl.dot tiled kernel, each with or without
+split-K), so "template or cuBLAS" is decided by the same measurement.
 
 Disk cache: one JSON file per key under $SLIMFX_CACHE_DIR/autotune (default
 ~/.cache/slimfx/autotune). Key = sha256 of (kernel source hash, shape bucket, dtype,
@@ -30,6 +38,11 @@ import triton
 
 ENTRY_VERSION = 1
 
+# gemm configs: "impl" says which code runs (ints, because cached configs hold ints only).
+GEMM_LIBRARY, GEMM_DOT, GEMM_GEMV = 0, 1, 2
+GEMV_MAX_M = 4  # above this a GEMV kernel (one program per row) re-reads the weights too often
+NOMINAL_SMS = 132  # H100 SXM; only shapes the split-K candidates when no GPU is visible
+
 
 def cache_root() -> Path:
     root = os.environ.get("SLIMFX_CACHE_DIR")
@@ -44,7 +57,8 @@ def shape_bucket(template: str, sizes: tuple) -> tuple:
     """Sizes rounded so nearby shapes share a tuning result.
 
     pointwise: (numel,) -> next power of two. row: (rows, N) -> (pow2(rows), pow2(N));
-    N decides BLOCK_N, so it is kept at its power of two exactly.
+    N decides BLOCK_N, so it is kept at its power of two exactly. gemm: (M, N, K) ->
+    powers of two of each (decode M = 1, 2, 3-4, ... tune separately).
     """
     return tuple(next_pow2(s) for s in sizes)
 
@@ -75,7 +89,9 @@ def config_space(template: str, sizes: tuple) -> list[dict]:
                 if block_r * block_n >= 32 * w:
                     out.append({"BLOCK_R": block_r, "num_warps": w, "num_stages": 1})
         return out or [{"BLOCK_R": 1, "num_warps": 1, "num_stages": 1}]
-    raise ValueError(f"unknown template {template!r}; allowed: pointwise, row")
+    if template == "gemm":
+        return gemm_space(*sizes)
+    raise ValueError(f"unknown template {template!r}; allowed: pointwise, row, gemm")
 
 
 def heuristic_config(template: str, sizes: tuple, *, interpreter: bool) -> dict:
@@ -92,7 +108,106 @@ def heuristic_config(template: str, sizes: tuple, *, interpreter: bool) -> dict:
         block_r = max(1, min(next_pow2(rows), limit // block_n, 64 if interpreter else 16))
         warps = max(1, min(8, block_r * block_n // 512))
         return {"BLOCK_R": block_r, "num_warps": warps, "num_stages": 1}
-    raise ValueError(f"unknown template {template!r}; allowed: pointwise, row")
+    if template == "gemm":
+        return gemm_heuristic(*sizes, interpreter=interpreter)
+    raise ValueError(f"unknown template {template!r}; allowed: pointwise, row, gemm")
+
+
+# ----------------------------------------------------------------------------- gemm configs
+
+
+def _sm_count() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return NOMINAL_SMS
+
+
+def split_k_for(tiles: int, k_blocks: int) -> int:
+    """K splits so that about two programs run per SM; 1 when the output tiles fill the GPU.
+
+    Decode GEMVs with small N (576 outputs / 16 per program = 36 programs on 132 SMs)
+    leave most SMs idle without it; the partial sums cost one extra small pass.
+    """
+    want = 2 * _sm_count()
+    if tiles >= want:
+        return 1
+    return max(1, min(-(-want // tiles), k_blocks, 16))
+
+
+def _gemv(block_n: int, block_k: int, split: int, warps: int) -> dict:
+    return {"impl": GEMM_GEMV, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps, "num_stages": 1}
+
+
+def _dot(block_m: int, block_n: int, block_k: int, split: int, warps: int, stages: int) -> dict:
+    return {"impl": GEMM_DOT, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# (BLOCK_N, BLOCK_K, warps) for the GEMV kernel: few outputs per program, long K runs
+# (memory-bound: the weight tile is read once and used once).
+_GEMV_TILES = ((8, 512, 4), (16, 256, 4), (32, 128, 4), (4, 1024, 4))
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for tl.dot; small M = one 16-row tile.
+_DOT_TILES_SMALL_M = ((16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3))
+_DOT_TILES_MID_M = ((32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 4))
+_DOT_TILES_LARGE_M = ((64, 64, 64, 4, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3))
+
+
+def gemm_space(m: int, n: int, k: int) -> list[dict]:
+    """Every config of a matmul group at [M, K] x [K, N], the library call first.
+
+    Curated rather than a full product (each config is a compile on the first call):
+    GEMV tiles for M <= GEMV_MAX_M, tl.dot tiles by M range, each at split 1 and at
+    the occupancy split (split_k_for) when that differs. Blocks never exceed the
+    problem's powers of two (min 16: tl.dot's smallest tile).
+    """
+    m, n, k = max(1, int(m)), max(1, int(n)), max(1, int(k))
+    cap_n, cap_k = max(16, next_pow2(n)), max(16, next_pow2(k))
+    out = [{"impl": GEMM_LIBRARY, "num_warps": 1, "num_stages": 1}]
+    if m <= GEMV_MAX_M:
+        for bn, bk, warps in _GEMV_TILES:
+            bn, bk = min(bn, cap_n), min(bk, cap_k)
+            split = split_k_for(m * _cdiv(n, bn), _cdiv(k, bk))
+            out += [_gemv(bn, bk, s, warps) for s in sorted({1, split})]
+    tiles = _DOT_TILES_SMALL_M if m <= 16 else _DOT_TILES_MID_M if m <= 64 else _DOT_TILES_LARGE_M
+    for bm, bn, bk, warps, stages in tiles:
+        bm, bn, bk = min(bm, max(16, next_pow2(m))), min(bn, cap_n), min(bk, cap_k)
+        split = split_k_for(_cdiv(m, bm) * _cdiv(n, bn), _cdiv(k, bk))
+        out += [_dot(bm, bn, bk, s, warps, stages) for s in sorted({1, split})]
+    unique = []
+    for config in out:
+        if config not in unique:
+            unique.append(config)
+    return unique
+
+
+def gemm_heuristic(m: int, n: int, k: int, *, interpreter: bool) -> dict:
+    """The gemm config where nothing is timed.
+
+    Interpreter (CPU): every program is a round of numpy calls, so the fewest programs
+    win: one GEMV program per row and up to 64 outputs for M == 1, else tl.dot tiles up
+    to 32 x 64 x 64; never split, never the library (the tests exercise the template).
+    GPU with SLIMFX_AUTOTUNE=0: unmeasured defaults: the GEMV kernel with the occupancy
+    split for M <= GEMV_MAX_M, a 16-row tl.dot tile up to M = 16, else 64/128 tiles.
+    """
+    m, n, k = max(1, int(m)), max(1, int(n)), max(1, int(k))
+    cap_n, cap_k = max(16, next_pow2(n)), max(16, next_pow2(k))
+    if interpreter:
+        if m == 1:
+            return _gemv(min(64, cap_n), min(64, cap_k), 1, 4)
+        return _dot(min(32, max(16, next_pow2(m))), min(64, cap_n), min(64, cap_k), 1, 4, 1)
+    if m <= GEMV_MAX_M:
+        bn, bk = min(16, cap_n), min(256, cap_k)
+        return _gemv(bn, bk, split_k_for(m * _cdiv(n, bn), _cdiv(k, bk)), 4)
+    if m <= 16:
+        bn, bk = min(64, cap_n), min(128, cap_k)
+        return _dot(16, bn, bk, split_k_for(_cdiv(n, bn), _cdiv(k, bk)), 4, 4)
+    bm = 128 if m >= 128 else 64
+    return _dot(bm, min(128, cap_n), min(64, cap_k), 1, 8 if bm == 128 else 4, 3)
 
 
 # ----------------------------------------------------------------------------- disk cache
@@ -146,22 +261,38 @@ class DiskCache:
 # ----------------------------------------------------------------------------- timing
 
 
-def _time_config(launch_fn, config: dict, reps: int = 20) -> float:
-    """Median time in microseconds of one launch on the current CUDA stream."""
+def _time_config(launch_fn, config: dict, batches: int = 5, per_batch: int = 10) -> float:
+    """Median GPU time in microseconds of one launch on the current CUDA stream.
+
+    Each batch queues `per_batch` launches behind a GPU sleep, so the GPU runs them
+    back to back as in a captured decode step: timing single launches would add the
+    Python launch latency (tens of us, more than a decode GEMV) to every config and
+    favour whichever path has the cheaper host code.
+    """
     import torch
 
     launch_fn(config)  # compile + warm
     torch.cuda.synchronize()
+    sleep = getattr(torch.cuda, "_sleep", None)
     times = []
-    for _ in range(reps):
+    for _ in range(batches):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if sleep is not None:
+            sleep(1_000_000)  # ~0.5-1 ms of GPU cycles: the host queues the batch meanwhile
         start.record()
-        launch_fn(config)
+        for _ in range(per_batch):
+            launch_fn(config)
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / per_batch)
     times.sort()
     return times[len(times) // 2]
+
+
+def _capturing() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_current_stream_capturing())
 
 
 def device_name(device) -> str:
@@ -199,6 +330,11 @@ class Tuner:
         config = self._memory.get(mem_key)
         if config is not None:
             return config
+        if device.type == "cuda" and _capturing():
+            # Timing synchronises, which a CUDA graph capture forbids: use what is cached.
+            label = device_name(device)
+            key = DiskCache.key(kernel_hash, bucket, dtype, label)
+            return self.disk.get(key) or heuristic_config(template, sizes, interpreter=False)
         with self._lock:
             if device.type != "cuda":
                 config = heuristic_config(template, sizes, interpreter=True)
@@ -229,7 +365,9 @@ class Tuner:
         if not results:
             return heuristic_config(template, sizes, interpreter=False), {"timed": 0}
         best_us, best = min(results, key=lambda r: r[0])
-        return best, {"timed": len(results), "best_us": best_us, "triton": triton.__version__}
+        # Every timing is kept with the winner: the cache file shows what it beat.
+        timings = [{"us": round(us, 3), "config": config} for us, config in sorted(results, key=lambda r: r[0])]
+        return best, {"timed": len(results), "best_us": best_us, "triton": triton.__version__, "timings": timings}
 
     def launch(self, kernel_hash: str, template: str, sizes: tuple, dtype: str, device, launch_fn) -> None:
         launch_fn(self.choose(kernel_hash, template, sizes, dtype, device, launch_fn))

@@ -6,9 +6,10 @@ in these tables runs as an ATen call in the generated wrapper, so an unknown op
 costs speed, never correctness.
 
 Value model inside a kernel: floating values are computed in fp32 (fp64 stays fp64),
-integers and bools keep their dtype. A half-precision value is rounded only where
-the graph casts explicitly (convert_element_type / _to_copy), which is what
-inductor does too; the stated test tolerances allow for it.
+integers and bools keep their dtype. An explicit cast (convert_element_type /
+_to_copy) rounds here; triton_gen._round_like_eager rounds every other
+half-precision result to its dtype, as eager does after each op. Matmul epilogues
+(matmul_gen.py) are built from these same tables.
 """
 
 from __future__ import annotations
@@ -200,7 +201,9 @@ DECOMPOSE = [
     aten.gelu,
     aten.rsub,
     aten.linear,
-    aten.addmm,  # -> mm + add, so the bias add fuses into the next pointwise group
+    # Not aten.addmm: its decomposition upcasts half-precision operands to fp32
+    # (pw_cast_for_opmath), i.e. copies every weight to fp32 on every call and runs an
+    # fp32 mm. addmm stays whole: a matmul group runs it with the bias in its epilogue.
     aten.rms_norm,
 ]
 

@@ -8,6 +8,22 @@ A fusion group is a connected set of fusable nodes with one iteration domain:
 - "row": a domain rows x N, with any number of reductions over the last dim
   (sum/mean/amax/amin); members are either full (rows + [N]) or reduced
   (rows + [1] or rows). RMSNorm and softmax each become one row group.
+- "matmul": one aten.mm [M, K] x [K, N] (a linear arrives as t + mm, or addmm with its bias),
+  the views that only reshape its leading dims (linear's [M, N] -> [B, T, N]), and
+  the pointwise groups that consume it over a domain that flattens to [M, N] (bias,
+  activation, residual add, cast, SiLU * up): the epilogue, computed on the matmul's
+  output tile before it is written (codegen/matmul_gen.py).
+
+Matmul groups form in a second phase, after pointwise and row groups: a matmul takes
+whole pointwise groups, never a row group (a reduction over N would span output
+tiles). So a residual add that a following RMSNorm already took stays in the norm's
+row group, and the SwiGLU product goes to the first projection that reads it.
+Views of the matmul that are read outside the group are re-run as ATen views of
+the stored matmul output after the group, so aliasing is eager's.
+When a mm with no epilogue becomes a group: $SLIMFX_MATMUL (or partition's
+`matmul` argument): "auto" (default) on CUDA only, where the autotuner measures
+template against library; "all" everywhere (tests); "fused" only with an
+epilogue; "off" never (every mm is an ATen call, as before).
 
 Rules that keep the result correct:
 - Groups are merged along data edges only, and a merge is refused when the
@@ -22,9 +38,11 @@ singleton steps run as ATen calls.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import networkx as nx
+import sympy
 import torch
 import torch.fx
 
@@ -38,7 +56,7 @@ class FusionGroup:
     """Nodes fused into one kernel. `shape` is S (pointwise) or rows + (N,) (row)."""
 
     gid: int
-    kind: str  # "pointwise" | "row"
+    kind: str  # "pointwise" | "row" | "matmul"
     nodes: list = field(default_factory=list)  # fx.Node, topological order
     shape: tuple = ()  # sizes (int or SymInt) of the domain
     inputs: list = field(default_factory=list)  # external fx.Nodes read (tensors)
@@ -47,7 +65,7 @@ class FusionGroup:
     @property
     def name(self) -> str:
         ops = [n.target.__name__.split(".")[0] for n in self.nodes if hasattr(n.target, "__name__")]
-        tag = "_".join(dict.fromkeys(o for o in ops if o not in ("mul", "add", "clone")))[:40] or "pw"
+        tag = "_".join(dict.fromkeys(o for o in ops if o not in ("mul", "add", "clone", "view", "_unsafe_view", "reshape")))[:40] or "pw"
         return f"{self.kind}_{self.gid}_{tag}"
 
     def describe(self) -> str:
@@ -144,6 +162,75 @@ def reduction_dims_ok(node: torch.fx.Node) -> bool:
     return not (isinstance(n, int) and n <= 1)
 
 
+MATMUL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MATMUL_OPS = (aten.mm.default, aten.addmm.default)
+VIEW_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+MATMUL_MODES = ("auto", "all", "fused", "off")
+
+
+def _scalar(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_matmul(node: torch.fx.Node) -> bool:
+    """An aten.mm [M, K] x [K, N] (or addmm: + beta * bias) the GEMM template can run.
+
+    2-D float operands of one dtype and device; addmm's bias of that dtype, broadcast to
+    [M, N], and scalar beta / alpha.
+    """
+    if node.op != "call_function" or node.target not in MATMUL_OPS:
+        return False
+    if node.target is aten.mm.default:
+        if node.kwargs or len(node.args) != 2:
+            return False
+        operands = node.args
+    else:
+        if len(node.args) != 3 or set(node.kwargs) - {"beta", "alpha"} or not all(_scalar(v) for v in node.kwargs.values()):
+            return False
+        operands = node.args
+    out = _val(node)
+    vals = [_val(a) for a in operands]
+    if not isinstance(out, torch.Tensor) or not all(isinstance(t, torch.Tensor) for t in vals):
+        return False
+    if out.dtype not in MATMUL_DTYPES or out.ndim != 2 or any(t.dtype != out.dtype or t.device != out.device for t in vals):
+        return False
+    if node.target is aten.addmm.default and vals[0].ndim > 2:
+        return False
+    return not any(isinstance(s, int) and s == 0 for s in out.shape)
+
+
+def _size_expr(size) -> sympy.Expr:
+    return sympy.sympify(size.node.expr) if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+
+
+def flattens_to(shape, m, n) -> bool:
+    """True if `shape` is [..., n] with the leading sizes multiplying to m (a [m, n] reshape)."""
+    if len(shape) < 1 or str(shape[-1]) != str(n):
+        return False
+    lead = sympy.Mul(*[_size_expr(s) for s in shape[:-1]])
+    return sympy.expand(lead - _size_expr(m)) == 0
+
+
+def matmul_parts(group: "FusionGroup") -> tuple:
+    """(mm / addmm node, its leading-dim views in the group, the epilogue members) of a matmul group."""
+    [mm] = [n for n in group.nodes if n.target in MATMUL_OPS]
+    chain = {mm}
+    views = []
+    for node in group.nodes:
+        if node.target in VIEW_OPS and node.args[0] in chain:
+            chain.add(node)
+            views.append(node)
+    epilogue = [n for n in group.nodes if n not in chain]
+    return mm, views, epilogue
+
+
+def _matmul_mode(mode: str | None) -> str:
+    mode = mode or os.environ.get("SLIMFX_MATMUL", "auto")
+    if mode not in MATMUL_MODES:
+        raise ValueError(f"slimfx partition: matmul mode {mode!r} unknown; allowed: {', '.join(MATMUL_MODES)}")
+    return mode
+
+
 def _row_domain(node: torch.fx.Node):
     src = _val(node.args[0])
     return _key(src.shape[:-1]), str(src.shape[-1]), tuple(src.shape)
@@ -157,7 +244,8 @@ def _fits_row(shape_key: ShapeKey, rows: ShapeKey, n: str) -> bool:
 
 
 class _Builder:
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, *, matmuls: bool = True):
+        self.matmuls = matmuls
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.epoch = self._epochs()
@@ -261,6 +349,14 @@ class _Builder:
         g.add_edges_from((u, v) for u, vs in self.succ.items() for v in vs)
         return g
 
+    def _merge(self, a: int, b: int, domain) -> None:
+        self._contract(a, b)
+        for m in self.members[b]:
+            self.group_of[m] = a
+        self.members[a].extend(self.members.pop(b))
+        self.domain[a] = domain
+        self.domain.pop(b, None)
+
     def try_merge(self, u: torch.fx.Node, v: torch.fx.Node) -> None:
         a, b = self.group_of[u], self.group_of[v]
         if a == b or self.epoch[u] != self.epoch[v]:
@@ -268,12 +364,7 @@ class _Builder:
         domain = self._merged_domain(a, b)
         if domain is None or self._creates_cycle(a, b):
             return
-        self._contract(a, b)
-        for m in self.members[b]:
-            self.group_of[m] = a
-        self.members[a].extend(self.members.pop(b))
-        self.domain[a] = domain
-        self.domain.pop(b, None)
+        self._merge(a, b, domain)
 
     def run(self) -> None:
         self.seed()
@@ -283,27 +374,119 @@ class _Builder:
             for u in _tensor_args(v):
                 if self.group_of.get(u) in self.domain:
                     self.try_merge(u, v)
+        if self.matmuls:
+            self.form_matmul_groups()
+
+    # --------------------------------------------------------------------- phase 2: matmuls
+
+    def form_matmul_groups(self) -> None:
+        """Each mm takes its leading-dim views, then the pointwise groups reading them."""
+        for node in self.nodes:
+            if not is_matmul(node):
+                continue
+            gid = self.group_of[node]
+            m, n = _val(node).shape
+            # ("matmul", epilogue shape key or None, str(N), (M, N))
+            self.domain[gid] = ("matmul", None, str(n), (m, n))
+            for member in self._take_views(node, gid):
+                for user in list(member.users):
+                    self._take_epilogue(gid, member, user)
+
+    def _take_views(self, mm: torch.fx.Node, gid: int) -> list:
+        chain, stack = [mm], [mm]
+        m, n = _val(mm).shape
+        while stack:
+            src = stack.pop()
+            for user in list(src.users):
+                val = _val(user)
+                if user.target not in VIEW_OPS or user.args[0] is not src or not isinstance(val, torch.Tensor):
+                    continue
+                vid = self.group_of[user]
+                if vid in self.domain or self.epoch[user] != self.epoch[mm] or not flattens_to(val.shape, m, n):
+                    continue
+                if self._creates_cycle(gid, vid):
+                    continue
+                self._merge(gid, vid, self.domain[gid])
+                chain.append(user)
+                stack.append(user)
+        return chain
+
+    def _take_epilogue(self, gid: int, member: torch.fx.Node, user: torch.fx.Node) -> None:
+        pid = self.group_of[user]
+        kind, epi_key, size_n, (m, n) = self.domain[gid]
+        pw = self.domain.get(pid)
+        if pid == gid or pw is None or pw[0] != "pointwise" or self.epoch[user] != self.epoch[member]:
+            return
+        if epi_key not in (None, pw[1]) or not flattens_to(pw[2], m, n):
+            return
+        # The epilogue runs after the K loop: nothing in it may feed the matmul itself.
+        if gid in self.succ[pid] or self._creates_cycle(gid, pid):
+            return
+        self._merge(gid, pid, (kind, pw[1], size_n, (m, n)))
 
 
 def _group_io(members: list, member_set: set) -> tuple[list, list]:
     inputs: list = []
     for m in members:
-        for arg in _tensor_args(m):
+        # Nested too: a view of a matmul in a dynamic graph takes SymInt nodes in its size list.
+        nodes: list = []
+        torch.fx.node.map_arg((m.args, m.kwargs), nodes.append)
+        for arg in nodes:
             if arg not in member_set and arg not in inputs:
                 inputs.append(arg)
     outputs = [m for m in members if any(user not in member_set for user in m.users)]
     return inputs, outputs
 
 
-def partition(gm: torch.fx.GraphModule) -> Partition:
-    """Fusion groups of `gm` (an ATen graph from lower_to_aten) and the order to run them."""
-    b = _Builder(gm)
+def _matmul_group_steps(gid: int, members: list, mode: str) -> tuple:
+    """(FusionGroup or None, steps after it) for a matmul domain; None = run as ATen calls."""
+    probe = FusionGroup(gid=gid, kind="matmul", nodes=members)
+    mm, views, epilogue = matmul_parts(probe)
+    if not epilogue and not (mode == "all" or (mode == "auto" and _val(mm).device.type == "cuda")):
+        return None, members
+    member_set = set(members)
+    inputs, _ = _group_io(members, member_set)
+
+    def outside(node) -> bool:
+        return any(user not in member_set for user in node.users)
+
+    outputs = [m for m in epilogue if outside(m)]
+    # Views read outside run after the group as ATen views of the stored mm output.
+    parents = {v: v.args[0] for v in views}
+    needed = set()
+    for view in views:
+        if outside(view):
+            while view in parents and view not in needed:
+                needed.add(view)
+                view = parents[view]
+    if outside(mm) or needed:
+        outputs.insert(0, mm)
+    probe.inputs, probe.outputs, probe.shape = inputs, outputs, tuple(_val(mm).shape)
+    return probe, [v for v in views if v in needed]
+
+
+def partition(gm: torch.fx.GraphModule, *, matmul: str | None = None) -> Partition:
+    """Fusion groups of `gm` (an ATen graph from lower_to_aten) and the order to run them.
+
+    matmul: which mm nodes become matmul groups, "auto" | "all" | "fused" | "off"
+    (module docstring; default $SLIMFX_MATMUL or "auto").
+    """
+    mode = _matmul_mode(matmul)
+    b = _Builder(gm, matmuls=mode != "off")
     b.run()
     order = nx.lexicographical_topological_sort(b.contracted_graph(), key=lambda gid: gid)
     steps, groups = [], []
     for gid in order:
         members = sorted(b.members[gid], key=b.index.__getitem__)
         domain = b.domain.get(gid)
+        if domain is not None and domain[0] == "matmul":
+            group, after = _matmul_group_steps(len(groups), members, mode)
+            if group is not None and group.outputs:
+                groups.append(group)
+                steps.append(group)
+            if group is None or group.outputs:
+                steps.extend(after)
+            continue
         # A lone node is not worth a kernel unless it is a reduction (or a cast chain head).
         if domain is None or (len(members) == 1 and domain[0] == "pointwise" and members[0].target is aten.clone.default):
             steps.extend(members)

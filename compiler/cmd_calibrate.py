@@ -106,3 +106,12 @@ def _register_bit_allocation() -> None:
 
 
 _register_bit_allocation()
+
+
+def _register_duo_heads() -> None:
+    from slimfx.runtime import duo_heads
+
+    register("duo-heads", "DuoAttention retrieval heads from synthetic passkey prompts", duo_heads.add_arguments, duo_heads.main)
+
+
+_register_duo_heads()

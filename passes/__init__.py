@@ -20,6 +20,7 @@ PASS_MODULES = (
     "slimfx.passes.fold_noop_casts",
     "slimfx.passes.kv_runtime",
     "slimfx.passes.kv_eviction",
+    "slimfx.passes.kv_quantize",
     "slimfx.passes.quantize",
     "slimfx.passes.vq_logits",
 )

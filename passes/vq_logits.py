@@ -22,8 +22,16 @@ Modes (runtime/vq_head.py has the ops and their exact semantics):
   The argmax equals the full head's; non-argmax entries are -inf except the opened
   members, so sampling in exact mode is NOT exact. How often each route ran is counted
   on the device: `slimfx.runtime.vq_head.route_counts()`.
-  Deferred batched verification with KV rollback (accept unproved tokens, verify k
-  steps at once) is not implemented: it needs a rollback API in runtime/kv_store.py.
+- exact with verify = "deferred" (greedy only): the codes of highest *score* are opened
+  and the best member is emitted as an unverified candidate when the bound does not
+  prove; the verification loop `slimfx.runtime.vq_verify.generate_verified` stashes the
+  step's hidden state, runs the full head once per `verify_every` steps over the stash
+  (one [k, H] x [H, V] matmul instead of k GEMVs), keeps the tokens up to the first wrong
+  candidate, replaces it by the full head's token and rolls the KV store back
+  (KVStore.rollback). Output: the full head's greedy tokens. Outside that loop (plain
+  `generate`, HF generate, teacher forcing) the op is not armed and behaves like the
+  bound mode, so it is never silently approximate. Routes: route_counts() (bound,
+  fallback, accepted, corrected, discarded, rounds).
 
 Option last_position_only: when the graph feeds S > 1 positions to the head (a model
 called without logits_to_keep), only the last position goes through the new head and
@@ -59,9 +67,13 @@ OPTIONS: dict = {
     "probes": Option(int, 8, "exact: clusters opened per row (more = proves more often, reads more)", lo=1, hi=65536, per_layer=False),
     "token_scale": Option(bool, False, "approx: multiply code logits by each token's length along its code", per_layer=False),
     "last_position_only": Option(bool, False, "run the head on the last position only and broadcast its logits", per_layer=False),
+    "verify": Option(str, "bound", "exact: bound (full head in the same step when the bound fails) or deferred "
+                     "(candidates verified in batches by runtime/vq_verify.py, KV rollback)", choices=("bound", "deferred"), per_layer=False),
+    "verify_every": Option(int, 8, "exact, verify = deferred: decode steps per batched verification", lo=1, hi=256, per_layer=False),
 }
 
-# (artifact path, mtime, weight data_ptr, dtype, device, mode, token_scale) -> prepared device tensors.
+# (artifact path, mtime, weight data_ptr, dtype, device, mode, token_scale, verify, verify_every)
+# -> prepared device tensors.
 # Prefill and decode graphs of one model then share buffers and one route counter.
 _PREPARED: dict = {}
 
@@ -98,7 +110,7 @@ def _prepare(art, weight: torch.Tensor, opts: dict, key: str, path: Path) -> dic
     from slimfx.runtime import vq_head as rt
 
     cache_key = (str(path), path.stat().st_mtime_ns, weight.data_ptr(), weight.dtype, str(weight.device),
-                 opts["mode"], opts["token_scale"])
+                 opts["mode"], opts["token_scale"], _verify(opts), opts["verify_every"], opts["probes"])
     if cache_key in _PREPARED:
         return _PREPARED[cache_key]
     _check_same_head(art, weight, key, path)
@@ -113,9 +125,30 @@ def _prepare(art, weight: torch.Tensor, opts: dict, key: str, path: Path) -> dic
         with torch.no_grad():
             prep["slack"] = rt.exact_slack(weight.detach(), prep["codebook"], prep["members"])
         prep["counter_name"] = f"{path.name}@{len(_PREPARED)}"
-        prep["counters"] = rt.new_counters(prep["counter_name"], dev)
+        if _verify(opts) == "deferred":
+            prep["deferred"] = rt.new_deferred_head(prep["counter_name"], str(path), weight.detach(),
+                                                    opts["verify_every"], opts["probes"])
+            prep["counters"] = prep["deferred"].counters
+        else:
+            prep["counters"] = rt.new_counters(prep["counter_name"], dev)
     _PREPARED[cache_key] = prep
     return prep
+
+
+def _verify(opts: dict) -> str:
+    """The verification route of the exact head ("bound" or "deferred"); approx has none."""
+    return opts["verify"] if opts["mode"] == "exact" else "none"
+
+
+def _rows(node: torch.fx.Node) -> int | None:
+    """Rows the head op sees (the product of the hidden's leading dims), None when symbolic."""
+    shape = shape_of(node)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return rows
 
 
 def _skip_reason(node, info) -> str | None:
@@ -162,6 +195,8 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     art = load_artifact(path, key, vocab=info.out_features, hidden=info.in_features)
     prep = _prepare(art, weight, opts, key, path)
 
+    if _verify(opts) == "deferred" and _rows(node.args[0]) is None:
+        return PassResult.skipped(NAME, "verify = 'deferred' needs static shapes (the hidden-state stash has a fixed size)")
     hidden, bcast = _head_input(gm, node, opts["last_position_only"])
     tag = f"_slimfx_vq_{abs(hash(str(path))) % 10**8}"
     if opts["mode"] == "approx":
@@ -169,6 +204,15 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
         args = (hidden, bind_tensor(gm, f"{tag}_codebook", prep["codebook"], node),
                 bind_tensor(gm, f"{tag}_t2c", prep["token_to_code"], node), scale)
         target = torch.ops.slimfx.vq_head_approx.default
+    elif _verify(opts) == "deferred":
+        rows = _rows(node.args[0]) // (bcast[1] if bcast else 1)  # last_position_only keeps one position
+        last_h, last_p = prep["deferred"].last_buffers(rows)
+        args = (hidden, weight_node, bind_tensor(gm, f"{tag}_codebook", prep["codebook"], node),
+                bind_tensor(gm, f"{tag}_slack", prep["slack"], node), bind_tensor(gm, f"{tag}_members", prep["members"], node),
+                bind_tensor(gm, f"{tag}_counters", prep["counters"], node), bind_tensor(gm, f"{tag}_armed", prep["deferred"].armed, node),
+                bind_tensor(gm, f"{tag}_last_hidden{last_h.shape[0]}", last_h, node),
+                bind_tensor(gm, f"{tag}_last_proved{last_p.shape[0]}", last_p, node), int(opts["probes"]))
+        target = torch.ops.slimfx.vq_head_deferred.default
     else:
         args = (hidden, weight_node, bind_tensor(gm, f"{tag}_codebook", prep["codebook"], node),
                 bind_tensor(gm, f"{tag}_slack", prep["slack"], node), bind_tensor(gm, f"{tag}_members", prep["members"], node),
@@ -199,8 +243,12 @@ def _result(art, info, opts, prep, tied, weight, sliced: bool) -> PassResult:
                           notes=notes + ["lossy: code logits"], details=details)
     m = art.members.shape[1]
     probe_bytes = min(opts["probes"], art.k) * m * art.hidden * es
-    details.update(probes=opts["probes"], bytes_read_proved=code_bytes + probe_bytes,
+    details.update(probes=opts["probes"], verify=opts["verify"], bytes_read_proved=code_bytes + probe_bytes,
                    bytes_read_fallback=code_bytes + probe_bytes + full, route_counter=prep["counter_name"])
+    if opts["verify"] == "deferred":
+        details["verify_every"] = opts["verify_every"]
+        notes.append(f"deferred verification every {opts['verify_every']} steps inside slimfx.runtime.vq_verify.generate_verified "
+                     "(elsewhere: the bound route with full-head fallback)")
     notes.append(f"route counts: slimfx.runtime.vq_head.route_counts({prep['counter_name']!r})")
     # bytes_saved stays 0: the saving depends on how often the bound proves at run time.
     return PassResult(NAME, applied=True, sites_matched=1, nodes_rewritten=1, notes=notes, details=details)

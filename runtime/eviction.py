@@ -15,6 +15,8 @@ accumulated mass before adding the current step's (scores = decay * scores + mas
 | tova        | the current query's attention, averaged over heads| 0.0    |
 | keyformer   | accumulated Gumbel-regularised mass               | 1.0    |
 | snapkv      | observation-window attention pooled over keys     | prefill|
+| duo         | streaming heads: its position; retrieval heads    | -      |
+|             | keep everything (runtime/duo_op.py)               |        |
 
 Layouts (those of runtime/kv_store.py's SiteCache): priority, scores and slot_pos
 are [B, Hkv, C]; `seen` is [B] (tokens seen so far per sequence). Everything here is
@@ -182,6 +184,18 @@ class SnapKV(EvictionPolicy):
         return scores
 
 
+class DuoAttention(EvictionPolicy):
+    """DuoAttention's streaming heads: sinks + recent window, like StreamingLLM. The
+    retrieval heads (calibrated by `slimfx calibrate duo-heads`) keep a full store of
+    their own; runtime/duo_op.py runs the two head groups of a site side by side."""
+
+    def __init__(self, budget, n_sink=4, window=64, **_):
+        super().__init__(budget, n_sink, window, "duo", None)
+
+    def priority(self, scores, slot_pos, seen):
+        return slot_pos.float()
+
+
 def snapkv_scores(q: torch.Tensor, k: torch.Tensor, obs_window: int, pool: int, q_pos=None, k_pos=None) -> torch.Tensor:
     """SnapKV scores of every key, [B, Hkv, N].
 
@@ -207,7 +221,7 @@ def snapkv_scores(q: torch.Tensor, k: torch.Tensor, obs_window: int, pool: int, 
     return F.max_pool1d(mass, kernel_size=pool, stride=1, padding=pool // 2)[..., :N]
 
 
-POLICIES = {"streaming": StreamingLLM, "h2o": H2O, "a2sf": A2SF, "tova": TOVA, "keyformer": Keyformer, "snapkv": SnapKV}
+POLICIES = {"streaming": StreamingLLM, "h2o": H2O, "a2sf": A2SF, "tova": TOVA, "keyformer": Keyformer, "snapkv": SnapKV, "duo": DuoAttention}
 
 
 def make_policy(name: str, budget: int, **options) -> EvictionPolicy:

@@ -51,7 +51,7 @@ def _scatter_heads(buf: torch.Tensor, slots: torch.Tensor, value: torch.Tensor) 
 
 # Policies whose decode-time priority is the slot's own score or position: their slot
 # choice and write run as one Triton kernel on CUDA (codegen/kernels/evict_write.py).
-_FUSED_VICTIM = {"h2o": False, "a2sf": False, "snapkv": False, "streaming": True}
+_FUSED_VICTIM = {"h2o": False, "a2sf": False, "snapkv": False, "streaming": True, "duo": True}
 
 
 def _write_victim(k, v, pos, k_cache, v_cache, slot_pos, scores, policy: EvictionPolicy) -> None:

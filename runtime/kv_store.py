@@ -53,6 +53,12 @@ class SiteCache:
     slot_pos: torch.Tensor
     scores: torch.Tensor
     owner: int | None = None  # set when this site reads another site's cache (cross-layer sharing)
+    # Per-head budgets (DuoAttention): the site's kv heads split into two groups, each
+    # with buffers of its own capacity, so a small group really holds fewer bytes.
+    # `heads` are the kv-head indices this cache holds (None: all, in order);
+    # `companion` holds the other group's buffers.
+    heads: tuple | None = None
+    companion: "SiteCache | None" = None
 
     @property
     def capacity(self) -> int:
@@ -69,12 +75,15 @@ class SiteCache:
     def nbytes(self) -> int:
         if self.owner is not None:
             return 0  # the owner holds the memory
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.slot_pos, self.scores))
+        own = sum(t.numel() * t.element_size() for t in (self.k, self.v, self.slot_pos, self.scores))
+        return own + (self.companion.nbytes() if self.companion is not None else 0)
 
     def reset(self) -> None:
         """Empty every slot (in place: addresses stay valid for captured graphs)."""
         self.slot_pos.fill_(-1)
         self.scores.zero_()
+        if self.companion is not None:
+            self.companion.reset()
 
     def occupancy(self) -> torch.Tensor:
         """Filled slots per (sequence, kv head), [B, Hkv] (a device tensor; reading it syncs)."""
@@ -157,6 +166,26 @@ class KVStore:
         self.sites[index] = cache
         return cache
 
+    def resize_site(self, index: int, capacity: int, heads: tuple | None = None) -> SiteCache:
+        """Replace site `index`'s buffers by empty ones of `capacity` slots holding only the
+        kv heads `heads` (default: all). Real memory: new tensors, the old ones are dropped
+        once nothing references them. Graphs bound to the old buffers must be rebound."""
+        old = self.sites[index]
+        B, H, _, D = old.k.shape
+        n_heads = H if heads is None else len(heads)
+        dev = old.k.device
+        new = SiteCache(
+            index=index,
+            k=torch.zeros(B, n_heads, capacity, D, dtype=old.k.dtype, device=dev),
+            v=torch.zeros(B, n_heads, capacity, D, dtype=old.v.dtype, device=dev),
+            slot_pos=torch.full((B, n_heads, capacity), -1, dtype=old.slot_pos.dtype, device=dev),
+            scores=torch.zeros(B, n_heads, capacity, dtype=old.scores.dtype, device=dev),
+            heads=None if heads is None else tuple(int(h) for h in heads),
+        )
+        self.sites[index] = new
+        self.capacities[index] = capacity
+        return new
+
     def share(self, reader: int, owner: int) -> None:
         """Cross-layer KV sharing: site `reader` attends over site `owner`'s cache.
         Call before the model is compiled; the owner must be an earlier site."""
@@ -188,6 +217,43 @@ class KVStore:
             if cache.owner is None:
                 cache.reset()
         self.seen.zero_()
+
+    def rollback(self, positions: torch.Tensor, *, check: bool = False) -> None:
+        """Forget every token of sequence b at a position >= positions[b] (positions [B]
+        int64, on the store's device): those slots become empty and seen[b] becomes
+        min(seen[b], positions[b]). In place, on the device, no host sync, so a decode
+        loop can roll back speculative tokens (runtime/vq_verify.py) and re-feed others.
+
+        Exact only while nothing was evicted or overwritten: every site must still hold
+        every token it was fed (capacity >= the longest sequence, no eviction policy).
+        Evicted tokens cannot come back and a policy's accumulated scores cannot be
+        un-accumulated, so a store whose policy tracks scores refuses. check=True also
+        verifies, with a host sync, that no token below the rollback point is missing.
+        """
+        if not isinstance(positions, torch.Tensor) or positions.shape != (self.batch,) or positions.dtype != torch.int64:
+            got = f"{tuple(positions.shape)} {positions.dtype}" if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise KVStoreError(f"KVStore.rollback positions: got {got}; allowed: an int64 tensor [{self.batch}] (one position per sequence)")
+        if self.track_scores:
+            raise KVStoreError("KVStore.rollback: this store's eviction policy tracks attention scores, which a rollback cannot "
+                               "restore; allowed: stores without an eviction policy (capacity >= the sequence length)")
+        keep = positions.to(self.device)
+        if check:
+            self._check_complete(torch.minimum(self.seen, keep))
+        for cache in self.sites.values():
+            if cache.owner is not None:
+                continue  # the owner site is rolled back once
+            drop = cache.slot_pos.to(torch.int64) >= keep[:, None, None]
+            cache.slot_pos.masked_fill_(drop, -1)
+            cache.scores.masked_fill_(drop, 0.0)
+        torch.minimum(self.seen, keep, out=self.seen)
+
+    def _check_complete(self, upto: torch.Tensor) -> None:
+        """Raise unless every site holds all positions 0..upto[b]-1 of every sequence b (syncs)."""
+        for index, cache in sorted(self.sites.items()):
+            held = ((cache.slot_pos >= 0) & (cache.slot_pos.to(torch.int64) < upto[:, None, None])).sum(dim=-1)
+            if bool((held < upto[:, None]).any()):
+                raise KVStoreError(f"KVStore.rollback: site {index} (capacity {cache.capacity}) no longer holds every token "
+                                   "before the rollback point (evicted or overwritten); allowed: capacity >= sequence length, no eviction")
 
     def nbytes(self) -> int:
         """Device bytes held by the caches of all sites."""

@@ -20,6 +20,16 @@ AOTAutograd and export):
     torch.ops.slimfx.vq_head_exact(hidden [..., H], weight [V, H], codebook [K, H], slack [K] f32,
                                    members [K, M] int32, counters [2] int64 (mutated), probes)
         -> logits [..., V] whose argmax is the full head's argmax (see exact_head).
+
+    torch.ops.slimfx.vq_head_deferred(hidden, weight, codebook, slack, members,
+                                      counters [6] int64, armed [1] bool, last_hidden [N, H],
+                                      last_proved [N] bool, probes)
+        -> logits [..., V]. Opens the codes of highest *score* (not bound). Unarmed it is the
+           exact op (full head where the bound does not prove). Armed (by the deferred
+           verification loop, runtime/vq_verify.py) it never runs the full head: the argmax
+           is the probed candidate, which the loop verifies k steps at a time against the
+           full head and rolls back when wrong. Every call writes the rows' hidden states
+           and proved flags into last_hidden / last_proved for the loop to stash.
 """
 
 from __future__ import annotations
@@ -239,39 +249,58 @@ def approx_head(h: torch.Tensor, codebook: torch.Tensor, token_to_code: torch.Te
     return logits * scale[None, :] if scale is not None else logits
 
 
+def _open_codes(scores: torch.Tensor, bounds: torch.Tensor, p: int, open_by: str):
+    """(opened [N, p] code ids, rest [N]: the highest bound among the unopened codes)."""
+    n, k = bounds.shape
+    if open_by == "bound":  # minimises `rest`: the best chance for the bound to prove
+        top = bounds.topk(min(p + 1, k), dim=1)
+        rest = top.values[:, p] if p < k else torch.full((n,), float("-inf"), device=bounds.device)
+        return top.indices[:, :p].contiguous(), rest
+    if open_by != "score":
+        raise ValueError(f"open_by: got {open_by!r}; allowed: 'bound', 'score'")
+    # The most likely winners: on SmolLM2 the slack term (|h| r_c ~ 125 vs a ~2 logit gap)
+    # swamps the bound, so opening by bound finds the argmax 0% of the time at 8 probes.
+    opened = scores.topk(p, dim=1).indices.contiguous()
+    rest = bounds.scatter(1, opened, float("-inf")).amax(dim=1) if p < k else torch.full((n,), float("-inf"), device=bounds.device)
+    return opened, rest
+
+
 def exact_head(h: torch.Tensor, weight: torch.Tensor, codebook: torch.Tensor, slack: torch.Tensor,
-               members: torch.Tensor, probes: int, out_dtype: torch.dtype | None = None):
+               members: torch.Tensor, probes: int, out_dtype: torch.dtype | None = None, *,
+               open_by: str = "bound", skip_full: torch.Tensor | None = None):
     """h [N, H] -> (logits [N, V], proved [N] bool, token [N] int64).
 
     1. score the codes and their upper bounds u_c = h . mu_c + |h| slack_c,
-    2. open the `probes` codes of highest bound and compute their members' exact logits,
+    2. open the `probes` codes of highest bound (open_by="score": highest score) and
+       compute their members' exact logits,
     3. proved = best member logit > the highest bound among unopened codes: no token
        outside the opened clusters can beat it, so `token` is the full head's argmax;
     4. rows not proved get the full head's logits (same step: nothing was emitted yet,
        so no rollback is needed); proved rows get -inf except the opened members' exact
        logits. The argmax of every row is the full head's; the other entries are not the
        full head's, so sampling from exact-mode logits is not exact.
+
+    skip_full [N] bool (device): rows that skip step 4 even when not proved; their argmax
+    is then `token`, the best opened member (an unverified candidate: deferred mode).
     """
     scores_fn, probe_fn, fallback_fn = _kernels(h)
     h = h.contiguous()
     n, k = h.shape[0], codebook.shape[0]
-    _, bounds = scores_fn(h, codebook, slack)
-    p = min(probes, k)
-    top = bounds.topk(min(p + 1, k), dim=1)
-    opened = top.indices[:, :p].contiguous()
-    rest = top.values[:, p] if p < k else torch.full((n,), float("-inf"), device=h.device)
+    scores, bounds = scores_fn(h, codebook, slack)
+    opened, rest = _open_codes(scores, bounds, min(probes, k), open_by)
     member_logits, best, token = probe_fn(h, weight, members, opened)
     proved = best > rest
+    emit = proved if skip_full is None else proved | skip_full
     out = torch.empty(n, weight.shape[0], device=h.device, dtype=out_dtype or h.dtype)
     if fallback_fn is not None:
-        fallback_fn(h, weight, proved.to(torch.int32), out)
-    elif bool(proved.all()):  # CPU reference: a host branch is free here
+        fallback_fn(h, weight, emit.to(torch.int32), out)
+    elif bool(emit.all()):  # CPU reference: a host branch is free here
         out.fill_(float("-inf"))
     else:
         from slimfx.codegen.kernels.vq_head import vq_fallback_logits_ref
 
-        vq_fallback_logits_ref(h, weight, proved, out)
-    _write_members(out, members, opened, member_logits, proved, token, best)
+        vq_fallback_logits_ref(h, weight, emit, out)
+    _write_members(out, members, opened, member_logits, emit, token, best)
     return out, proved, token
 
 
@@ -319,30 +348,117 @@ def _(hidden, weight, codebook, slack, members, counters, probes):
     return hidden.new_empty(*hidden.shape[:-1], weight.shape[0])
 
 
+@torch.library.custom_op("slimfx::vq_head_deferred", mutates_args=("counters", "last_hidden", "last_proved"))
+def vq_head_deferred(hidden: torch.Tensor, weight: torch.Tensor, codebook: torch.Tensor, slack: torch.Tensor,
+                     members: torch.Tensor, counters: torch.Tensor, armed: torch.Tensor, last_hidden: torch.Tensor,
+                     last_proved: torch.Tensor, probes: int) -> torch.Tensor:
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    skip = armed.expand(h.shape[0])
+    out, proved, _ = exact_head(h, weight, codebook, slack, members, probes, open_by="score", skip_full=skip)
+    last_hidden.copy_(h)
+    last_proved.copy_(proved)
+    # Unarmed rows are final here (bound or full head); armed rows are counted by the
+    # verification loop, which alone knows whether their token was kept.
+    counters[BOUND].add_((proved & ~skip).sum())
+    counters[FALLBACK].add_((~proved & ~skip).sum())
+    return out.reshape(*lead, weight.shape[0])
+
+
+@vq_head_deferred.register_fake
+def _(hidden, weight, codebook, slack, members, counters, armed, last_hidden, last_proved, probes):
+    return hidden.new_empty(*hidden.shape[:-1], weight.shape[0])
+
+
 # ----------------------------------------------------------------------------- route counters
+
+# Slots of a counters tensor. Bound-mode heads have [2]; deferred heads [6].
+BOUND, FALLBACK, ACCEPTED, CORRECTED, DISCARDED, ROUNDS = range(6)
+_ROUTES = ("bound", "fallback", "accepted", "corrected", "discarded", "rounds")
 
 _HEADS: dict[str, torch.Tensor] = {}
 
 
-def new_counters(name: str, device) -> torch.Tensor:
-    """A [2] int64 device counter (proved by the bound, full-head fallback) registered under name."""
-    counters = torch.zeros(2, dtype=torch.int64, device=device)
+def new_counters(name: str, device, deferred: bool = False) -> torch.Tensor:
+    """An int64 device counter registered under name: [2] (proved by the bound, full-head
+    fallback) or, for a deferred head, [6] (see route_counts)."""
+    counters = torch.zeros(6 if deferred else 2, dtype=torch.int64, device=device)
     _HEADS[name] = counters
     return counters
 
 
 def route_counts(name: str | None = None) -> dict:
-    """{head name: {"bound": rows proved, "fallback": rows that took the full head, "bound_rate"}}."""
+    """{head name: counts}. Every head: "bound" (tokens proved by the bound), "fallback"
+    (tokens that took the full head in the same step), "bound_rate". Deferred heads also:
+    "accepted" (unproved candidates the batched full head confirmed), "corrected" (a
+    wrong candidate replaced by the full head's token, then KV rollback), "discarded"
+    (head rows thrown away: after a wrong candidate in the same round, or past the end),
+    "rounds" (batched verifications) and "accept_rate" = accepted / (accepted + corrected).
+    Tokens emitted = bound + fallback + accepted + corrected."""
     out = {}
     for key, c in _HEADS.items():
         if name is not None and key != name:
             continue
-        bound, fallback = (int(x) for x in c.tolist())
-        total = bound + fallback
-        out[key] = {"bound": bound, "fallback": fallback, "bound_rate": bound / total if total else math.nan}
+        vals = dict(zip(_ROUTES, (int(x) for x in c.tolist())))
+        tokens = sum(vals[r] for r in ("bound", "fallback", "accepted", "corrected") if r in vals)
+        vals["bound_rate"] = vals["bound"] / tokens if tokens else math.nan
+        if "accepted" in vals:
+            checked = vals["accepted"] + vals["corrected"]
+            vals["accept_rate"] = vals["accepted"] / checked if checked else math.nan
+        out[key] = vals
     return out
 
 
 def reset_counts() -> None:
     for c in _HEADS.values():
         c.zero_()
+
+
+# ----------------------------------------------------------------------------- deferred heads
+
+
+@dataclass
+class DeferredHead:
+    """What the verification loop needs of a head compiled with verify = "deferred".
+
+    weight [V, H]: the full head (verification reads it once per round).
+    armed [1] bool: set by the loop; while set, unproved rows emit their candidate.
+    last: {rows N: (hidden [N, H], proved [N] bool)} written by every call of the op.
+    every: rows verified per round (passes.vq_logits.verify_every)."""
+
+    name: str
+    artifact: str
+    weight: torch.Tensor
+    counters: torch.Tensor
+    armed: torch.Tensor
+    every: int
+    probes: int
+    last: dict = field(default_factory=dict)
+
+    def last_buffers(self, rows: int) -> tuple:
+        """The (hidden [rows, H], proved [rows]) buffers of graphs whose head sees `rows` rows."""
+        if rows not in self.last:
+            w = self.weight
+            self.last[rows] = (torch.zeros(rows, w.shape[1], dtype=w.dtype, device=w.device),
+                               torch.zeros(rows, dtype=torch.bool, device=w.device))
+        return self.last[rows]
+
+
+_DEFERRED: dict[str, DeferredHead] = {}
+
+
+def new_deferred_head(name: str, artifact: str, weight: torch.Tensor, every: int, probes: int) -> DeferredHead:
+    head = DeferredHead(name, artifact, weight, new_counters(name, weight.device, deferred=True),
+                        torch.zeros(1, dtype=torch.bool, device=weight.device), every, probes)
+    _DEFERRED[name] = head
+    return head
+
+
+def find_deferred_head(weight: torch.Tensor, artifact: str | os.PathLike, every: int, probes: int) -> DeferredHead | None:
+    """The deferred head compiled for this head weight (same storage), artifact file,
+    verify_every and probes (the newest when several match), or None."""
+    found = None
+    for head in _DEFERRED.values():
+        if (head.artifact, head.every, head.probes) == (str(artifact), every, probes) and head.weight.data_ptr() == weight.data_ptr():
+            found = head
+    return found

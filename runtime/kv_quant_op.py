@@ -1,0 +1,386 @@
+"""`torch.ops.slimfx.attention_kvq`: attention over a quantized KV store, quantizing on write.
+
+    out = torch.ops.slimfx.attention_kvq(q, k, v, positions,
+                                         k_cache, v_cache, slot_pos, k_scale, k_zero, v_scale, v_zero,
+                                         fp_k, fp_v, fp_pos, scale, fmt, group, residual, n_sink)
+
+    q, k, v, positions   as for slimfx::attention (runtime/attention_op.py)
+    k_cache, v_cache     [B, Hkv, C, Dp] the quantized tier (int8 / float8_e4m3fn / packed uint8),
+                         slot = pos % C; formats in runtime/kv_quant.py
+    slot_pos             [B, Hkv, C] int32, position held by each slot (-1 empty)
+    k_scale, k_zero      int8/fp8: [B, Hkv, C] f32 and an empty tensor (symmetric);
+                         int4/int2 (KIVI keys per channel): [B, Hkv, C // group, D] f16 each
+    v_scale, v_zero      int8/fp8: [B, Hkv, C] f32 and empty; int4/int2: [B, Hkv, C] f16 each
+    fp_k, fp_v           [B, Hkv, n_sink + W, D] full-precision side buffer (model dtype):
+                         slot p for a sink position p < n_sink, else n_sink + (p - n_sink) % W,
+                         a ring holding the last W tokens
+    fp_pos               [B, Hkv, n_sink + W] int32 (-1 empty)
+    returns              [B, Hq, T, D]
+
+Tiers. Every token is written to both tiers on arrival; the attention reads each
+position from exactly one of them. With qlimit = floor((p_q + 1 - residual) / group) * group
+(group = 1 for int8/fp8), positions in [n_sink, qlimit) come from the quantized tier and
+the rest (sinks, the last `residual`..`residual + group - 1` tokens) from the full-precision
+buffer. W = max(residual + group - 1, group) is the smallest ring that holds all of those
+and, for KIVI, the whole group being filled.
+
+KIVI keys are quantized per channel over a group of `group` consecutive positions,
+whose range is known only when the group is complete. Without a host sync the op
+cannot ask "is it complete?", so every write requantizes the group(s) it touches from
+the full-precision copies (the ring and the step's own tokens): G x D work per step,
+and by the time a group falls below qlimit its last requantization saw all its tokens.
+Sinks never enter a group's range (their outlier keys would widen it for everyone).
+
+Prefill (T > 1) attends over the tiers as they were before the chunk plus the chunk
+itself in full precision (like KIVI: a prompt is attended exactly; later chunks and
+decode steps see earlier chunks quantized), then writes the chunk. Decode (T == 1)
+writes first, then attends. Shapes are static and nothing syncs with the host, so a
+decode step stays capturable in a CUDA graph.
+
+When the store wraps (capacity below the sequence length), a KIVI group that starts
+overwrites a whole slot group, so up to group - 1 of the oldest tokens go a little
+earlier than with per-token formats.
+
+On CUDA the decode step of int8/fp8 runs the Triton kernel of
+codegen/kernels/decode_attention_kvq.py (dequantization inside the split-KV loop, both
+tiers merged by one combine step), and an int8 decode write is one fused kernel
+(kvq_write_token); fp8 writes, prefill writes and every KIVI write run the torch code
+below. int4/int2 decode on CUDA dequantizes the tier and runs the bf16 decode kernel
+(correct, not fast: no KIVI kernel yet). The reference runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from slimfx.codegen.kernels.decode_attention import decode_attention_ref
+from slimfx.codegen.kernels.prefill_attention import prefill_attention_ref
+from slimfx.runtime.kv_quant import KVFormat, dequantize_channels, dequantize_tokens, get_format, quantize_channels, quantize_tokens
+from slimfx.runtime.kv_store import SiteCache
+
+_IMPL_ENV = "SLIMFX_ATTENTION"  # the same switch as slimfx::attention: auto | ref | triton
+QUANT_FIELDS = ("k_scale", "k_zero", "v_scale", "v_zero", "fp_k", "fp_v", "fp_pos")
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    mode = os.environ.get(_IMPL_ENV, "auto")
+    if mode not in ("auto", "ref", "triton"):
+        raise ValueError(f"{_IMPL_ENV}={mode!r}; allowed: auto, ref, triton")
+    return q.is_cuda if mode == "auto" else mode == "triton"
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def ring_size(fmt: KVFormat, group: int, residual: int) -> int:
+    """W: slots of the full-precision ring (module doc)."""
+    g = group if fmt.key_axis == "channel" else 1
+    return max(residual + g - 1, g)
+
+
+@dataclass
+class QuantSiteCache(SiteCache):
+    """A SiteCache whose k/v live in a quantized format, plus the full-precision side buffer.
+    k and v hold the quantized tier (shapes in the module doc)."""
+
+    fmt: str = "int8"
+    group: int = 1
+    residual: int = 0
+    n_sink: int = 0
+    k_scale: torch.Tensor | None = None
+    k_zero: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+    v_zero: torch.Tensor | None = None
+    fp_k: torch.Tensor | None = None
+    fp_v: torch.Tensor | None = None
+    fp_pos: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.slot_pos.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.fp_k.shape[3]
+
+    def nbytes(self) -> int:
+        if self.owner is not None:
+            return 0
+        extra = sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in QUANT_FIELDS)
+        return super().nbytes() + extra
+
+    def reset(self) -> None:
+        super().reset()
+        self.fp_pos.fill_(-1)
+
+    def settings(self) -> tuple:
+        return (self.fmt, self.group, self.residual, self.n_sink)
+
+
+def quantized_site(old: SiteCache, fmt_name: str, group: int, residual: int, n_sink: int) -> QuantSiteCache:
+    """A fresh (empty) quantized cache with the shape of `old`: capacity rounded up to a
+    multiple of `group` for KIVI formats, k/v in the format, full-precision side buffer in
+    old's dtype."""
+    fmt = get_format(fmt_name)
+    B, H, C, D = old.k.shape
+    dev, dtype = old.k.device, old.k.dtype
+    kivi = fmt.key_axis == "channel"
+    if kivi:
+        C = -(-C // group) * group
+    Dp = fmt.packed_dim(D)
+    empty = torch.empty(0, device=dev, dtype=fmt.scale_dtype)
+    F = n_sink + ring_size(fmt, group, residual)
+    return QuantSiteCache(
+        index=old.index,
+        k=torch.zeros(B, H, C, Dp, device=dev, dtype=fmt.storage_dtype()),
+        v=torch.zeros(B, H, C, Dp, device=dev, dtype=fmt.storage_dtype()),
+        slot_pos=torch.full((B, H, C), -1, device=dev, dtype=torch.int32),
+        scores=torch.zeros(B, H, 0, device=dev, dtype=torch.float32),  # no policy reads them
+        fmt=fmt.name, group=group if kivi else 1, residual=residual, n_sink=n_sink,
+        k_scale=torch.zeros((B, H, C // group, D) if kivi else (B, H, C), device=dev, dtype=fmt.scale_dtype),
+        k_zero=torch.zeros(B, H, C // group, D, device=dev, dtype=fmt.scale_dtype) if kivi else empty,
+        v_scale=torch.zeros(B, H, C, device=dev, dtype=fmt.scale_dtype),
+        v_zero=torch.zeros(B, H, C, device=dev, dtype=fmt.scale_dtype) if kivi else empty.clone(),
+        fp_k=torch.zeros(B, H, F, D, device=dev, dtype=dtype),
+        fp_v=torch.zeros(B, H, F, D, device=dev, dtype=dtype),
+        fp_pos=torch.full((B, H, F), -1, device=dev, dtype=torch.int32),
+    )
+
+
+def qlimit(q_pos: torch.Tensor, residual: int, group: int) -> torch.Tensor:
+    """First position read from the full-precision ring (below it, from the quantized tier), [B]."""
+    return torch.div(q_pos.to(torch.int64) + 1 - residual, group, rounding_mode="floor") * group
+
+
+def tier_positions(slot_pos, fp_pos, limit, n_sink: int):
+    """Positions each tier contributes (others -1): quantized [n_sink, limit), full-precision the rest."""
+    lim = limit.view(-1, 1, 1)
+    main = torch.where((slot_pos >= n_sink) & (slot_pos < lim), slot_pos, -1)
+    side = torch.where((fp_pos >= 0) & ((fp_pos < n_sink) | (fp_pos >= lim)), fp_pos, -1)
+    return main, side
+
+
+def dequantize_store(k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, fmt: KVFormat, group: int):
+    """The quantized tier as float32 [B, Hkv, C, D] keys and values."""
+    if fmt.key_axis == "channel":
+        B, H, C, Dp = k_cache.shape
+        kd = dequantize_channels(k_cache.view(B, H, C // group, group, Dp), k_scale, k_zero, fmt).reshape(B, H, C, -1)
+    else:
+        kd = dequantize_tokens(k_cache, k_scale, None, fmt)
+    vd = dequantize_tokens(v_cache, v_scale, v_zero if v_zero.numel() else None, fmt)
+    return kd, vd
+
+
+# ----------------------------------------------------------------------------- writes
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """Byte view of float8 buffers (scatter/where have no float8 kernels on every backend)."""
+    return t.view(torch.uint8) if t.dtype.itemsize == 1 and t.is_floating_point() else t
+
+
+def _scatter_rows(buf: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """buf[b, h, slots[b, h, t], ...] = rows[b, h, t, ...] in place (slots distinct per row)."""
+    idx = slots.view(*slots.shape, *([1] * (buf.dim() - 3))).expand(*slots.shape, *buf.shape[3:])
+    _raw(buf).scatter_(2, idx, _raw(rows.to(buf.dtype)))
+
+
+def _write_token_rows(x, positions, cache, scale, zero, fmt: KVFormat) -> None:
+    """Quantize each token of x [B, H, T, D] per token into slot pos % C (the last C tokens)."""
+    B, H, T, _ = x.shape
+    C = cache.shape[2]
+    if T > C:
+        x, positions = x[:, :, -C:], positions[:, -C:]
+    slots = positions.remainder(C)[:, None, :].expand(B, H, x.shape[2])
+    qx, s, z = quantize_tokens(x, fmt)
+    _scatter_rows(cache, slots, qx)
+    _scatter_rows(scale, slots, s)
+    if z is not None:
+        _scatter_rows(zero, slots, z)
+
+
+def _write_slot_pos(positions, slot_pos) -> None:
+    B, H, C = slot_pos.shape
+    positions = positions[:, -C:]
+    slots = positions.remainder(C)[:, None, :].expand(B, H, positions.shape[1])
+    true_pos = torch.where(positions < 0, -1, positions).to(slot_pos.dtype)
+    slot_pos.scatter_(2, slots, true_pos[:, None, :].expand_as(slots))
+
+
+def _ring_slot(p: torch.Tensor, n_sink: int, W: int) -> torch.Tensor:
+    return torch.where(p < n_sink, p, n_sink + (p - n_sink).remainder(W))
+
+
+def _chunk_gather(x: torch.Tensor, p: torch.Tensor, first: torch.Tensor):
+    """x[b, h, p - first[b]] for positions p [B, N] (valid where 0 <= p - first < T), and that mask."""
+    B, H, T, D = x.shape
+    t = p - first[:, None]
+    ok = (t >= 0) & (t < T) & (p >= 0)
+    idx = t.clamp(0, T - 1)[:, None, :, None].expand(B, H, p.shape[1], D)
+    return x.gather(2, idx), ok
+
+
+def _write_fp(k, v, positions, fp_k, fp_v, fp_pos, n_sink: int) -> None:
+    """Write the step's tokens into the full-precision buffer. Gather-shaped (each slot picks
+    the newest chunk token that maps to it), so no two writes race for a slot."""
+    B, H, F = fp_pos.shape
+    W = F - n_sink
+    first, last = positions[:, 0], positions[:, -1]
+    dev = positions.device
+    sink_p = torch.arange(n_sink, device=dev).expand(B, n_sink)
+    r = torch.arange(W, device=dev)
+    # newest position <= last with (p - n_sink) % W == r, for every ring slot r
+    ring_p = last[:, None] - (last[:, None] - n_sink - r).remainder(W)
+    p = torch.cat([sink_p, ring_p], dim=1)  # [B, F]: the position each slot would take
+    p = torch.where((p >= n_sink) | (torch.arange(F, device=dev) < n_sink), p, -1)
+    for buf, x in ((fp_k, k), (fp_v, v)):
+        rows, ok = _chunk_gather(x, p, first)
+        buf.copy_(torch.where(ok[:, None, :, None], rows.to(buf.dtype), buf))
+    fp_pos.copy_(torch.where(ok[:, None, :], p[:, None, :].to(fp_pos.dtype), fp_pos))
+
+
+def _rebuild_key_groups(k, positions, k_cache, slot_pos, k_scale, k_zero, fp_k, fp_pos, fmt: KVFormat, group: int, n_sink: int) -> None:
+    """KIVI keys: requantize every group the step's tokens fall in, from full-precision copies
+    (the chunk itself, else the ring, read before this step's ring write)."""
+    B, H, T, D = k.shape
+    C = k_cache.shape[2]
+    n_slot_groups = C // group
+    W = fp_pos.shape[2] - n_sink
+    first, last = positions[:, 0], positions[:, -1]
+    dev = positions.device
+    n_groups = min(-(-T // group) + 1, n_slot_groups)  # distinct mod n_slot_groups
+    g = torch.div(last, group, rounding_mode="floor")[:, None] - torch.arange(n_groups, device=dev)  # [B, nG]
+    touched = (g >= 0) & ((g + 1) * group - 1 >= first[:, None])
+    p = (g[..., None] * group + torch.arange(group, device=dev)).reshape(B, -1)  # [B, nG*G]
+    from_chunk, in_chunk = _chunk_gather(k, p, first)
+    rslot = _ring_slot(p.clamp_min(0), n_sink, W)[:, None, :].expand(B, H, -1)
+    from_ring = fp_k.gather(2, rslot[..., None].expand(B, H, -1, D))
+    in_ring = fp_pos.gather(2, rslot) == p[:, None, :]
+    present = (p >= n_sink)[:, None, :] & (in_chunk[:, None, :] | in_ring)  # [B, H, nG*G]
+    x = torch.where(in_chunk[:, None, :, None], from_chunk, from_ring.to(from_chunk.dtype))
+    qk, s, z = quantize_channels(x.view(B, H, n_groups, group, D), present.view(B, H, n_groups, group), fmt)
+    # Write every listed group; untouched ones get their old contents back (no branch).
+    sg = g.remainder(n_slot_groups)  # [B, nG]
+    slots = (sg[..., None] * group + torch.arange(group, device=dev)).reshape(B, -1)[:, None, :].expand(B, H, -1)
+    keep_new = touched[:, None, :].expand(B, H, n_groups)
+    keep_new_t = keep_new.repeat_interleave(group, dim=2)
+    old_q = k_cache.gather(2, slots[..., None].expand(B, H, -1, k_cache.shape[3]))
+    _scatter_rows(k_cache, slots, torch.where(keep_new_t[..., None], qk.reshape(B, H, -1, qk.shape[-1]), old_q))
+    new_pos = torch.where(present, p[:, None, :], -1).to(slot_pos.dtype)
+    _scatter_rows(slot_pos, slots, torch.where(keep_new_t, new_pos, slot_pos.gather(2, slots)))
+    gslots = sg[:, None, :].expand(B, H, n_groups)
+    for buf, new in ((k_scale, s), (k_zero, z)):
+        old = buf.gather(2, gslots[..., None].expand(B, H, n_groups, D))
+        _scatter_rows(buf, gslots, torch.where(keep_new[..., None], new.to(buf.dtype), old))
+
+
+def write_step(k, v, positions, k_cache, v_cache, slot_pos, k_scale, k_zero, v_scale, v_zero, fp_k, fp_v, fp_pos, fmt: KVFormat, group: int, n_sink: int) -> None:
+    """Quantize-on-write of a step's tokens into both tiers (in place)."""
+    if fmt.key_axis == "channel":
+        _rebuild_key_groups(k, positions, k_cache, slot_pos, k_scale, k_zero, fp_k, fp_pos, fmt, group, n_sink)
+    else:
+        _write_token_rows(k, positions, k_cache, k_scale, k_zero, fmt)
+        _write_slot_pos(positions, slot_pos)
+    _write_token_rows(v, positions, v_cache, v_scale, v_zero, fmt)
+    _write_fp(k, v, positions, fp_k, fp_v, fp_pos, n_sink)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _dense_view(bufs, fmt, group, n_sink, limit, dtype):
+    """Both tiers concatenated: keys, values [B, Hkv, C + F, D] in `dtype`, positions (-1 = not read here)."""
+    k_cache, v_cache, slot_pos, k_scale, k_zero, v_scale, v_zero, fp_k, fp_v, fp_pos = bufs
+    kd, vd = dequantize_store(k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, fmt, group)
+    main, side = tier_positions(slot_pos, fp_pos, limit, n_sink)
+    keys = torch.cat([kd.to(dtype), fp_k.to(dtype)], dim=2)
+    vals = torch.cat([vd.to(dtype), fp_v.to(dtype)], dim=2)
+    return keys, vals, torch.cat([main, side], dim=2)
+
+
+def _decode(q, bufs, q_pos, scale, fmt, group, residual, n_sink, triton_path):
+    limit = qlimit(q_pos, residual, group)
+    q1 = q[:, :, 0].contiguous()
+    if triton_path and fmt.key_axis == "token":
+        from slimfx.codegen.kernels.decode_attention_kvq import decode_attention_kvq
+
+        k_cache, v_cache, slot_pos, k_scale, _, v_scale, _, fp_k, fp_v, fp_pos = bufs
+        return decode_attention_kvq(q1, k_cache, v_cache, k_scale, v_scale, slot_pos, fp_k, fp_v, fp_pos, q_pos, limit, n_sink=n_sink, scale=scale)
+    dtype = q.dtype if triton_path else torch.float32
+    keys, vals, kpos = _dense_view(bufs, fmt, group, n_sink, limit, dtype)
+    if triton_path:
+        from slimfx.codegen.kernels.decode_attention import decode_attention
+
+        return decode_attention(q1, keys.contiguous(), vals.contiguous(), kpos.contiguous(), q_pos, scale=scale)
+    return decode_attention_ref(q1, keys, vals, kpos, q_pos, scale=scale)
+
+
+def _prefill(q, k, v, positions, bufs, scale, fmt, group, residual, n_sink, triton_path):
+    B, Hkv, T, _ = k.shape
+    limit = qlimit(positions[:, 0] - 1, residual, group)  # the tiers as they were before the chunk
+    dtype = q.dtype if triton_path else torch.float32
+    keys, vals, kpos = _dense_view(bufs, fmt, group, n_sink, limit, dtype)
+    keys = torch.cat([keys, k.to(dtype)], dim=2)
+    vals = torch.cat([vals, v.to(dtype)], dim=2)
+    kpos = torch.cat([kpos.to(torch.int64), positions[:, None, :].expand(B, Hkv, T)], dim=2)
+    qc = q.contiguous()
+    if triton_path:
+        from slimfx.codegen.kernels.prefill_attention import prefill_attention
+
+        return prefill_attention(qc, positions, keys, vals, kpos, scale=scale)
+    return prefill_attention_ref(qc, positions, keys, vals, kpos, scale=scale).to(q.dtype)
+
+
+def _run(q, k, v, positions, bufs, scale, fmt_name, group, residual, n_sink, triton_path):
+    fmt = get_format(fmt_name)
+    if q.shape[2] == 1:
+        if triton_path and fmt.name == "int8":
+            # One launch instead of ~25 small torch ops: a decode step is launch-bound.
+            from slimfx.codegen.kernels.decode_attention_kvq import kvq_write_token
+
+            k_cache, v_cache, slot_pos, k_scale, _, v_scale, _, fp_k, fp_v, fp_pos = bufs
+            kvq_write_token(k, v, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, fp_k, fp_v, fp_pos, n_sink=n_sink)
+        else:
+            write_step(k, v, positions, *bufs, fmt, group, n_sink)
+        out = _decode(q, bufs, positions[:, 0], scale, fmt, group, residual, n_sink, triton_path)
+        return out.unsqueeze(2)
+    out = _prefill(q, k, v, positions, bufs, scale, fmt, group, residual, n_sink, triton_path)
+    write_step(k, v, positions, *bufs, fmt, group, n_sink)
+    return out.contiguous()
+
+
+_MUTATED = ("k_cache", "v_cache", "slot_pos", "k_scale", "k_zero", "v_scale", "v_zero", "fp_k", "fp_v", "fp_pos")
+
+
+@torch.library.custom_op("slimfx::attention_kvq", mutates_args=_MUTATED)
+def attention_kvq(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
+    k_scale: torch.Tensor, k_zero: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
+    fp_k: torch.Tensor, fp_v: torch.Tensor, fp_pos: torch.Tensor,
+    scale: float, fmt: str, group: int, residual: int, n_sink: int,
+) -> torch.Tensor:
+    """Quantize-on-write + attention over the two tiers (module doc). Triton on CUDA, reference elsewhere."""
+    bufs = (k_cache, v_cache, slot_pos, k_scale, k_zero, v_scale, v_zero, fp_k, fp_v, fp_pos)
+    return _run(q, k, v, positions, bufs, scale, fmt, group, residual, n_sink, _use_triton(q))
+
+
+@attention_kvq.register_fake
+def _attention_kvq_fake(q, k, v, positions, k_cache, v_cache, slot_pos, k_scale, k_zero, v_scale, v_zero, fp_k, fp_v, fp_pos, scale, fmt, group, residual, n_sink):
+    return q.new_empty(q.shape)
+
+
+def attention_kvq_ref(q, k, v, positions, cache: QuantSiteCache, scale: float | None = None) -> torch.Tensor:
+    """The op's definition on a QuantSiteCache (mutates it like the op), without torch.ops."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    bufs = (cache.k, cache.v, cache.slot_pos) + tuple(getattr(cache, f) for f in QUANT_FIELDS)
+    return _run(q, k, v, positions, bufs, scale, cache.fmt, cache.group, cache.residual, cache.n_sink, False)
+
+
+def site_buffers(cache: QuantSiteCache) -> tuple:
+    """The op's buffer arguments of a QuantSiteCache, in order (k_cache .. fp_pos)."""
+    return (cache.k, cache.v, cache.slot_pos) + tuple(getattr(cache, f) for f in QUANT_FIELDS)
