@@ -8,6 +8,16 @@ frees and lets the fused decode kernel accumulate the attention mass the policy 
 by (runtime/eviction_op.py). Policies: runtime/eviction.py. Per-layer budgets and
 policies come from `[passes.kv_eviction.layers."a-b"]`.
 
+- SCOPE (`decode_budget` > 0): the site holds `budget` prompt slots, selected at prefill
+  and then frozen, plus `decode_budget` slots where generated tokens are evicted by the
+  same policy among themselves, so a long answer never pushes the prompt out.
+- DuoAttention (policy "duo"): the `retrieval_fraction` of all kv heads with the highest
+  calibrated retrieval scores (artifact from `slimfx calibrate duo-heads`) keep the full
+  store; the other heads keep sinks + recent window in a store of `budget` slots. Each
+  group has buffers of its own size (runtime/duo_op.py), so the memory really drops.
+- MiKV (`evicted` = int8/int4/int2): tokens the policy evicts move to a low-precision
+  tier instead of being dropped (runtime/mikv_op.py).
+
 With a budget at least the total length nothing is ever evicted and the output equals
 the unmodified model's (tested for every policy).
 """
@@ -23,7 +33,7 @@ from slimfx.compiler.passmanager import PassContext, PassResult
 from slimfx.runtime.eviction import POLICIES, make_policy
 
 NAME = "kv_eviction"
-DESCRIPTION = "keeps a fixed token budget per attention site, chosen by a policy (StreamingLLM, H2O, A2SF, TOVA, Keyformer, SnapKV)"
+DESCRIPTION = "keeps a fixed token budget per attention site, chosen by a policy (StreamingLLM, H2O, A2SF, TOVA, Keyformer, SnapKV, DuoAttention; SCOPE budgets)"
 LOSSY = True
 RUNS_AFTER = ("kv_runtime",)  # works on the slimfx::attention nodes kv_runtime creates
 OPTIONS = {
@@ -34,6 +44,12 @@ OPTIONS = {
     "alpha": Option(float, 0.95, "A2SF forgetting factor", lo=0.0, hi=1.0),
     "tau": Option(float, 1.0, "Keyformer Gumbel temperature", lo=1e-3, hi=100.0),
     "obs_window": Option(int, 32, "SnapKV observation window (last prompt queries)", lo=1, hi=1 << 16),
+    "decode_budget": Option(int, 0, "SCOPE: slots for generated tokens, kept apart from the prompt's `budget` (0: one shared budget)",
+                            lo=0, hi=1 << 24),
+    "retrieval_fraction": Option(float, 0.5, "duo: share of all kv heads kept whole (top calibrated retrieval scores)",
+                                 lo=0.0, hi=1.0, per_layer=False),
+    "duo_heads": Option(str, "duo_heads", "duo: key in [artifacts] of the `slimfx calibrate duo-heads` file", per_layer=False),
+    "evicted": Option(str, "drop", "an evicted token is dropped, or kept at low precision (MiKV)", choices=("drop", "int8", "int4", "int2")),
 }
 
 
@@ -45,34 +61,115 @@ def _site_index(node: torch.fx.Node) -> int | None:
     return node.meta.get("slimfx_site")  # set by kv_runtime on every op it creates
 
 
-def _resize_site(gm: torch.fx.GraphModule, store, index: int, budget: int) -> int:
-    """Reallocate site `index`'s buffers at `budget` slots (empty); returns bytes saved."""
-    from slimfx.runtime.kv_store import SiteCache
-
-    old = store.sites[index]
-    if old.capacity == budget:
-        return 0
-    B, H, _, D = old.k.shape
-    new = SiteCache(
-        index=index,
-        k=torch.zeros(B, H, budget, D, dtype=old.k.dtype, device=old.k.device),
-        v=torch.zeros(B, H, budget, D, dtype=old.v.dtype, device=old.v.device),
-        slot_pos=torch.full((B, H, budget), -1, dtype=old.slot_pos.dtype, device=old.slot_pos.device),
-        scores=torch.zeros(B, H, budget, dtype=old.scores.dtype, device=old.scores.device),
-    )
-    saved = old.nbytes() - new.nbytes()
-    store.sites[index] = new
-    store.capacities[index] = budget
+def _bind_site(gm: torch.fx.GraphModule, prefix: str, cache) -> None:
+    """Point the graph's buffer attributes at a site's (new) buffers."""
     for field in ("k", "v", "slot_pos", "scores"):
-        setattr(gm, f"_slimfx_kv{index}_{field}", getattr(new, field))
-    return saved
+        setattr(gm, f"{prefix}_{field}", getattr(cache, field))
 
 
 def _check_options(index: int, opts: dict) -> None:
+    def at_layer(exc: ConfigError) -> ConfigError:  # "budget: got ..." -> the full key path and the layer
+        return ConfigError(f"passes.kv_eviction.{exc}".replace(":", f" (layer {index}):", 1))
+
     try:
         make_policy(opts["policy"], opts["budget"], n_sink=opts["n_sink"], window=opts["window"])
-    except ConfigError as exc:  # "budget: got ..." -> the full key path and the layer
-        raise ConfigError(f"passes.kv_eviction.{exc}".replace(":", f" (layer {index}):", 1)) from None
+    except ConfigError as exc:
+        raise at_layer(exc) from None
+    if opts["decode_budget"] and opts["decode_budget"] <= opts["window"]:
+        raise at_layer(ConfigError(f"decode_budget: got {opts['decode_budget']}; allowed: 0 (off) or > window ({opts['window']}), "
+                                   "so generated tokens outside the recent window can be evicted"))
+    if opts["decode_budget"] and opts["policy"] == "duo":
+        raise at_layer(ConfigError(f"decode_budget: got {opts['decode_budget']} with policy 'duo'; allowed: 0 "
+                                   "(DuoAttention's streaming heads already slide over generated tokens)"))
+    if opts["decode_budget"] and opts["evicted"] != "drop":
+        raise at_layer(ConfigError(f"evicted: got {opts['evicted']!r} with decode_budget {opts['decode_budget']}; allowed: 'drop' "
+                                   "(MiKV and SCOPE budgets do not combine)"))
+
+
+def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node, target, args: tuple) -> None:
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _rewrite_evict(gm, node, store, index: int, opts: dict) -> int:
+    """One store of `budget` (+ `decode_budget`) slots for every head; returns bytes saved."""
+    before = store.sites[index].nbytes()
+    capacity = opts["budget"] + opts["decode_budget"]
+    cache = store.sites[index]
+    if cache.capacity != capacity:  # another graph of this model (prefill/decode) may have resized it
+        cache = store.resize_site(index, capacity)
+    _bind_site(gm, f"_slimfx_kv{index}", cache)
+    q, k, v, pos, kc, vc, sp, sc, scale = node.args[:9]
+    for attr, field in ((kc, "k"), (vc, "v"), (sp, "slot_pos"), (sc, "scores")):
+        attr.meta["example_value"] = getattr(cache, field)
+    prefill_slots = opts["budget"] if opts["decode_budget"] else 0
+    _replace(gm, node, torch.ops.slimfx.attention_evict.default,
+             (q, k, v, pos, kc, vc, sp, sc, float(scale), opts["policy"], opts["n_sink"], opts["window"], _policy_param(opts), prefill_slots))
+    return before - cache.nbytes()
+
+
+def _rewrite_duo(gm, node, store, index: int, opts: dict, retrieval: list[int]) -> int:
+    """Retrieval heads keep the full store, streaming heads a `budget`-slot one."""
+    import slimfx.runtime.duo_op  # noqa: F401  registers torch.ops.slimfx.attention_duo
+    from slimfx.passes._graph import bind_tensor
+
+    old = store.sites[index]
+    before = old.nbytes()
+    streaming = [h for h in range(old.total_kv_heads) if h not in retrieval]
+    if old.heads == tuple(streaming) and old.companion is not None:
+        cache, full = old, old.companion  # split already by another graph of this model
+    else:
+        full = store.resize_site(index, old.capacity, heads=tuple(retrieval))
+        cache = store.resize_site(index, opts["budget"], heads=tuple(streaming))
+        cache.companion = full
+    _bind_site(gm, f"_slimfx_kv{index}", cache)
+    q, k, v, pos = node.args[:4]
+    dev = old.k.device
+    extra = []
+    for name, tensor in (("retrieval_heads", torch.tensor(retrieval, device=dev)), ("streaming_heads", torch.tensor(streaming, device=dev))):
+        extra.append(bind_tensor(gm, f"_slimfx_duo{index}_{name}", tensor, node))
+    bufs = [bind_tensor(gm, f"_slimfx_duo{index}_full_{f}", getattr(full, f), node) for f in ("k", "v", "slot_pos", "scores")]
+    kc, vc, sp, sc = node.args[4:8]
+    for attr, field in ((kc, "k"), (vc, "v"), (sp, "slot_pos"), (sc, "scores")):
+        attr.meta["example_value"] = getattr(cache, field)
+    _replace(gm, node, torch.ops.slimfx.attention_duo.default,
+             (q, k, v, pos, *extra, *bufs, kc, vc, sp, sc, float(node.args[8]), opts["n_sink"], opts["window"]))
+    return before - cache.nbytes()
+
+
+def _duo_retrieval_heads(ctx: PassContext, cfg, store) -> dict[int, list[int]]:
+    """Site index -> its retrieval kv heads, from the calibration artifact."""
+    from slimfx.runtime.duo_heads import load, select_retrieval
+
+    key = cfg.options["duo_heads"]
+    sites = sorted(store.sites)
+    n_heads = store.sites[sites[0]].total_kv_heads
+    scores = load(ctx.config.artifact_path(key), key, len(sites), n_heads)
+    mask = select_retrieval(scores, cfg.options["retrieval_fraction"])
+    return {site: mask[row].nonzero().flatten().tolist() for row, site in enumerate(sites)}
+
+
+def _rewrite_site(gm, node, store, ctx, cfg, index: int, opts: dict, duo_heads) -> tuple[int, str | None]:
+    """Rewrite one site by its options; returns (bytes saved, a note or None)."""
+    cache = store.sites[index]
+    if cache.owner is not None:
+        return 0, f"site {index} reads site {cache.owner}'s cache: evicted there"
+    if opts["budget"] + opts["decode_budget"] > cache.capacity:
+        return 0, f"site {index}: budget {opts['budget'] + opts['decode_budget']} > store capacity {cache.capacity}, nothing to evict"
+    if opts["evicted"] != "drop":
+        from slimfx.runtime.mikv_op import rewrite_site as rewrite_mikv
+
+        return rewrite_mikv(gm, node, store, index, opts), None
+    if opts["policy"] == "duo":
+        retrieval = duo_heads(index)
+        if len(retrieval) == cache.total_kv_heads:
+            return 0, f"site {index}: every kv head is a retrieval head, full store kept"
+        if retrieval:
+            return _rewrite_duo(gm, node, store, index, opts, retrieval), None
+    return _rewrite_evict(gm, node, store, index, opts), None
 
 
 def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
@@ -86,36 +183,28 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     store = get_store(ctx.config.pass_config("kv_runtime").options["store"])
     if store is None:
         return PassResult.skipped(NAME, "the KV store of kv_runtime is gone")
+    for node in nodes:  # validate everything before touching anything
+        if _site_index(node) in store.sites:
+            _check_options(_site_index(node), cfg.for_layer(_site_index(node)))
+    retrieval = {}
+    if any(cfg.for_layer(_site_index(n))["policy"] == "duo" for n in nodes if _site_index(n) in store.sites):
+        retrieval = _duo_retrieval_heads(ctx, cfg, store)
     saved, rewritten, notes = 0, 0, []
     for node in nodes:
         index = _site_index(node)
         if index is None or index not in store.sites:
             notes.append(f"{node.name}: site buffers not recognised")
             continue
-        opts = cfg.for_layer(index)
-        _check_options(index, opts)
-        cache = store.sites[index]
-        if cache.owner is not None:
-            notes.append(f"site {index} reads site {cache.owner}'s cache: evicted there")
-            continue
-        if opts["budget"] > cache.capacity:
-            notes.append(f"site {index}: budget {opts['budget']} > store capacity {cache.capacity}, nothing to evict")
-            continue
-        saved += _resize_site(gm, store, index, opts["budget"])
-        q, k, v, pos, kc, vc, sp, sc, scale = node.args[:9]
-        for attr, field in ((kc, "k"), (vc, "v"), (sp, "slot_pos"), (sc, "scores")):
-            attr.meta["example_value"] = getattr(store.sites[index], field)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(
-                torch.ops.slimfx.attention_evict.default,
-                (q, k, v, pos, kc, vc, sp, sc, float(scale), opts["policy"], opts["n_sink"], opts["window"], _policy_param(opts)),
-            )
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        rewritten += 1
+        bytes_saved, note = _rewrite_site(gm, node, store, ctx, cfg, index, cfg.for_layer(index), lambda i: retrieval.get(i, []))
+        if note:
+            notes.append(note)
+        else:
+            saved += bytes_saved
+            rewritten += 1
     if not rewritten:
         return PassResult(NAME, applied=False, sites_matched=len(nodes), notes=notes)
     gm.recompile()
-    return PassResult(NAME, applied=True, sites_matched=len(nodes), nodes_rewritten=rewritten, bytes_saved=saved, notes=notes,
-                      details={"budgets": {i: cfg.for_layer(i)["budget"] for i in sorted(store.sites)}})
+    details = {"budgets": {i: cfg.for_layer(i)["budget"] for i in sorted(store.sites)}}
+    if retrieval:
+        details["retrieval_heads"] = {i: h for i, h in retrieval.items() if h}
+    return PassResult(NAME, applied=True, sites_matched=len(nodes), nodes_rewritten=rewritten, bytes_saved=saved, notes=notes, details=details)

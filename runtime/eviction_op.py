@@ -7,6 +7,8 @@ fixed budget of tokens chosen by an eviction policy (runtime/eviction.py).
 Same tensors as `slimfx::attention` (runtime/attention_op.py); the capacity C of the
 site's buffers *is* the budget. `policy` names a policy of runtime/eviction.py,
 `param` its one parameter (A2SF's alpha, Keyformer's tau, SnapKV's observation window).
+`prefill_slots` > 0 splits the store (SCOPE): the prompt keeps that many slots, chosen at
+prefill and then frozen, and generated tokens take turns in the remaining C - prefill_slots.
 
 - decode (T == 1): the policy picks the slot the new token overwrites (an empty slot
   while there is one, else its lowest-priority unprotected slot), the token is
@@ -69,9 +71,24 @@ def _write_victim(k, v, pos, k_cache, v_cache, slot_pos, scores, policy: Evictio
     _scatter_heads(scores, victims, torch.zeros(B, Hkv, 1, dtype=scores.dtype, device=scores.device))
 
 
-def _decode(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, policy: EvictionPolicy):
+def _write_decode_region(k, v, pos, k_cache, v_cache, slot_pos, scores, policy: EvictionPolicy, prefill_slots: int) -> None:
+    """SCOPE: slots [prefill_slots, C) hold generated tokens; the victim is chosen among them
+    only, so the prompt's selection stays as the prefill left it (views write in place)."""
+    region = [t[:, :, prefill_slots:] for t in (k_cache, v_cache, slot_pos, scores)]
+    victims = policy.victim_slots(region[3], region[2], pos, 1)
+    B, Hkv = k.shape[:2]
+    _scatter_heads(region[0], victims, k)
+    _scatter_heads(region[1], victims, v)
+    _scatter_heads(region[2], victims, pos.view(B, 1, 1).expand(B, Hkv, 1).to(slot_pos.dtype))
+    _scatter_heads(region[3], victims, torch.zeros(B, Hkv, 1, dtype=scores.dtype, device=scores.device))
+
+
+def _decode(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, policy: EvictionPolicy, prefill_slots: int = 0):
     pos = positions[:, 0]
-    _write_victim(k, v, pos, k_cache, v_cache, slot_pos, scores, policy)
+    if prefill_slots > 0:
+        _write_decode_region(k, v, pos, k_cache, v_cache, slot_pos, scores, policy, prefill_slots)
+    else:
+        _write_victim(k, v, pos, k_cache, v_cache, slot_pos, scores, policy)
     q1 = q[:, :, 0].contiguous()
     tracked = scores if policy.needs_scores else None
     decay = policy.decay if policy.decay is not None else 1.0
@@ -97,7 +114,7 @@ def prefill_key_mass(q, q_pos, keys, k_pos, scale: float) -> torch.Tensor:
     return probs.sum(dim=(2, 3))
 
 
-def _prefill(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, policy: EvictionPolicy):
+def _prefill(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, policy: EvictionPolicy, prefill_slots: int = 0):
     B, Hkv, T, _ = k.shape
     keys = torch.cat([k_cache, k.to(k_cache.dtype)], dim=2)
     vals = torch.cat([v_cache, v.to(v_cache.dtype)], dim=2)
@@ -117,11 +134,15 @@ def _prefill(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, poli
     elif policy.needs_scores:
         merged_scores = merged_scores * policy.decay + prefill_key_mass(q, positions, keys, kpos, scale)
     seen = positions.amax(dim=1) + 1
-    kk, vv, ss, pp = policy.compact(keys, vals, merged_scores.to(scores.dtype), kpos, seen, budget=k_cache.shape[2])
-    k_cache.copy_(kk)
-    v_cache.copy_(vv)
-    scores.copy_(ss)
-    slot_pos.copy_(pp.to(slot_pos.dtype))
+    # SCOPE: the prompt keeps `prefill_slots` slots; the rest stay empty for decoding.
+    budget = prefill_slots if prefill_slots > 0 else k_cache.shape[2]
+    kk, vv, ss, pp = policy.compact(keys, vals, merged_scores.to(scores.dtype), kpos, seen, budget=budget)
+    kept = kk.shape[2]
+    k_cache[:, :, :kept].copy_(kk)
+    v_cache[:, :, :kept].copy_(vv)
+    scores[:, :, :kept].copy_(ss)
+    slot_pos[:, :, :kept].copy_(pp.to(slot_pos.dtype))
+    slot_pos[:, :, kept:].fill_(-1)
     return out.contiguous()
 
 
@@ -129,21 +150,21 @@ def _prefill(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, poli
 def attention_evict(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor, scores: torch.Tensor,
-    scale: float, policy: str, n_sink: int, window: int, param: float,
+    scale: float, policy: str, n_sink: int, window: int, param: float, prefill_slots: int = 0,
 ) -> torch.Tensor:
     pol = _policy(policy, k_cache.shape[2], n_sink, window, param)
     run = _decode if q.shape[2] == 1 else _prefill
-    return run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, pol).contiguous()
+    return run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, pol, prefill_slots).contiguous()
 
 
 @attention_evict.register_fake
-def _attention_evict_fake(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, policy, n_sink, window, param):
+def _attention_evict_fake(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, policy, n_sink, window, param, prefill_slots=0):
     return q.new_empty(q.shape)  # contiguous, like the real op (empty_like would copy q's strides)
 
 
-def attention_evict_ref(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale=None, policy="h2o", n_sink=4, window=64, param=0.0):
+def attention_evict_ref(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale=None, policy="h2o", n_sink=4, window=64, param=0.0, prefill_slots=0):
     """The op's definition (the same code the CPU path runs), callable without torch.ops."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     pol = _policy(policy, k_cache.shape[2], n_sink, window, param)
     run = _decode if q.shape[2] == 1 else _prefill
-    return run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, pol)
+    return run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, pol, prefill_slots)

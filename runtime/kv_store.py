@@ -69,6 +69,11 @@ class SiteCache:
         return self.k.shape[1]
 
     @property
+    def total_kv_heads(self) -> int:
+        """Kv heads of the whole site, both head groups when per-head budgets split it."""
+        return self.n_kv_heads + (self.companion.n_kv_heads if self.companion is not None else 0)
+
+    @property
     def head_dim(self) -> int:
         return self.k.shape[3]
 
@@ -145,9 +150,9 @@ class KVStore:
         """The SiteCache of site `index`, allocated on first use (empty slots)."""
         cache = self.sites.get(index)
         if cache is not None:
-            if (cache.n_kv_heads, cache.head_dim) != (n_kv_heads, head_dim):
+            if (cache.total_kv_heads, cache.head_dim) != (n_kv_heads, head_dim):
                 raise KVStoreError(
-                    f"KVStore site {index}: already holds {cache.n_kv_heads} kv heads x {cache.head_dim}; "
+                    f"KVStore site {index}: already holds {cache.total_kv_heads} kv heads x {cache.head_dim}; "
                     f"asked for {n_kv_heads} x {head_dim} (one store serves one model)"
                 )
             return cache
