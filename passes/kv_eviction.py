@@ -8,6 +8,8 @@ frees and lets the fused decode kernel accumulate the attention mass the policy 
 by (runtime/eviction_op.py). Policies: runtime/eviction.py. Per-layer budgets and
 policies come from `[passes.kv_eviction.layers."a-b"]`.
 
+- `budget_fraction` > 0: the budget is that share of the prompt, resolved by the runtime
+  per prompt (`resolve_prompt_fraction`), so each prompt-length bucket compiles once.
 - SCOPE (`decode_budget` > 0): the site holds `budget` prompt slots, selected at prefill
   and then frozen, plus `decode_budget` slots where generated tokens are evicted by the
   same policy among themselves, so a long answer never pushes the prompt out.
@@ -24,6 +26,7 @@ the unmodified model's (tested for every policy).
 
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.fx
@@ -44,6 +47,8 @@ OPTIONS = {
     "alpha": Option(float, 0.95, "A2SF forgetting factor", lo=0.0, hi=1.0),
     "tau": Option(float, 1.0, "Keyformer Gumbel temperature", lo=1e-3, hi=100.0),
     "obs_window": Option(int, 32, "SnapKV observation window (last prompt queries)", lo=1, hi=1 << 16),
+    "budget_fraction": Option(float, 0.0, "budget as a share of the prompt (0: use `budget`); resolved per prompt by the runtime, "
+                              "rounded up to a multiple of 16 and never below n_sink + window + 1", lo=0.0, hi=1.0),
     "decode_budget": Option(int, 0, "SCOPE: slots for generated tokens, kept apart from the prompt's `budget` (0: one shared budget)",
                             lo=0, hi=1 << 24),
     "retrieval_fraction": Option(float, 0.5, "duo: share of all kv heads kept whole (top calibrated retrieval scores)",
@@ -51,6 +56,34 @@ OPTIONS = {
     "duo_heads": Option(str, "duo_heads", "duo: key in [artifacts] of the `slimfx calibrate duo-heads` file", per_layer=False),
     "evicted": Option(str, "drop", "an evicted token is dropped, or kept at low precision (MiKV)", choices=("drop", "int8", "int4", "int2")),
 }
+
+
+FRACTION_ROUNDING = 16  # prompts of nearby lengths get one budget, so one compiled graph
+
+
+def _fraction_budget(opts: dict, prompt_tokens: int) -> int:
+    wanted = math.ceil(opts["budget_fraction"] * prompt_tokens / FRACTION_ROUNDING) * FRACTION_ROUNDING
+    return max(wanted, opts["n_sink"] + opts["window"] + 1)
+
+
+def resolve_prompt_fraction(config, prompt_tokens: int):
+    """`config` with every `budget_fraction` turned into an absolute `budget` for a prompt of
+    `prompt_tokens` tokens (the runtime calls this once it knows the prompt; the longest
+    prompt of a batch counts). Configs without a fraction are returned unchanged."""
+    from slimfx.compiler.config import load_config
+
+    cfg = load_config(config)
+    if NAME not in cfg.passes:
+        return config
+    raw = cfg.to_dict()
+    top = raw["passes"][NAME]
+    changed = False
+    for opts in (top, *top.get("layers", {}).values()):
+        if opts.get("budget_fraction", 0.0) > 0:
+            opts["budget"] = _fraction_budget({**top, **opts}, prompt_tokens)
+            opts["budget_fraction"] = 0.0
+            changed = True
+    return raw if changed else config
 
 
 def _policy_param(opts: dict) -> float:
@@ -71,6 +104,10 @@ def _check_options(index: int, opts: dict) -> None:
     def at_layer(exc: ConfigError) -> ConfigError:  # "budget: got ..." -> the full key path and the layer
         return ConfigError(f"passes.kv_eviction.{exc}".replace(":", f" (layer {index}):", 1))
 
+    if opts["budget_fraction"] > 0:
+        raise at_layer(ConfigError(f"budget_fraction: got {opts['budget_fraction']} but the prompt length is unknown here; allowed: "
+                                   "a fraction through slimfx.runtime.generate / slimfx run / slimfx eval (they resolve it per prompt), "
+                                   "else 0 and an absolute budget"))
     try:
         make_policy(opts["policy"], opts["budget"], n_sink=opts["n_sink"], window=opts["window"])
     except ConfigError as exc:

@@ -296,6 +296,10 @@ def generate(
         raise GenerateError(f"capacity: got {capacity!r}; allowed: an integer >= 1")
     if seed is not None:
         torch.manual_seed(seed)
+    if config is not None:
+        from slimfx.passes.kv_eviction import resolve_prompt_fraction
+
+        config = resolve_prompt_fraction(config, int(lengths.max()))
     gen = get_generator(model, B, capacity, capacities=capacities, config=config, codegen=codegen)
     device = gen.store.device
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)

@@ -174,3 +174,26 @@ def test_duo_retrieval_selection_is_the_top_fraction():
     scores = torch.tensor([[0.1, 0.5, 0.2], [0.7, 0.0, 0.3]])
     assert select_retrieval(scores, 0.5).tolist() == [[False, True, False], [True, False, True]]
     assert select_retrieval(scores, 0.01).sum() == 1 and select_retrieval(scores, 0.0).sum() == 0
+
+
+# ----------------------------------------------------------------------------- budget as a fraction
+
+
+def test_fraction_of_the_prompt_resolves_to_a_rounded_absolute_budget():
+    from slimfx.passes.kv_eviction import resolve_prompt_fraction
+
+    cfg = _config(policy="h2o", budget_fraction=0.5, n_sink=2, window=4)
+    cfg["passes"]["kv_eviction"]["layers"] = {"1": {"budget_fraction": 0.05, "window": 20}, "0": {"window": 8}}
+    raw = resolve_prompt_fraction(cfg, 40)["passes"]["kv_eviction"]
+    assert raw["budget"] == 32 and raw["budget_fraction"] == 0.0  # 20 tokens, rounded up to 32
+    assert raw["layers"]["1"]["budget"] == 23  # 2 tokens -> 16, below the policy's minimum 2 + 20 + 1
+    assert "budget" not in raw["layers"]["0"]  # inherits the resolved top-level budget
+    plain = _config(policy="h2o", budget=16)
+    assert resolve_prompt_fraction(plain, 40) is plain
+
+
+def test_fraction_budget_through_generate_equals_the_absolute_one(sharp_model, prompt):
+    by_fraction, _ = generate(sharp_model, prompt, max_new_tokens=8, capacity=64,
+                              config=_config(policy="h2o", budget_fraction=0.25, n_sink=2, window=4))
+    absolute, _ = generate(sharp_model, prompt, max_new_tokens=8, capacity=64, config=_config(policy="h2o", budget=16, n_sink=2, window=4))
+    assert torch.equal(by_fraction, absolute)

@@ -244,38 +244,47 @@ def _forced_logits(model, ids, n_prompt: int, config) -> torch.Tensor:
     return torch.stack(out, dim=1).float()
 
 
-def test_mikv_is_closer_to_the_full_cache_than_dropping(sharp_model, prompt, reference):
-    """Teacher-forced over the full cache's own 24 greedy tokens (16 of 64 tokens kept in
-    full precision): mean |logit error| and top-1 agreement against the full cache."""
+@pytest.fixture(scope="module")
+def forced(sharp_model, prompt, reference):
+    """Teacher-forced runs over the full cache's own 24 greedy tokens: evicted -> (logits,
+    store, kv_eviction results of its compiles); None = the full cache."""
     ids = torch.cat([prompt, reference[0]], dim=1)
-    full = _forced_logits(sharp_model, ids, 40, None)
+    runs = {}
+    for evicted in (None, "drop", "int4", "int2"):
+        config = None if evicted is None else _config(**SMALL, evicted=evicted)
+        slimfx.clear_reports()
+        logits = _forced_logits(sharp_model, ids, 40, config)
+        results = [r for rep in slimfx.reports() for r in rep.passes if r.name == "kv_eviction" and r.applied]
+        runs[evicted] = (logits, get_generator(sharp_model, 2, CAPACITY, config=config).store, results)
+    return runs
+
+
+def test_mikv_is_closer_to_the_full_cache_than_dropping(forced, reference):
+    """16 of 64 tokens kept in full precision (h2o): mean |logit error| and top-1 agreement
+    against the full cache, teacher-forced over 24 positions of 2 sequences."""
+    full = forced[None][0]
     assert torch.equal(full.argmax(-1), reference[0])  # the full cache's own greedy path
-    err, agree = {}, {}
-    for evicted in ("drop", "int8", "int4", "int2"):
-        out = _forced_logits(sharp_model, ids, 40, _config(**SMALL, evicted=evicted))
-        err[evicted] = (out - full).abs().mean().item()
-        agree[evicted] = (out.argmax(-1) == full.argmax(-1)).float().mean().item()
-    # Measured on this model (mean |logit error|): drop ~1.2, int8 ~0.01, int4 ~0.15, int2 ~0.6.
-    assert err["int8"] < err["int4"] < err["int2"] < err["drop"]
+    err = {e: (forced[e][0] - full).abs().mean().item() for e in ("drop", "int4", "int2")}
+    agree = {e: (forced[e][0].argmax(-1) == full.argmax(-1)).float().mean().item() for e in ("drop", "int4", "int2")}
+    # Measured here (2026-11, torch 2.13 CPU): mean |logit error| drop 1.23, int4 0.15, int2 0.69;
+    # agreement drop 0.21, int4 0.88, int2 0.38 (first sequence of the sharp model; see the report).
+    assert err["int4"] < err["int2"] < err["drop"]
     assert err["int4"] < err["drop"] / 4
-    assert agree["int8"] >= agree["int4"] > agree["drop"] and agree["int2"] > agree["drop"]
+    assert agree["int4"] > agree["int2"] > agree["drop"]
 
 
-def test_bytes_counted_for_both_tiers_and_reset_empties_both(sharp_model, prompt):
-    slimfx.clear_reports()
-    config = _config(**SMALL, evicted="int4")
-    generate(sharp_model, prompt, max_new_tokens=24, capacity=CAPACITY, config=config)
-    store = get_generator(sharp_model, 2, CAPACITY, config=config).store
+def test_bytes_counted_for_both_tiers_and_reset_empties_both(forced):
+    _, store, results = forced["int4"]
     n_sites, H, D = len(store.sites), store.sites[0].n_kv_heads, store.sites[0].head_dim
     assert D % 32  # one quantization group per row (G = 1)
     per_slot_full = 2 * D * 4 + 4 + 4  # fp32 k and v, int32 slot_pos, fp32 score
-    per_slot_int4 = 2 * (D // 2) + 4 + 2 * 2 * 2  # packed k and v, int32 slot_pos, f16 scale + min for k and v (G = 1)
+    per_slot_int4 = 2 * (D // 2) + 4 + 2 * 2 * 2  # packed k and v, int32 slot_pos, f16 scale + min for k and v
     site_after = 2 * H * (SMALL["budget"] * per_slot_full + CAPACITY * per_slot_int4)
     assert store.nbytes() == n_sites * site_after
-    results = [r for rep in slimfx.reports() for r in rep.passes if r.name == "kv_eviction" and r.applied]
-    assert results[0].bytes_saved == n_sites * (2 * H * CAPACITY * per_slot_full - site_after)
+    # The first graph compiled (prefill) resized the store; the decode graph found it done.
+    assert [r.bytes_saved for r in results] == [n_sites * (2 * H * CAPACITY * per_slot_full - site_after), 0]
     for cache in store.sites.values():
-        assert isinstance(cache, MiKVCache) and (cache.low.slot_pos >= 0).any()  # 64 tokens seen, 16 kept high
+        assert isinstance(cache, MiKVCache) and (cache.low.slot_pos >= 0).any()  # 63 tokens seen, 16 kept high
     store.reset()
     assert all((c.slot_pos < 0).all() and (c.low.slot_pos < 0).all() for c in store.sites.values())
 

@@ -38,25 +38,30 @@ class RuntimeStepper:
     """
 
     def __init__(self, model, capacity: int, config: dict):
-        from slimfx.runtime.generate import get_generator
-
         # The runtime left-pads a prompt to its bucket (up to one chunk more) and the
         # pads take slots, so the store gets that much room beyond the real tokens.
         # Powers of two, so prompts of nearby lengths share one Generator (one compile).
-        capacity = 1 << (capacity_for(capacity + PREFILL_CHUNK) - 1).bit_length()
+        self.model, self.config = model, config
+        self.capacity = 1 << (capacity_for(capacity + PREFILL_CHUNK) - 1).bit_length()
+        self.gen = None  # built at the first feed, when the prompt length is known
+
+    def _build(self, prompt_tokens: int) -> None:
+        from slimfx.passes.kv_eviction import resolve_prompt_fraction
+        from slimfx.runtime.generate import get_generator
+
         # FX code, not inductor: eval measures quality, and an inductor compile per
         # configuration and capacity would dominate a sweep's time on a GPU.
-        self.gen = get_generator(model, 1, capacity, config=config, codegen="eager")
+        config = resolve_prompt_fraction(self.config, prompt_tokens)
+        self.gen = get_generator(self.model, 1, self.capacity, config=config, codegen="eager")
         self.gen.store.reset()
-        self.started = False
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        gen, store = self.gen, self.gen.store
-        if not self.started:
-            self.started = True
+        if self.gen is None:
+            self._build(ids.shape[1])
             lengths = torch.tensor([ids.shape[1]], dtype=torch.int64)
-            return gen.prefill(ids, lengths, PREFILL_CHUNK)[:, None].float()
+            return self.gen.prefill(ids, lengths, PREFILL_CHUNK)[:, None].float()
+        gen, store = self.gen, self.gen.store
         if ids.shape[1] != 1:
             raise ValueError("RuntimeStepper: after the prefill, feed one token per call")
         positions = store.step_positions(1)
@@ -66,7 +71,7 @@ class RuntimeStepper:
         return logits[:, None].float()
 
     def kv_bytes(self) -> int:
-        return self.gen.store.nbytes()
+        return self.gen.store.nbytes() if self.gen is not None else 0
 
 
 class CompiledStepper(Stepper):
