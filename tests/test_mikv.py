@@ -266,8 +266,8 @@ def test_mikv_is_closer_to_the_full_cache_than_dropping(forced, reference):
     assert torch.equal(full.argmax(-1), reference[0])  # the full cache's own greedy path
     err = {e: (forced[e][0] - full).abs().mean().item() for e in ("drop", "int4", "int2")}
     agree = {e: (forced[e][0].argmax(-1) == full.argmax(-1)).float().mean().item() for e in ("drop", "int4", "int2")}
-    # Measured here (2026-11, torch 2.13 CPU): mean |logit error| drop 1.23, int4 0.15, int2 0.69;
-    # agreement drop 0.21, int4 0.88, int2 0.38 (first sequence of the sharp model; see the report).
+    # Measured on this setup (torch 2.13 CPU): mean |logit error| drop 1.20, int4 0.15, int2 0.71;
+    # top-1 agreement drop 0.19, int4 0.81, int2 0.27 (int8, not run here: 0.010 and 1.00).
     assert err["int4"] < err["int2"] < err["drop"]
     assert err["int4"] < err["drop"] / 4
     assert agree["int4"] > agree["int2"] > agree["drop"]
