@@ -165,9 +165,20 @@ class Keyformer(EvictionPolicy):
     def priority(self, scores, slot_pos, seen):
         # Noise is a function of (position, seed) so the ranking is deterministic and
         # does not depend on which slot a token landed in.
-        u = torch.frac(torch.sin(slot_pos.float() * 12.9898 + self.seed * 78.233) * 43758.5453).abs().clamp(1e-6, 1 - 1e-6)
+        u = uniform_hash(slot_pos, self.seed).clamp(1e-6, 1 - 1e-6)
         gumbel = -torch.log(-torch.log(u))
         return torch.log(scores.clamp_min(1e-20)) / self.tau + gumbel
+
+
+def uniform_hash(positions: torch.Tensor, seed: int) -> torch.Tensor:
+    """A uniform draw in (0, 1) per position, float32, the same on every device: integer
+    mixing (exact everywhere) rather than a float sine hash, whose last-ulp differences
+    between CPU and CUDA sin() would reorder Keyformer's ranking."""
+    mask = 0xFFFFFFFF
+    h = (positions.to(torch.int64) * 0x61C88647 + (seed * 0x7FEB352D + 0x165667B1)) & mask
+    for shift, mul in ((16, 0x45D9F3B), (16, 0x45D9F3B), (16, 1)):  # 32-bit avalanche rounds
+        h = ((h ^ (h >> shift)) * mul) & mask
+    return (h.to(torch.float64) + 0.5).div(2.0 ** 32).to(torch.float32)
 
 
 class SnapKV(EvictionPolicy):

@@ -76,6 +76,22 @@ def test_decode_attention_query_seeing_nothing_gives_zeros():
     assert torch.count_nonzero(out[1]) == 0
 
 
+def test_decode_attention_reads_each_sequences_position_from_an_expanded_tensor():
+    # A batch that shares one position is often passed as an expanded (stride-0) view;
+    # the kernel indexes q_pos[b], so it must not read past the one stored element.
+    B, Hq, Hkv, C, D = 3, 4, 1, 24, 16
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(*s, generator=gen).to(DEVICE) for s in ((B, Hq, D), (B, Hkv, C, D), (B, Hkv, C, D)))
+    slot_pos = torch.arange(C, dtype=torch.int32, device=DEVICE).expand(B, Hkv, C).contiguous()
+    # The elements after the shared one are 0: a kernel reading them would let the later
+    # sequences see slot 0 only.
+    storage = torch.tensor([C // 2, 0, 0, 0], device=DEVICE)
+    shared = storage[:1].expand(B)
+    out = dec.decode_attention(q, k, v, slot_pos, shared)
+    ref = dec.decode_attention_ref(q, k, v, slot_pos, shared.contiguous())
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("splits", [1, 2, 5])
 def test_decode_attention_split_count_does_not_change_result(splits):
     B, Hq, Hkv, C, D = 1, 6, 3, 90, 32

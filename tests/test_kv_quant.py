@@ -243,7 +243,8 @@ def test_fused_decode_write_matches_reference_write():
         write_step(*step, *site_buffers(ref), kq.get_format("int8"), 1, 2)
         kvq_write_token(*step, fused.k, fused.v, fused.k_scale, fused.v_scale, fused.slot_pos, fused.fp_k, fused.fp_v, fused.fp_pos, n_sink=2)
     for a, b in zip(site_buffers(ref), site_buffers(fused)):
-        if DEVICE == "cpu":
+        assert a.shape == b.shape
+        if DEVICE == "cpu" or a.numel() == 0:  # some formats leave a buffer empty
             # Codes could differ by one only on an exact .5 tie (rounding mode); none occur here.
             assert torch.equal(a, b)
         else:  # compiled fp32 division may be off by an ulp, moving a code by one

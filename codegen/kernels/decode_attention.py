@@ -245,7 +245,7 @@ def decode_attention(q, k_cache, v_cache, slot_pos, q_pos, *, scale: float | Non
     l_part = torch.empty(B * Hq * n_splits, device=dev, dtype=torch.float32)
     logits = torch.empty(B * Hq * C if track else 1, device=dev, dtype=torch.float32)
     out = torch.empty((B, Hq, D), device=dev, dtype=q.dtype)
-    q_pos = q_pos.to(torch.int64)
+    q_pos = q_pos.to(torch.int64).contiguous()  # the kernel reads q_pos[b]: an expanded (stride-0) tensor would read past it
     _decode_split_kernel[(B * Hkv, n_splits)](
         q, k_cache, v_cache, slot_pos, q_pos, o_part, m_part, l_part, logits,
         scale * LOG2E,
