@@ -50,7 +50,7 @@ def compare(name, gpu, cpu) -> bool:
     B, H = pos_cpu.shape[:2]
     same_set = all(set(pos_gpu[b, h].tolist()) == set(pos_cpu[b, h].tolist()) for b in range(B) for h in range(H))
     print(f"{name:16s} rel err {err:.2e}  kept sets equal: {same_set}")
-    return (err > 1e-3) or not same_set
+    return (err > 2e-3) or not same_set  # fp32 dots run as tf32 on the GPU
 
 
 def main() -> int:

@@ -49,6 +49,14 @@ _SCRIPT = textwrap.dedent("""
             evict_write_ref(*b, 4, 7, by_pos)
             for x, y in zip(a, b):
                 assert torch.equal(x, y), (C, D, by_pos, seed)
+    # One position shared by the batch as an expanded (stride-0) view; the element after
+    # it is 0, which a kernel reading pos[1] from memory would see.
+    a = _state(2, 3, 37, 8, 111, 0)
+    shared = torch.tensor([111, 0])[:1].expand(2)
+    a, b = (a[0], a[1], shared) + a[3:], tuple(t.clone() for t in a[:2]) + (shared,) + tuple(t.clone() for t in a[3:])
+    evict_write(*a, 4, 7, True)
+    evict_write_ref(*b, 4, 7, True)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)), "expanded pos"
     print("ok")
 """)
 

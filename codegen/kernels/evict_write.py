@@ -76,6 +76,7 @@ def evict_write(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, wind
     _check(k, v, pos, k_cache, v_cache, slot_pos, scores)
     B, Hkv, _, D = k.shape
     C = k_cache.shape[2]
+    pos = pos.contiguous()  # the kernel reads pos[b]: an expanded (stride-0) tensor would read past it
     _evict_write_kernel[(B * Hkv,)](
         k, v, pos, k_cache, v_cache, slot_pos, scores,
         Hkv, C, D, n_sink, window,
