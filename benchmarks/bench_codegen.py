@@ -2,6 +2,7 @@
 
     python benchmarks/bench_codegen.py [--shapes Llama-3.2-1B SmolLM2-135M] [--context 1024]
                                        [--steps 32] [--budget-s 200] [--out results/bench_codegen.json]
+                                       [--prefill 2048,8192]   (prefill timing instead of decode)
 
 On one GPU, in the same run:
   * correctness of the compiled kernels on CUDA: random pointwise/reduction programs
@@ -11,7 +12,8 @@ On one GPU, in the same run:
     inductor default and inductor reduce-overhead; ms/step, first-call (compile) seconds,
     and a warm recompile (dynamo reset, kernel and autotune caches kept);
   * where the slimfx step spends its time: CUDA kernel time per kernel name over a
-    few steps without CUDA graphs (torch.profiler), top entries.
+    few steps without CUDA graphs (torch.profiler): the total, the sum per kernel family,
+    and the top 40 kernels.
 Writes one JSON file (device, date, versions, every number) and prints tables. Stops
 starting new measurements after --budget-s seconds (shared GPU time).
 """
@@ -219,7 +221,26 @@ def _variant(model, context: int, steps: int, make) -> dict:
     return run.measure(make(run.fwd))
 
 
-def profile_slimfx(model, context: int, steps: int = 5) -> list:
+KERNEL_FAMILIES = (  # (family, substrings of the kernel name), first match wins
+    ("matmul template (ours)", ("_gemv_kernel", "_dot_kernel", "_splitk_kernel", "matmul_")),
+    ("cuBLAS / library gemm", ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "splitKreduce")),
+    ("attention (sdpa / ours)", ("sdpa", "flash", "fmha", "decode_split", "decode_combine", "lean_reduction")),
+    ("generated fusion groups (ours)", ("pointwise_", "rowgroup_", "row_", "pw_")),
+    ("aten copies / cat / index", ("elementwise_kernel", "CatArray", "index_copy", "index_elementwise", "Fill")),
+    ("aten reductions", ("reduce_kernel",)),
+)
+
+
+def kernel_families(rows: list) -> dict:
+    """us per step summed by kernel family (KERNEL_FAMILIES; 'other' for the rest)."""
+    out: dict = {}
+    for row in rows:
+        family = next((f for f, keys in KERNEL_FAMILIES if any(k in row["kernel"] for k in keys)), "other")
+        out[family] = round(out.get(family, 0.0) + row["us_per_step"], 1)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def profile_slimfx(model, context: int, steps: int = 5) -> dict:
     """CUDA time per kernel name over `steps` decode steps of the slimfx step without CUDA graphs."""
     os.environ["SLIMFX_CUDAGRAPHS"] = "0"
     try:
@@ -241,9 +262,64 @@ def profile_slimfx(model, context: int, steps: int = 5) -> list:
             if cuda_us:
                 rows.append({"kernel": evt.key[:90], "us_per_step": round(cuda_us / steps, 2), "calls_per_step": evt.count / steps})
         rows.sort(key=lambda r: -r["us_per_step"])
-        return rows[:15]
+        return {"kernel_us_per_step": round(sum(r["us_per_step"] for r in rows), 1),
+                "by_family": kernel_families(rows), "top": rows[:40]}
     finally:
         os.environ.pop("SLIMFX_CUDAGRAPHS", None)
+
+
+# ----------------------------------------------------------------------------- prefill timing
+
+
+def prefill_variant(model, tokens: int, make, reps: int = 5) -> dict:
+    """One `tokens`-token prefill into a fresh StaticCache (batch 1), compiled by `make`:
+    first-call seconds and median ms of `reps` further calls (each a new cache fill)."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    cache = StaticCache(config=model.config, max_cache_len=tokens + 16)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device="cuda")
+    pos = torch.arange(tokens, device="cuda")
+
+    def fwd(ids, pos):
+        return model(ids, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
+
+    compiled = make(fwd)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        compiled(ids, pos)
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - t
+        for _ in range(2):
+            compiled(ids, pos)  # warm-up / capture
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            compiled(ids, pos)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1e3)
+    return {"first_call_s": round(first_s, 2), "ms": round(sorted(times)[len(times) // 2], 3)}
+
+
+def bench_prefill(shape: str, tokens: list, budget_s: float) -> dict:
+    model = build_model(shape)
+    out: dict = {"shape": shape}
+    for n in tokens:
+        for name, make in (("slimfx", lambda f: torch.compile(f, backend=_slimfx_backend(), options=SLIMFX_OPTIONS, fullgraph=True)),
+                           ("inductor-reduce-overhead", lambda f: torch.compile(f, mode="reduce-overhead", fullgraph=True))):
+            key = f"{name}@{n}"
+            if elapsed() > budget_s:
+                out[key] = "skipped: time budget"
+                continue
+            try:
+                out[key] = prefill_variant(model, n, make)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                out[key] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+            print(f"[{elapsed():6.1f}s] {shape} prefill {key}: {out[key]}", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -256,6 +332,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--budget-s", type=float, default=200.0)
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--prefill", default="", help="comma list of prefill lengths to time instead of decode, e.g. 2048,8192")
     ap.add_argument("--out", default="results/bench_codegen.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -283,6 +360,12 @@ def main(argv=None) -> int:
                 report[name] = f"FAILED: {type(exc).__name__}: {exc}"[:2000]
             print(f"[{elapsed():6.1f}s] {name}: {report[name]}", flush=True)
             save()
+    if args.prefill:
+        lengths = [int(x) for x in args.prefill.split(",")]
+        report["prefill"] = [bench_prefill(shape, lengths, args.budget_s) for shape in args.shapes]
+        save()
+        print(json.dumps(report, indent=1))
+        return 0
     report["decode"] = []
     for shape in args.shapes:
         if elapsed() > args.budget_s:
