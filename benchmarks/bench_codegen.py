@@ -125,6 +125,38 @@ def check_tiny_llama() -> dict:
     return {"max_abs_err_fp32": err, "argmax_equal": bool(torch.equal(got.argmax(-1), expected.argmax(-1)))}
 
 
+def check_tiny_llama_decode(steps: int = 4) -> dict:
+    """StaticCache decode steps (GQA, fp32) compiled by slimfx against eager, each from its
+    own identically prefilled cache: the decode SDPA rewrite (codegen/gqa_decode.py) is on."""
+    from transformers import StaticCache
+
+    from slimfx.runtime.models import tiny_model
+
+    model = tiny_model("llama_gqa").cuda().eval()
+    ids = torch.randint(0, 128, (1, 9), device="cuda")
+    caches = [StaticCache(config=model.config, max_cache_len=32) for _ in range(2)]
+
+    def step(cache):
+        def fwd(tok, pos):
+            return model(tok, past_key_values=cache, cache_position=pos, position_ids=pos[None], use_cache=True).logits
+        return fwd
+
+    torch._dynamo.reset()
+    worst = 0.0
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, past_key_values=cache, cache_position=torch.arange(9, device="cuda"), use_cache=True)
+        eager, compiled = step(caches[0]), torch.compile(step(caches[1]), backend=_slimfx_backend(), options=SLIMFX_OPTIONS, fullgraph=True)
+        tok = ids[:, -1:]
+        for t in range(9, 9 + steps):
+            pos = torch.tensor([t], device="cuda")
+            want, got = eager(tok, pos), compiled(tok, pos)
+            worst = max(worst, ((got - want).norm() / want.norm()).item())
+            tok = want[:, -1:].argmax(-1)
+    assert worst < 2e-3, f"decode logits rel err {worst:.2e}"  # tf32 dots on the GPU
+    return {"steps": steps, "max_rel_err_fp32": worst}
+
+
 # ----------------------------------------------------------------------------- decode timing
 
 
@@ -366,7 +398,8 @@ def main(argv=None) -> int:
         out_path.write_text(json.dumps(report, indent=1))
 
     if not args.skip_checks:
-        for name, check in (("check_random_programs", check_random_programs), ("check_tiny_llama", check_tiny_llama)):
+        for name, check in (("check_random_programs", check_random_programs), ("check_tiny_llama", check_tiny_llama),
+                            ("check_tiny_llama_decode", check_tiny_llama_decode)):
             try:
                 report[name] = check()
             except Exception as exc:  # noqa: BLE001

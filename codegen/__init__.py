@@ -30,7 +30,8 @@ own forward (ATen calls), so a lowering gap costs speed, never a failure.
 
 $SLIMFX_DEBUG_DIR: each compiled graph writes codegen_<n>/ there with the ATen graph,
 the partition, the wrapper's Python code and every generated kernel module.
-$SLIMFX_CUDAGRAPHS=0 turns CUDA graphs off. $SLIMFX_MATMUL=auto|all|fused|off picks
+$SLIMFX_CUDAGRAPHS=0 turns CUDA graphs off. $SLIMFX_GQA_DECODE=0 keeps decode SDPA over a
+repeated KV cache as written (gqa_decode.py; on CUDA it is otherwise one kernel over the cache). $SLIMFX_MATMUL=auto|all|fused|off picks
 which matmuls become template groups (partition.py).
 """
 
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from slimfx.codegen.gqa_decode import rewrite_gqa_decode
 from slimfx.codegen.lower import LoweringError, lower_to_aten
 from slimfx.codegen.ops import is_mutating
 from slimfx.codegen.partition import FusionGroup, Partition, partition
@@ -146,7 +148,10 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, *, cudagraphs: bool 
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"compile_graph: gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
     # Decompose (softmax -> amax/exp/sum/div, ...) only where the pieces become kernels.
-    kernels = interpreter_on() or any(isinstance(a, torch.Tensor) and a.is_cuda for a in example_inputs)
+    on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in example_inputs)
+    kernels = interpreter_on() or on_cuda
+    if on_cuda and os.environ.get("SLIMFX_GQA_DECODE", "1") != "0":
+        rewrite_gqa_decode(gm)  # decode SDPA over repeat_kv -> one kernel over the cache
     try:
         aten_gm = lower_to_aten(gm, list(example_inputs), decompose=kernels)
     except LoweringError as exc:
