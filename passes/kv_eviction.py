@@ -244,4 +244,6 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     details = {"budgets": {i: cfg.for_layer(i)["budget"] for i in sorted(store.sites)}}
     if retrieval:
         details["retrieval_heads"] = {i: h for i, h in retrieval.items() if h}
+        # Retrieval heads keep every token: the footprint counts them at full length.
+        details["full_fraction"] = {i: len(h) / store.sites[i].total_kv_heads for i, h in retrieval.items() if h}
     return PassResult(NAME, applied=True, sites_matched=len(nodes), nodes_rewritten=rewritten, bytes_saved=saved, notes=notes, details=details)

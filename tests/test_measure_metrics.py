@@ -151,6 +151,11 @@ def test_footprint_applies_pass_reports():
     evict = footprint.apply_pass_reports(base, [report({"budgets": {0: 16, 1: 64}})])
     assert footprint.kv_bytes_at(evict, 1000) == (16 + 64) * base["kv_bytes_per_token"] // 2
     assert footprint.kv_bytes_at(evict, 10) == footprint.kv_bytes_at(base, 10)
+    # DuoAttention: a quarter of site 0's kv heads keep every token.
+    duo = footprint.apply_pass_reports(base, [report({"budgets": {0: 16, 1: 64}, "full_fraction": {0: 0.25}})])
+    assert footprint.kv_bytes_at(duo, 1000) == round((0.25 * 1000 + 0.75 * 16 + 64) * base["kv_bytes_per_token"] / 2)
+    import json  # a report rebuilt from the eval's JSON has string site keys: same bytes
+    assert footprint.kv_bytes_at(json.loads(json.dumps(duo)), 1000) == footprint.kv_bytes_at(duo, 1000)
     assert footprint.apply_pass_reports(base, [report({"budgets": {0: 16}}, applied=False)])["weight_bytes"] == base["weight_bytes"]
     assert footprint.apply_pass_reports(base, [])["weight_bytes"] == base["weight_bytes"]
 
