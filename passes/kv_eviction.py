@@ -118,6 +118,9 @@ def _check_options(index: int, opts: dict) -> None:
     if opts["decode_budget"] and opts["policy"] == "duo":
         raise at_layer(ConfigError(f"decode_budget: got {opts['decode_budget']} with policy 'duo'; allowed: 0 "
                                    "(DuoAttention's streaming heads already slide over generated tokens)"))
+    if opts["policy"] == "duo" and opts["evicted"] != "drop":
+        raise at_layer(ConfigError(f"evicted: got {opts['evicted']!r} with policy 'duo'; allowed: 'drop' (duo's streaming heads "
+                                   "keep sinks + recent tokens by design; MiKV's low tier goes with a score-based policy)"))
     if opts["decode_budget"] and opts["evicted"] != "drop":
         raise at_layer(ConfigError(f"evicted: got {opts['evicted']!r} with decode_budget {opts['decode_budget']}; allowed: 'drop' "
                                    "(MiKV and SCOPE budgets do not combine)"))

@@ -241,6 +241,10 @@ class KVStore:
         if self.track_scores:
             raise KVStoreError("KVStore.rollback: this store's eviction policy tracks attention scores, which a rollback cannot "
                                "restore; allowed: stores without an eviction policy (capacity >= the sequence length)")
+        tiered = [i for i, c in sorted(self.sites.items()) if type(c) is not SiteCache or c.companion is not None]
+        if tiered:
+            raise KVStoreError(f"KVStore.rollback: site {tiered[0]} keeps a second tier (DuoAttention's streaming heads or "
+                               "MiKV's low-precision tokens) that a rollback does not restore; allowed: stores of plain sites")
         keep = positions.to(self.device)
         if check:
             self._check_complete(torch.minimum(self.seen, keep))

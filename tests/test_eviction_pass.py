@@ -161,6 +161,14 @@ def test_duo_without_its_artifact_is_a_config_error(sharp_model, prompt):
     assert str(err.value.inner_exception).startswith("artifacts.duo_heads: missing")
 
 
+def test_duo_with_a_low_precision_tier_is_rejected_before_the_artifact_is_read(sharp_model, prompt):
+    cfg = _config(policy="duo", budget=16, n_sink=2, window=4, evicted="int4")  # no artifact given either
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as err:
+        generate(sharp_model, prompt, max_new_tokens=2, capacity=64, config=cfg)
+    assert "passes.kv_eviction.evicted (layer" in str(err.value.inner_exception)
+    assert "with policy 'duo'; allowed: 'drop'" in str(err.value.inner_exception)
+
+
 def test_duo_artifact_of_another_model_is_rejected(sharp_model, prompt, tmp_path):
     cfg = _duo_config(tmp_path, [[0.9, 0.1, 0.3]], budget=16, n_sink=2, window=4)
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as err:

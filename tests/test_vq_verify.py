@@ -128,6 +128,12 @@ def test_rollback_rejects_bad_positions_scores_and_lost_tokens():
     with pytest.raises(KVStoreError, match="tracks attention scores"):
         store.rollback(torch.zeros(2, dtype=torch.int64))
     store.track_scores = False
+    # DuoAttention splits a site in two head groups; rollback would restore only one.
+    duo = _store(2, 4)
+    stream = duo.resize_site(0, 2, heads=(1,))  # site 0 keeps kv head 1 in 2 slots
+    stream.companion = _store(2, 4).sites[0]  # and the other group's full store
+    with pytest.raises(KVStoreError, match="site 0 keeps a second tier"):
+        duo.rollback(torch.zeros(2, dtype=torch.int64))
     _feed(store, torch.randn(2, 8, 2, HKV, D), torch.zeros(2, dtype=torch.int64), 6)  # capacity 4: slots wrapped
     with pytest.raises(KVStoreError, match="no longer holds every token"):
         store.rollback(torch.tensor([5, 5]), check=True)
