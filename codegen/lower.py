@@ -46,7 +46,11 @@ def _fake_inputs(example_inputs):
     fakes = []
     for x in example_inputs:
         if isinstance(x, torch.Tensor) and not isinstance(x, torch._subclasses.FakeTensor):
-            x = fake_mode.from_tensor(x)
+            # Dynamo's own inputs come back from the memo with their symbolic sizes. Anything
+            # else (KV-store buffers appended by compile_store_graph) gets static sizes: a
+            # fresh symbol has no source, and a guard on it broke dynamo's guard code
+            # (IndexError in produce_guards, torch 2.11, int8 weights + store on CUDA).
+            x = fake_mode.from_tensor(x, static_shapes=True)
         fakes.append(x)
     return fake_mode, fakes
 
