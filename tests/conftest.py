@@ -39,3 +39,22 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def sharp_model():
+    """A tiny GQA Llama with weights scaled x3: attention is peaked, so which tokens a KV
+    pass keeps, or small changes to K/V, change greedy tokens (eviction, KV quant, MiKV)."""
+    from slimfx.runtime.models import tiny_model
+
+    model = tiny_model("llama_gqa", layers=2, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    """Two 40-token prompts for sharp_model."""
+    return torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))

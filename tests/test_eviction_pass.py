@@ -16,21 +16,6 @@ def _config(**options):
 
 
 @pytest.fixture(scope="module")
-def sharp_model():
-    # Scaled weights make attention peaked, so which tokens are kept changes the output.
-    model = tiny_model("llama_gqa", layers=2, seed=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3)
-    return model
-
-
-@pytest.fixture(scope="module")
-def prompt():
-    return torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(scope="module")
 def reference(sharp_model, prompt):
     tokens, stats = generate(sharp_model, prompt, max_new_tokens=16, capacity=64)
     return tokens, stats

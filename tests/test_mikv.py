@@ -21,7 +21,6 @@ from slimfx.runtime.generate import get_generator
 from slimfx.runtime.kv_quant import get_format, token_error_bound
 from slimfx.runtime.kv_store import SiteCache
 from slimfx.runtime.mikv_op import FORMATS, LOW_FIELDS, MiKVCache, attention_mikv_ref, low_tier, rewrite_site
-from slimfx.runtime.models import tiny_model
 
 B, HQ, HKV = 2, 4, 2
 POLICIES = ("streaming", "h2o", "a2sf", "tova", "keyformer", "snapkv")  # duo is refused (test below)
@@ -199,21 +198,6 @@ def _config(**options):
 
 SMALL = dict(policy="h2o", budget=16, n_sink=2, window=4)
 CAPACITY = 64
-
-
-@pytest.fixture(scope="module")
-def sharp_model():
-    # Scaled weights make attention peaked, so which tokens are kept changes the output.
-    model = tiny_model("llama_gqa", layers=2, seed=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3)
-    return model
-
-
-@pytest.fixture(scope="module")
-def prompt():
-    return torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")
