@@ -35,6 +35,19 @@ def vq_config(codebook: str, verify: str) -> dict:
             "artifacts": {"vq_head": codebook}}
 
 
+ROUTES = ("bound", "fallback", "accepted", "corrected", "discarded", "rounds")
+
+
+def route_totals(per_head: dict) -> dict:
+    """Route counts summed over every registered VQ head (each compile registers its own)."""
+    totals = {r: sum(int(c.get(r, 0)) for c in per_head.values()) for r in ROUTES}
+    steps = totals["bound"] + totals["fallback"] + totals["accepted"] + totals["corrected"]
+    totals["bound_rate"] = round(totals["bound"] / steps, 4) if steps else None
+    checked = totals["accepted"] + totals["corrected"]
+    totals["accept_rate"] = round(totals["accepted"] / checked, 4) if checked else None
+    return totals
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--codebook", required=True)
@@ -62,7 +75,7 @@ def main(argv=None) -> int:
                 out = generate_verified(model, ids, config=cfg, max_new_tokens=args.tokens).tokens
             same = bool(torch.equal(out, ref))
             identical &= same
-            counts = {k: (round(float(v), 4) if isinstance(v, float) else v) for c in vq_head.route_counts().values() for k, v in c.items()}
+            counts = route_totals(vq_head.route_counts())
             row[verify] = {"identical": same, "first_difference": None if same else int((out != ref).nonzero()[0, 1]), "routes": counts}
             print(f"{prompt[:40]:40s} {verify:8s} identical={same} routes={counts}", flush=True)
         rows.append(row)
