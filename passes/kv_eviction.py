@@ -245,6 +245,10 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
         return PassResult(NAME, applied=False, sites_matched=len(nodes), notes=notes)
     gm.recompile()
     details = {"budgets": {i: cfg.for_layer(i)["budget"] for i in sorted(store.sites)}}
+    low = {i: c.low for i, c in store.sites.items() if getattr(c, "low", None) is not None}
+    if low:
+        # MiKV: demoted tokens stay in a quantized tier; the footprint counts them at its bytes per token.
+        details["low_tier_bytes_per_token"] = {i: t.nbytes() / (store.batch * t.capacity) for i, t in low.items()}
     if retrieval:
         details["retrieval_heads"] = {i: h for i, h in retrieval.items() if h}
         # Retrieval heads keep every token: the footprint counts them at full length.

@@ -154,6 +154,9 @@ def test_footprint_applies_pass_reports():
     # DuoAttention: a quarter of site 0's kv heads keep every token.
     duo = footprint.apply_pass_reports(base, [report({"budgets": {0: 16, 1: 64}, "full_fraction": {0: 0.25}})])
     assert footprint.kv_bytes_at(duo, 1000) == round((0.25 * 1000 + 0.75 * 16 + 64) * base["kv_bytes_per_token"] / 2)
+    # MiKV: tokens past site 1's budget stay at 10 bytes each in its low tier.
+    mikv = footprint.apply_pass_reports(base, [report({"budgets": {0: 16, 1: 64}, "low_tier_bytes_per_token": {1: 10.0}})])
+    assert footprint.kv_bytes_at(mikv, 1000) == round((16 + 64) * base["kv_bytes_per_token"] / 2 + (1000 - 64) * 10.0)
     import json  # a report rebuilt from the eval's JSON has string site keys: same bytes
     assert footprint.kv_bytes_at(json.loads(json.dumps(duo)), 1000) == footprint.kv_bytes_at(duo, 1000)
     assert footprint.apply_pass_reports(base, [report({"budgets": {0: 16}}, applied=False)])["weight_bytes"] == base["weight_bytes"]

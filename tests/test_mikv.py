@@ -267,6 +267,8 @@ def test_bytes_counted_for_both_tiers_and_reset_empties_both(forced):
     assert store.nbytes() == n_sites * site_after
     # The first graph compiled (prefill) resized the store; the decode graph found it done.
     assert [r.bytes_saved for r in results] == [n_sites * (2 * H * CAPACITY * per_slot_full - site_after), 0]
+    # The footprint the eval reports counts demoted tokens at the low tier's bytes per token.
+    assert results[0].details["low_tier_bytes_per_token"] == {i: H * per_slot_int4 for i in store.sites}
     for cache in store.sites.values():
         assert isinstance(cache, MiKVCache) and (cache.low.slot_pos >= 0).any()  # 63 tokens seen, 16 kept high
     store.reset()

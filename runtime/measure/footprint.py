@@ -77,6 +77,8 @@ def apply_pass_reports(base: dict, reports) -> dict:
                 out["kv_site_budgets"] = {int(k): int(v) for k, v in details["budgets"].items()}
                 if details.get("full_fraction"):
                     out["kv_site_full_fraction"] = {int(k): float(v) for k, v in details["full_fraction"].items()}
+                if details.get("low_tier_bytes_per_token"):
+                    out["kv_site_low_tier_bytes_per_token"] = {int(k): float(v) for k, v in details["low_tier_bytes_per_token"].items()}
                 changed.append(result.name)
             fp = details.get("footprint") or {}
             if not fp:
@@ -101,7 +103,9 @@ def apply_pass_reports(base: dict, reports) -> dict:
 def kv_bytes_at(fp: dict, context: int, batch: int = 1) -> int:
     """KV bytes held for `batch` sequences of `context` tokens under footprint `fp`
     (per-site budgets, when a pass reported them, cap each site separately; a site's
-    `kv_site_full_fraction` of kv heads, DuoAttention's retrieval heads, keeps every token)."""
+    `kv_site_full_fraction` of kv heads, DuoAttention's retrieval heads, keeps every token;
+    MiKV's `kv_site_low_tier_bytes_per_token` counts the tokens past a site's budget at
+    its quantized tier's bytes)."""
     kept = context if fp.get("kv_capacity_tokens") is None else min(context, fp["kv_capacity_tokens"])
     # Site keys are ints in memory and strings once the footprint went through JSON.
     budgets = {int(k): v for k, v in (fp.get("kv_site_budgets") or {}).items()}
@@ -109,6 +113,8 @@ def kv_bytes_at(fp: dict, context: int, batch: int = 1) -> int:
         sites = fp.get("attention_sites") or len(budgets)
         per_site = fp["kv_bytes_per_token"] / sites
         full = {int(k): v for k, v in (fp.get("kv_site_full_fraction") or {}).items()}
+        low = {int(k): v for k, v in (fp.get("kv_site_low_tier_bytes_per_token") or {}).items()}
         tokens = sum(full.get(i, 0.0) * kept + (1 - full.get(i, 0.0)) * min(kept, budgets.get(i, kept)) for i in range(sites))
-        return round(tokens * per_site * batch)
+        demoted = sum(max(0, kept - budgets.get(i, kept)) * low[i] for i in low)
+        return round((tokens * per_site + demoted) * batch)
     return kept * fp["kv_bytes_per_token"] * batch
