@@ -87,14 +87,14 @@ def _check_sampling(temperature, top_k, top_p) -> None:
 # ----------------------------------------------------------------------------- prompts
 
 
-def _bucket(length: int, chunk: int) -> int:
+def padded_prompt_length(length: int, chunk: int) -> int:
     """Padded prompt length: a power of two (>= 16) up to `chunk`, then a multiple of `chunk`."""
     if length <= chunk:
         return min(chunk, max(16, 1 << (length - 1).bit_length()))
     return -(-length // chunk) * chunk
 
 
-def _prompt_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def prompt_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise GenerateError(f"input_ids: got {got}; allowed: an integer tensor [batch, tokens]")
@@ -185,7 +185,7 @@ class Generator:
         """Run the (left-padded) prompts through the model chunk by chunk; logits [B, V] of the last token."""
         B, T = input_ids.shape
         dev = self.store.device
-        padded_len = _bucket(T, chunk)
+        padded_len = padded_prompt_length(T, chunk)
         step = min(chunk, padded_len)
         ids = torch.zeros(B, padded_len, dtype=torch.int64, device=dev)
         ids[:, padded_len - T:] = input_ids.to(dev)
@@ -234,7 +234,7 @@ def get_generator(model, batch: int, capacity: int, *, capacities: dict | None =
     return gen
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -287,9 +287,9 @@ def generate(
     if not isinstance(stream_interval, int) or stream_interval < 1:
         raise GenerateError(f"stream_interval: got {stream_interval!r}; allowed: an integer >= 1")
     _check_sampling(temperature, top_k, top_p)
-    lengths = _prompt_lengths(input_ids, attention_mask)
+    lengths = prompt_lengths(input_ids, attention_mask)
     B, T = input_ids.shape
-    padded = _bucket(T, prefill_chunk)
+    padded = padded_prompt_length(T, prefill_chunk)
     if capacity is None:
         capacity = -(-(padded + max_new_tokens) // 256) * 256  # rounded so nearby calls share a store
     elif not isinstance(capacity, int) or capacity < 1:
@@ -315,11 +315,11 @@ def generate(
         gen.out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.int64, device=device)
         gen.finished.zero_()
         gen.step_idx.zero_()
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         logits = gen.prefill(input_ids, lengths, prefill_chunk)
         gen._emit(sample_next(logits, *sampling), eos, pad_token_id)
-        _sync(device)
+        sync_device(device)
         t_prefill = time.perf_counter() - t0
         loop = _DecodeLoop(gen, sampling, eos, pad_token_id, use_graph, callback, stream_interval)
         stats = loop.run(max_new_tokens - 1)
@@ -348,7 +348,7 @@ class _DecodeLoop:
         warm = min(steps, self.WARMUP)
         run_step = self._warm_up(warm) if self.use_graph and steps > warm else self._eager_warm_up(warm)
         self.done += warm
-        _sync(device)
+        sync_device(device)
         warmup_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         timed = 0
@@ -358,7 +358,7 @@ class _DecodeLoop:
             timed += 1
             if self.done % self.interval == 0 and self._stream_and_check_finished():
                 break
-        _sync(device)
+        sync_device(device)
         decode_s = time.perf_counter() - t1
         self._stream_and_check_finished()
         batch = self.gen.store.batch

@@ -37,7 +37,7 @@ import torch
 
 from slimfx.compiler.config import ConfigError
 from slimfx.runtime import vq_head as rt
-from slimfx.runtime.generate import GenerateError, GenerateOutput, _bucket, _prompt_lengths, _sync, get_generator
+from slimfx.runtime.generate import GenerateError, GenerateOutput, get_generator, padded_prompt_length, prompt_lengths, sync_device
 from slimfx.runtime.kv_store import KVStoreError
 
 _GREEDY = (0.0, 0, 1.0)
@@ -203,9 +203,9 @@ def generate_verified(
     if not isinstance(prefill_chunk, int) or prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
         raise GenerateError(f"prefill_chunk: got {prefill_chunk!r}; allowed: a power of two >= 16")
     opts, cfg = _deferred_options(config)
-    lengths = _prompt_lengths(input_ids, attention_mask)
+    lengths = prompt_lengths(input_ids, attention_mask)
     B, T = input_ids.shape
-    needed = _bucket(T, prefill_chunk) + max_new_tokens + opts["verify_every"]
+    needed = padded_prompt_length(T, prefill_chunk) + max_new_tokens + opts["verify_every"]
     capacity = -(-needed // 256) * 256
     gen = get_generator(model, B, capacity, config=config, codegen=codegen)
     device = gen.store.device
@@ -214,19 +214,19 @@ def generate_verified(
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.int64, device=device)
     with torch.inference_mode():
         gen.store.reset()
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         logits = gen.prefill(input_ids, lengths, prefill_chunk)  # compiles the graphs on first use
         head = _head_of(model, cfg, opts)
         _check_store(gen.store, needed)
         loop = VerifiedLoop(gen, head, max_new_tokens, pad_token_id, eos)
         loop.emit_first(logits)
-        _sync(device)
+        sync_device(device)
         t_prefill = time.perf_counter() - t0
         before = head.counters.clone()
         t1 = time.perf_counter()
         rounds = loop.run()
-        _sync(device)
+        sync_device(device)
         decode_s = time.perf_counter() - t1
         steps = int((head.counters - before)[[rt.BOUND, rt.ACCEPTED, rt.CORRECTED, rt.DISCARDED]].sum()) // B
         tokens = loop.tokens()
