@@ -139,11 +139,12 @@ def _use_cudagraphs(example_inputs, requested) -> bool:
     return bool(example_inputs) and all(isinstance(a, torch.Tensor) and a.is_cuda for a in example_inputs)
 
 
-def compile_graph(gm: torch.fx.GraphModule, example_inputs, *, cudagraphs: bool | None = None):
+def compile_graph(gm: torch.fx.GraphModule, example_inputs, *, cudagraphs: bool | None = None, traced_inputs: int | None = None):
     """Compile the rewritten graph `gm` to a callable with the same signature and outputs.
 
     example_inputs: what dynamo passes (tensors and SymInts). cudagraphs: None = on
     for CUDA graphs whose inputs are all tensors (static shapes), False = off.
+    traced_inputs: how many leading inputs dynamo traced, when the caller appended more.
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"compile_graph: gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
@@ -153,7 +154,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, *, cudagraphs: bool 
     if on_cuda and os.environ.get("SLIMFX_GQA_DECODE", "1") != "0":
         rewrite_gqa_decode(gm)  # decode SDPA over repeat_kv -> one kernel over the cache
     try:
-        aten_gm = lower_to_aten(gm, list(example_inputs), decompose=kernels)
+        aten_gm = lower_to_aten(gm, list(example_inputs), decompose=kernels, traced_inputs=traced_inputs)
     except LoweringError as exc:
         warnings.warn(f"slimfx codegen: {exc}; running the graph's ATen calls unfused", stacklevel=2)
         return gm.forward
@@ -200,7 +201,7 @@ def compile_store_graph(gm: torch.fx.GraphModule, example_inputs, *, cudagraphs:
     graph.output(graph.graph_copy(gm.graph, {}))
     plain = torch.fx.GraphModule(gm, graph)
     buffers = lift_store_buffers(plain)
-    compiled = compile_graph(plain, list(example_inputs) + buffers, cudagraphs=cudagraphs)
+    compiled = compile_graph(plain, list(example_inputs) + buffers, cudagraphs=cudagraphs, traced_inputs=len(example_inputs))
 
     def run(*args):
         return compiled(*args, *buffers)

@@ -30,7 +30,7 @@ class LoweringError(RuntimeError):
     """The graph could not be retraced to ATen; the caller falls back to the FX graph."""
 
 
-def _fake_inputs(example_inputs):
+def _fake_inputs(example_inputs, traced_inputs: int | None = None):
     """Dynamo's fake tensors for the inputs, with their symbolic sizes, if dynamo compiled this.
 
     Placeholder `example_value` metadata is not used: passes may overwrite it with
@@ -44,26 +44,28 @@ def _fake_inputs(example_inputs):
     if fake_mode is None:
         return None, None
     fakes = []
-    for x in example_inputs:
+    for i, x in enumerate(example_inputs):
         if isinstance(x, torch.Tensor) and not isinstance(x, torch._subclasses.FakeTensor):
-            # Dynamo's own inputs come back from the memo with their symbolic sizes. Anything
-            # else (KV-store buffers appended by compile_store_graph) gets static sizes: a
-            # fresh symbol has no source, and a guard on it broke dynamo's guard code
-            # (IndexError in produce_guards, torch 2.11, int8 weights + store on CUDA).
-            x = fake_mode.from_tensor(x, static_shapes=True)
+            # Dynamo's own inputs (the first `traced_inputs`) come back from the memo with
+            # their symbolic sizes. Inputs appended after them (compile_store_graph's KV-store
+            # buffers) get static sizes: a fresh symbol has no source, and a guard on it broke
+            # dynamo's guard code (IndexError in produce_guards, torch 2.11, int8 weights + store).
+            extra = traced_inputs is not None and i >= traced_inputs
+            x = fake_mode.from_tensor(x, static_shapes=True) if extra else fake_mode.from_tensor(x)
         fakes.append(x)
     return fake_mode, fakes
 
 
-def lower_to_aten(gm: torch.fx.GraphModule, example_inputs, *, decompose: bool = True) -> torch.fx.GraphModule:
+def lower_to_aten(gm: torch.fx.GraphModule, example_inputs, *, decompose: bool = True, traced_inputs: int | None = None) -> torch.fx.GraphModule:
     """Retrace `gm` to ATen ops (inference only).
 
     decompose=False keeps softmax, SiLU, ... whole: for CPU runs through the ATen
     reference, where the fused library ops are bit-identical to eager and their
-    decompositions are not.
+    decompositions are not. traced_inputs: how many leading inputs dynamo traced (the
+    rest, appended by the caller, get static fake sizes); None = all of them.
     """
     decompositions = torch._decomp.get_decompositions(DECOMPOSE) if decompose else {}
-    fake_mode, fake_args = _fake_inputs(example_inputs)
+    fake_mode, fake_args = _fake_inputs(example_inputs, traced_inputs)
     try:
         with torch.no_grad():
             if fake_mode is not None:
