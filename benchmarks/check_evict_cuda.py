@@ -12,10 +12,15 @@ from slimfx.runtime.eviction import POLICIES
 from slimfx.runtime.eviction_op import attention_evict_ref
 
 
+def slot_store(device, B, Hkv, cap, D):
+    """Empty k, v, slot_pos (-1 = empty), scores buffers of one site."""
+    return [torch.zeros(B, Hkv, cap, D, device=device), torch.zeros(B, Hkv, cap, D, device=device),
+            torch.full((B, Hkv, cap), -1, dtype=torch.int32, device=device), torch.zeros(B, Hkv, cap, device=device)]
+
+
 def run(device, policy, q, k, v, cap, prompt, prefill_slots=0):
     B, Hkv, D = k.shape[0], k.shape[1], k.shape[3]
-    cache = [torch.zeros(B, Hkv, cap, D, device=device), torch.zeros(B, Hkv, cap, D, device=device),
-             torch.full((B, Hkv, cap), -1, dtype=torch.int32, device=device), torch.zeros(B, Hkv, cap, device=device)]
+    cache = slot_store(device, B, Hkv, cap, D)
     q, k, v = q.to(device), k.to(device), v.to(device)
     param = 16.0 if policy == "snapkv" else 0.9
     outs = [attention_evict_ref(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], torch.arange(prompt, device=device).expand(B, prompt),
@@ -29,12 +34,7 @@ def run(device, policy, q, k, v, cap, prompt, prefill_slots=0):
 def run_duo(device, q, k, v, cap, prompt):
     """Kv head 0 keeps the full store (retrieval), kv head 1 sinks + recent (streaming)."""
     B, D, total = k.shape[0], k.shape[3], k.shape[2]
-
-    def store(capacity):
-        return [torch.zeros(B, 1, capacity, D, device=device), torch.zeros(B, 1, capacity, D, device=device),
-                torch.full((B, 1, capacity), -1, dtype=torch.int32, device=device), torch.zeros(B, 1, capacity, device=device)]
-
-    full, stream = store(total), store(cap)
+    full, stream = slot_store(device, B, 1, total, D), slot_store(device, B, 1, cap, D)
     heads = [torch.tensor([0], device=device), torch.tensor([1], device=device)]
     q, k, v = q.to(device), k.to(device), v.to(device)
     spans = [(0, prompt)] + [(t, t + 1) for t in range(prompt, total)]
