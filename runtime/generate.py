@@ -160,6 +160,19 @@ def _runtime_config(config, store_id: str) -> dict:
     return raw
 
 
+def _resolve_codegen(codegen: str, config, is_cuda: bool) -> str:
+    """The argument when explicit, else the config's `compile.codegen` when explicit, else
+    inductor on CUDA (fuses the non-attention ops; measured in benchmarks/bench_runtime.py)
+    and FX code on CPU (exact, no C++ build per shape)."""
+    if codegen == "auto" and config is not None:
+        from slimfx.compiler.config import load_config
+
+        codegen = load_config(config).compile["codegen"]
+    if codegen == "auto":
+        return "inductor" if is_cuda else "eager"
+    return codegen
+
+
 class Generator:
     """A model bound to one KVStore (batch, capacity) with its compiled step function.
     Reused across generate() calls of the same shape: the store is reset in place."""
@@ -170,9 +183,7 @@ class Generator:
         self.store = KVStore(batch, capacity, dtype=param.dtype, device=param.device, capacities=capacities)
         from slimfx.runtime.lowering import runtime_backend
 
-        # auto: inductor on CUDA (fuses the non-attention ops; measured in
-        # benchmarks/bench_runtime.py), FX code on CPU (exact, no C++ build per shape).
-        self.codegen = ("inductor" if param.is_cuda else "eager") if codegen == "auto" else codegen
+        self.codegen = _resolve_codegen(codegen, config, param.is_cuda)
         backend = runtime_backend(_runtime_config(config, self.store.id), self.codegen)
         self.step_fn = torch.compile(_fresh_step_function(), backend=backend, dynamic=False, fullgraph=True)
         dev = param.device
@@ -275,7 +286,8 @@ def generate(
     seed: seeds torch's generator for sampling. config: a slimfx config (dict or TOML
       path) whose pipeline runs before `kv_runtime`. codegen: how the rewritten graph
       runs: "eager" (FX code), "inductor" (fused; store buffers as graph inputs),
-      "auto" (inductor on CUDA, eager on CPU).
+      "slimfx" (slimfx's code generator), "auto" (the config's `compile.codegen` when
+      it names one, else inductor on CUDA and eager on CPU).
 
     Returns GenerateOutput(tokens [B, max_new_tokens] int64 CPU, stats dict): see
     GenerateOutput for the stats keys (prefill_s, decode_s, tokens_per_s, kv_bytes...).

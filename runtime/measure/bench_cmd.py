@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=8, help="untimed decode steps first")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}")
     parser.add_argument("--config", default=None, help="slimfx TOML config for the slimfx backend")
+    parser.add_argument("--codegen", default="auto", choices=("auto", "eager", "inductor", "slimfx"),
+                        help="how slimfx lowers its graphs: slimfx's own code generator, inductor, FX code; "
+                             "auto = the config's compile.codegen, else inductor on CUDA and FX code on CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="results/bench", help="file stem: writes STEM.json, STEM.md, STEM.png")
 
@@ -110,14 +113,14 @@ def run_bench(args, p: dict, on_model=None) -> dict:
     from slimfx.runtime.measure.report import stamp
 
     device, dtype = p["device"], getattr(torch, p["dtype"])
-    settings = bench_run.BenchSettings(args.context, p["batches"], args.steps, args.warmup, args.config, args.seed)
+    settings = bench_run.BenchSettings(args.context, p["batches"], args.steps, args.warmup, args.config, args.seed, args.codegen)
     copy_gbps = bench_run.copy_bandwidth(device)
     models = []
     results = {
         "kind": "slimfx-bench",
         "stamp": stamp(str(device)),
         "settings": {"device": str(device), "dtype": p["dtype"], "context": args.context, "batches": list(p["batches"]),
-                     "steps": args.steps, "warmup": args.warmup, "seed": args.seed, "config": args.config,
+                     "steps": args.steps, "warmup": args.warmup, "seed": args.seed, "config": args.config, "codegen": args.codegen,
                      "weights": "random (seeded); speed does not depend on values" if args.model is None else f"loaded from {args.model}"},
         "copy_bandwidth_gbps": copy_gbps,
         "method": bench_run.__doc__.strip(),

@@ -30,6 +30,7 @@ class BenchSettings:
     warmup: int = 8
     config: object = None  # slimfx config (dict or TOML path) for the slimfx backend
     seed: int = 0
+    codegen: str = "auto"  # how slimfx lowers its graphs (runtime.generate's `codegen`)
 
 
 class Timer:
@@ -186,9 +187,9 @@ def measure_slimfx(model, batch: int, s: BenchSettings, device: torch.device) ->
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    generate(model, ids, max_new_tokens=new, config=s.config)  # first call: compiles
+    generate(model, ids, max_new_tokens=new, config=s.config, codegen=s.codegen)  # first call: compiles
     first_call_s = time.perf_counter() - t0
-    stats = generate(model, ids, max_new_tokens=new, config=s.config).stats
+    stats = generate(model, ids, max_new_tokens=new, config=s.config, codegen=s.codegen).stats
     out = _figures(model, batch, s, device, 1e3 * stats["prefill_s"], stats["ms_per_step"],
                    first_step_s=None, kv_bytes=stats["kv_bytes"])
     # Compile time = first call minus the same work once compiled.
@@ -210,7 +211,7 @@ def _slimfx_warm_compile(model, s: BenchSettings, device: torch.device, steady_s
     gen = torch.Generator(device="cpu").manual_seed(s.seed)
     ids = torch.randint(0, model.config.vocab_size, (s.batches[0], s.context), generator=gen).to(device)
     t0 = time.perf_counter()
-    generate(model, ids, max_new_tokens=1 + s.warmup + s.steps, config=s.config)
+    generate(model, ids, max_new_tokens=1 + s.warmup + s.steps, config=s.config, codegen=s.codegen)
     return time.perf_counter() - t0 - steady_s
 
 
