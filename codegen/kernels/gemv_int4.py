@@ -150,12 +150,13 @@ def _gemv_config(x: torch.Tensor, N: int, NG: int, G: int) -> dict:
         block_n = 16
         block_g = max(1, 512 // G)  # 512 weights (256 bytes) of a row per step
         split = split_k_heuristic(triton.cdiv(N, block_n), triton.cdiv(NG, block_g), sms)
-        return {"BLOCK_N": block_n, "BLOCK_G": block_g, "split_k": split, "num_warps": 4}
-    return {"BLOCK_N": 8, "BLOCK_G": 2, "split_k": 2 if NG > 2 else 1, "num_warps": 1}
+        return {"BLOCK_N": block_n, "BLOCK_G": block_g, "split_k": split, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_N": 8, "BLOCK_G": 2, "split_k": 2 if NG > 2 else 1, "num_warps": 1, "num_stages": 1}
 
 
 def gemv_int4(x, qweight, scale, offset, group_size: int, bias=None, *, split_k: int | None = None,
-              block_n: int | None = None, block_g: int | None = None, num_warps: int | None = None):
+              block_n: int | None = None, block_g: int | None = None, num_warps: int | None = None,
+              num_stages: int | None = None):
     """y [..., N] = x [..., K] @ W_hat.T + bias, in x's dtype (module doc)."""
     N, K, NG = _check(x, qweight, scale, offset, group_size, bias)
     lead = x.shape[:-1]
@@ -168,13 +169,13 @@ def gemv_int4(x, qweight, scale, offset, group_size: int, bias=None, *, split_k:
     has_bias = bias is not None
     bias_arg = bias if has_bias else scale
     if M == 1:
-        y = _launch_gemv(x2, qweight, scale, offset, bias_arg, has_bias, group_size, N, NG, split_k, block_n, block_g, num_warps)
+        y = _launch_gemv(x2, qweight, scale, offset, bias_arg, has_bias, group_size, N, NG, split_k, block_n, block_g, num_warps, num_stages)
     else:
         y = _launch_gemm(x2, qweight, scale, offset, bias_arg, has_bias, group_size, M, N, NG, block_n, num_warps)
     return y.view(*lead, N)
 
 
-def _launch_gemv(x2, qweight, scale, offset, bias_arg, has_bias, G, N, NG, split_k, block_n, block_g, num_warps):
+def _launch_gemv(x2, qweight, scale, offset, bias_arg, has_bias, G, N, NG, split_k, block_n, block_g, num_warps, num_stages=None):
     cfg = _gemv_config(x2, N, NG, G)
     BLOCK_N, BLOCK_G = block_n or cfg["BLOCK_N"], block_g or cfg["BLOCK_G"]
     splits = split_k or cfg["split_k"]
@@ -188,7 +189,7 @@ def _launch_gemv(x2, qweight, scale, offset, bias_arg, has_bias, G, N, NG, split
         x2, qweight, scale, offset, bias_arg, y,
         N, NG * G, NG, per_split, qweight.stride(0), scale.stride(0),
         G=G, HAS_BIAS=has_bias, SPLIT_K=splits, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G,
-        num_warps=num_warps or cfg["num_warps"],
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return y if splits == 1 else y.to(x2.dtype)
 

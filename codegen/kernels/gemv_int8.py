@@ -129,13 +129,14 @@ def _gemv_config(x: torch.Tensor, N: int, K: int) -> dict:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         block_n, block_k = 16, 512
         split = split_k_heuristic(triton.cdiv(N, block_n), triton.cdiv(K, block_k), sms)
-        return {"BLOCK_N": block_n, "BLOCK_K": block_k, "split_k": split, "num_warps": 4}
+        return {"BLOCK_N": block_n, "BLOCK_K": block_k, "split_k": split, "num_warps": 4, "num_stages": 3}
     # Interpreter: small tiles; a split of 2 when K allows it so the atomic path is exercised.
-    return {"BLOCK_N": 8, "BLOCK_K": 32, "split_k": 2 if K > 32 else 1, "num_warps": 1}
+    return {"BLOCK_N": 8, "BLOCK_K": 32, "split_k": 2 if K > 32 else 1, "num_warps": 1, "num_stages": 1}
 
 
 def gemv_int8(x, qweight, scale, bias=None, *, split_k: int | None = None, block_n: int | None = None,
-              block_k: int | None = None, num_warps: int | None = None):
+              block_k: int | None = None, num_warps: int | None = None,
+              num_stages: int | None = None):
     """y [..., N] = x [..., K] @ (qweight * scale[:, None]).T + bias, in x's dtype (module doc)."""
     N, K = _check(x, qweight, scale, bias)
     lead = x.shape[:-1]
@@ -148,13 +149,13 @@ def gemv_int8(x, qweight, scale, bias=None, *, split_k: int | None = None, block
     has_bias = bias is not None
     bias_arg = bias if has_bias else scale
     if M == 1:
-        y = _launch_gemv(x2, qweight, scale, bias_arg, has_bias, N, K, split_k, block_n, block_k, num_warps)
+        y = _launch_gemv(x2, qweight, scale, bias_arg, has_bias, N, K, split_k, block_n, block_k, num_warps, num_stages)
     else:
         y = _launch_gemm(x2, qweight, scale, bias_arg, has_bias, M, N, K, block_n, block_k, num_warps)
     return y.view(*lead, N)
 
 
-def _launch_gemv(x2, qweight, scale, bias_arg, has_bias, N, K, split_k, block_n, block_k, num_warps):
+def _launch_gemv(x2, qweight, scale, bias_arg, has_bias, N, K, split_k, block_n, block_k, num_warps, num_stages=None):
     cfg = _gemv_config(x2, N, K)
     BLOCK_N, BLOCK_K = block_n or cfg["BLOCK_N"], block_k or cfg["BLOCK_K"]
     splits = split_k or cfg["split_k"]
@@ -170,7 +171,7 @@ def _launch_gemv(x2, qweight, scale, bias_arg, has_bias, N, K, split_k, block_n,
         x2, qweight, scale, bias_arg, y,
         N, K, per_split, qweight.stride(0),
         HAS_BIAS=has_bias, SPLIT_K=splits, EVEN_K=even_k, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        num_warps=num_warps or cfg["num_warps"],
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return y if splits == 1 else y.to(x2.dtype)
 
