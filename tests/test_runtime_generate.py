@@ -233,3 +233,13 @@ def test_default_model_token_identity_128_tokens(smollm):
     single, _ = generate(model, chats[2][None].to(DEVICE), max_new_tokens=128)  # alone, unpadded
     assert torch.equal(single[0], ref[2]), "prompt 2 (alone) differs from the unmodified model"
     print(f"default-model identity test: {time.perf_counter() - start:.1f} s")
+
+
+def test_codegen_auto_follows_the_config_then_the_device():
+    from slimfx.runtime.generate import _resolve_codegen
+
+    slimfx_cfg = {"compile": {"codegen": "slimfx"}}
+    assert _resolve_codegen("auto", slimfx_cfg, is_cuda=False) == "slimfx"
+    assert _resolve_codegen("eager", slimfx_cfg, is_cuda=True) == "eager"  # an explicit argument wins
+    assert _resolve_codegen("auto", {"compile": {"codegen": "auto"}}, is_cuda=True) == "inductor"
+    assert _resolve_codegen("auto", None, is_cuda=False) == "eager"

@@ -147,10 +147,11 @@ def split_k_heuristic(n_blocks: int, step_blocks: int, sm_count: int) -> int:
 def _gemv_config(x: torch.Tensor, N: int, NG: int, G: int) -> dict:
     if x.is_cuda:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        block_n = 16
+        # From the H100 sweep (benchmarks/sweep_quant_gemv.py, results/quant_gemv_sweep2_h100.log).
+        block_n = 8
         block_g = max(1, 512 // G)  # 512 weights (256 bytes) of a row per step
         split = split_k_heuristic(triton.cdiv(N, block_n), triton.cdiv(NG, block_g), sms)
-        return {"BLOCK_N": block_n, "BLOCK_G": block_g, "split_k": split, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_N": block_n, "BLOCK_G": block_g, "split_k": split, "num_warps": 4, "num_stages": 1}
     return {"BLOCK_N": 8, "BLOCK_G": 2, "split_k": 2 if NG > 2 else 1, "num_warps": 1, "num_stages": 1}
 
 

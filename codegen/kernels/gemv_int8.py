@@ -127,9 +127,13 @@ def split_k_heuristic(n_blocks: int, k_blocks: int, sm_count: int) -> int:
 def _gemv_config(x: torch.Tensor, N: int, K: int) -> dict:
     if x.is_cuda:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        block_n, block_k = 16, 512
+        # The H100 sweep's best at 28672x4096 and 8192x2048 (benchmarks/sweep_quant_gemv.py,
+        # results/quant_gemv_sweep2_h100.log; at 4096x4096 and 2048x2048 the best differs only in
+        # stages or K tile). Narrow row blocks give enough programs to fill the GPU without
+        # split-K, whose atomics need a zero fill and a cast kernel.
+        block_n, block_k = 4, 1024
         split = split_k_heuristic(triton.cdiv(N, block_n), triton.cdiv(K, block_k), sms)
-        return {"BLOCK_N": block_n, "BLOCK_K": block_k, "split_k": split, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_N": block_n, "BLOCK_K": block_k, "split_k": split, "num_warps": 4, "num_stages": 1}
     # Interpreter: small tiles; a split of 2 when K allows it so the atomic path is exercised.
     return {"BLOCK_N": 8, "BLOCK_K": 32, "split_k": 2 if K > 32 else 1, "num_warps": 1, "num_stages": 1}
 
