@@ -243,3 +243,17 @@ def test_codegen_auto_follows_the_config_then_the_device():
     assert _resolve_codegen("eager", slimfx_cfg, is_cuda=True) == "eager"  # an explicit argument wins
     assert _resolve_codegen("auto", {"compile": {"codegen": "auto"}}, is_cuda=True) == "inductor"
     assert _resolve_codegen("auto", None, is_cuda=False) == "eager"
+
+
+def test_prefill_graphs_are_told_apart_from_the_decode_step():
+    from slimfx.runtime.lowering import is_prefill_graph, with_prefill_cudagraph
+
+    weight = torch.nn.Parameter(torch.zeros(4, 4))
+    prefill = [weight, torch.zeros(1, 16, dtype=torch.int64), torch.zeros(1, 16, dtype=torch.int64)]
+    decode = [weight, torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64)]
+    assert is_prefill_graph(prefill) and not is_prefill_graph(decode)
+
+    def run(*args):
+        return args[0]
+
+    assert with_prefill_cudagraph(run, prefill) is run  # CPU tensors: nothing to capture
