@@ -122,6 +122,26 @@ def test_prefill_attention_matches_reference(shape, dtype):
     assert torch.count_nonzero(out.transpose(1, 2)[pad]) == 0
 
 
+def test_prefill_attention_skips_invisible_key_blocks_exactly():
+    # The runtime's layout in a chunked prefill: a store whose first p0 slots are filled,
+    # the rest empty (-1), then the chunk's own keys. Most key blocks are empty or lie
+    # after a query block's last position; the kernel skips those blocks, which must not
+    # change the result.
+    B, Hq, Hkv, C, p0, T, D = 1, 4, 2, 96, 21, 40, 16
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(B, Hq, T, D, generator=gen).to(DEVICE)
+    k = torch.randn(B, Hkv, C + T, D, generator=gen).to(DEVICE)
+    v = torch.randn(B, Hkv, C + T, D, generator=gen).to(DEVICE)
+    slots = torch.full((B, Hkv, C), -1, dtype=torch.long)
+    slots[..., :p0] = torch.arange(p0)
+    chunk = torch.arange(p0, p0 + T)
+    k_pos = torch.cat([slots, chunk.expand(B, Hkv, T)], dim=2).to(DEVICE)
+    q_pos = chunk[None, :].to(DEVICE)
+    out = pre.prefill_attention(q, q_pos, k, v, k_pos)
+    ref = pre.prefill_attention_ref(q, q_pos, k, v, k_pos)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
 def test_prefill_reference_equals_causal_sdpa_on_plain_sequence():
     """With positions 0..T-1 in order, the position rule is the causal mask."""
     B, Hq, Hkv, T, D = 2, 4, 2, 11, 16

@@ -62,21 +62,25 @@ def _prefill_kernel(
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
     p_base = KPOS + b * stride_kpb + hkv * stride_kph
+    q_last = tl.max(qpos, axis=0)
     for n0 in range(0, N, BLOCK_N):
         n = n0 + offs_n
         n_ok = n < N
         kpos = tl.load(p_base + n, mask=n_ok, other=-1)
-        k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
-        visible = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-        m_i = m_new
+        # Skip key blocks no query of this block can see (empty slots, keys after the
+        # block's last query): during a chunked prefill most of the store is one or the other.
+        if tl.sum(((kpos >= 0) & (kpos <= q_last)).to(tl.int32), axis=0) > 0:
+            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+            visible = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+            m_i = m_new
     out = acc * tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)[:, None]
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
