@@ -135,4 +135,22 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     gm.graph.eliminate_dead_code()  # the unused `scores` get_attr nodes
     gm.recompile()
     return PassResult(NAME, applied=True, sites_matched=len(nodes), nodes_rewritten=rewritten, bytes_saved=saved, notes=notes,
-                      details={"formats": formats, "kv_bytes": store.nbytes()})
+                      details={"formats": formats, "kv_bytes": store.nbytes(),
+                               "footprint": kv_footprint(store)})
+
+
+def kv_footprint(store) -> dict:
+    """What one sequence's KV costs in the store as it now is, in the footprint's terms
+    (runtime/measure/footprint.py): `kv_bytes_per_token`, the bytes every cached token adds
+    (codes and scales of quantized sites; K and V of the others), and `kv_fixed_bytes`, the
+    full-precision sink + recent-window buffers a quantized site holds at any length. Slot
+    bookkeeping (positions, scores) is left out, as in the unmodified figure."""
+    per_token, fixed = 0.0, 0
+    for cache in store.sites.values():
+        if cache.owner is not None:
+            continue  # shares another site's memory
+        side = sum(getattr(cache, f).numel() * getattr(cache, f).element_size() for f in ("fp_k", "fp_v", "fp_pos") if hasattr(cache, f))
+        bookkeeping = sum(t.numel() * t.element_size() for t in (cache.slot_pos, cache.scores))
+        per_token += (cache.nbytes() - side - bookkeeping) / (store.batch * cache.capacity)
+        fixed += side // store.batch
+    return {"kv_bytes_per_token": round(per_token), "kv_fixed_bytes": fixed}

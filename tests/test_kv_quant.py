@@ -298,6 +298,13 @@ def test_int8_pass_through_generate_saves_bytes_and_keeps_tokens(sharp_model, pr
     assert results[0].bytes_saved > 0 and results[0].details["formats"] == {0: "int8", 1: "int8"}
     assert stats["kv_bytes"] == reference.stats["kv_bytes"] - results[0].bytes_saved
     assert stats["kv_bytes"] < 0.6 * reference.stats["kv_bytes"]
+    # The footprint slimfx eval reads: int8 codes + per-token scales + the float32 sink window,
+    # against float32 K/V (2 sites x 2 x kv heads x head_dim x 4 bytes per token).
+    cfg = sharp_model.config
+    full_rate = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    fp = results[0].details["footprint"]
+    assert full_rate / 4 < fp["kv_bytes_per_token"] < 0.6 * full_rate, (fp, full_rate)
+    assert fp["kv_fixed_bytes"] > 0  # the float32 sink buffers
     # Structure: every site is one attention_kvq op over int8 buffers; no plain attention op is left.
     for gm in graphs:
         targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]

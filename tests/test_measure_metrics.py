@@ -157,6 +157,9 @@ def test_footprint_applies_pass_reports():
     # MiKV: tokens past site 1's budget stay at 10 bytes each in its low tier.
     mikv = footprint.apply_pass_reports(base, [report({"budgets": {0: 16, 1: 64}, "low_tier_bytes_per_token": {1: 10.0}})])
     assert footprint.kv_bytes_at(mikv, 1000) == round((16 + 64) * base["kv_bytes_per_token"] / 2 + (1000 - 64) * 10.0)
+    # KV quantization: a lower rate per token plus full-precision buffers held at any length.
+    kvq = footprint.apply_pass_reports(base, [report({"footprint": {"kv_bytes_per_token": 40, "kv_fixed_bytes": 5000}})])
+    assert footprint.kv_bytes_at(kvq, 1000, batch=2) == 2 * (1000 * 40 + 5000)
     import json  # a report rebuilt from the eval's JSON has string site keys: same bytes
     assert footprint.kv_bytes_at(json.loads(json.dumps(duo)), 1000) == footprint.kv_bytes_at(duo, 1000)
     assert footprint.apply_pass_reports(base, [report({"budgets": {0: 16}}, applied=False)])["weight_bytes"] == base["weight_bytes"]

@@ -16,8 +16,10 @@ import torch
 #   head_bytes_saved: int     LM-head bytes no longer held
 #   kv_bytes_per_token: int   KV bytes per cached token per sequence, all layers, after the pass
 #   kv_capacity_tokens: int   tokens the KV store holds per sequence (a budget)
+#   kv_fixed_bytes: int       KV bytes per sequence held at any length (KV quantization's
+#                             full-precision sink and recent-window buffers)
 # and, as kv_eviction reports it, PassResult.details["budgets"] = {site: tokens kept}.
-FOOTPRINT_KEYS = ("weight_bytes_saved", "head_bytes_saved", "kv_bytes_per_token", "kv_capacity_tokens")
+FOOTPRINT_KEYS = ("weight_bytes_saved", "head_bytes_saved", "kv_bytes_per_token", "kv_capacity_tokens", "kv_fixed_bytes")
 
 
 def _unique_bytes(tensors) -> int:
@@ -88,6 +90,8 @@ def apply_pass_reports(base: dict, reports) -> dict:
             saved_head[result.name] = max(saved_head.get(result.name, 0), int(fp.get("head_bytes_saved", 0)))
             if "kv_bytes_per_token" in fp:
                 out["kv_bytes_per_token"] = int(fp["kv_bytes_per_token"])
+            if "kv_fixed_bytes" in fp:
+                out["kv_fixed_bytes"] = int(fp["kv_fixed_bytes"])
             if fp.get("kv_capacity_tokens") is not None:
                 cap = int(fp["kv_capacity_tokens"])
                 out["kv_capacity_tokens"] = cap if out["kv_capacity_tokens"] is None else min(cap, out["kv_capacity_tokens"])
@@ -117,4 +121,4 @@ def kv_bytes_at(fp: dict, context: int, batch: int = 1) -> int:
         tokens = sum(full.get(i, 0.0) * kept + (1 - full.get(i, 0.0)) * min(kept, budgets.get(i, kept)) for i in range(sites))
         demoted = sum(max(0, kept - budgets.get(i, kept)) * low[i] for i in low)
         return round((tokens * per_site + demoted) * batch)
-    return kept * fp["kv_bytes_per_token"] * batch
+    return (kept * fp["kv_bytes_per_token"] + fp.get("kv_fixed_bytes", 0)) * batch
