@@ -14,6 +14,8 @@ Addresses stay fixed, so the step remains CUDA-graph capturable by the generator
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.fx
 
@@ -99,8 +101,6 @@ def with_prefill_cudagraph(run, example_inputs):
     and the store's buffers keep their addresses, so one captured graph serves them all.
     The decode step is left alone: the generator captures its whole step itself.
     SLIMFX_CUDAGRAPHS=0 turns this off."""
-    import os
-
     tensors = [a for a in example_inputs if isinstance(a, torch.Tensor)]
     if (os.environ.get("SLIMFX_CUDAGRAPHS", "1") == "0" or not is_prefill_graph(example_inputs)
             or len(tensors) != len(example_inputs) or not all(a.is_cuda for a in tensors)):
