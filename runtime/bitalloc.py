@@ -185,6 +185,42 @@ def measure_sensitivity(rec: dict, candidates, *, hqq: bool = True, include_head
     return items
 
 
+def measure_kl_sensitivity(model, input_ids: torch.Tensor, rec: dict, candidates, *, hqq: bool = True,
+                           include_head: bool = False) -> list[dict]:
+    """measure_sensitivity's items with an end-to-end cost: for each linear and candidate,
+    only that linear is quantized (its parameter swapped in place, then restored) and the
+    cost is the mean KL(unmodified || quantized) of the next-token distributions over the
+    calibration text, in nats. Summing these over linears (the knapsack's objective) assumes
+    the layers' effects add, as HAWQ-style allocation does; unlike the output-error proxy it
+    weighs each linear by how much the model's prediction moves."""
+    from slimfx.runtime.quant_formats import parse_spec, quantize
+
+    keep_whole = [c for c in candidates if parse_spec(c, "candidate").kind == "none"]
+    items = measure_sensitivity(rec, keep_whole, hqq=hqq, include_head=include_head)  # shapes, roles; "none" costs 0
+    params = {p.data_ptr(): p for p in model.parameters()}
+    with torch.no_grad():
+        base = model(input_ids).logits.float().log_softmax(-1)
+        for entry in items:
+            w, info = rec["linears"][entry["weight"]]
+            param = params.get(w.data_ptr())
+            if param is None:
+                raise UsageError(f"calibrate bits --metric kl: no parameter of the model holds {entry['weight']}")
+            for text in candidates:
+                spec = parse_spec(text, "candidate")
+                if spec.kind == "none" or spec.unsupported_reason(info.out_features, info.in_features):
+                    continue
+                original = param.data
+                param.data = quantize(w, spec, hqq=hqq).dequantize().to(original.dtype)
+                try:
+                    logp = model(input_ids).logits.float().log_softmax(-1)
+                finally:
+                    param.data = original
+                kl = float((base.exp() * (base - logp)).sum(-1).mean())
+                entry["options"][spec.name] = {"bytes": spec.bytes_for(info.out_features, info.in_features, w.element_size()),
+                                               "cost": max(kl, 0.0)}
+    return items
+
+
 # ----------------------------------------------------------------------------- plans
 
 
@@ -270,10 +306,14 @@ def budget_from(items: list[dict], *, budget_bytes: int | None, bits: float | No
 def calibrate_bit_allocation(model, tokenizer, *, out_path, budget_bytes: int | None = None, bits: float | None = None,
                              candidates=DEFAULT_CANDIDATES, tokens: int = 512, text: str | None = None,
                              max_rows: int = 512, kv_context: int = 0, kv_batch: int = 1, kv_dtype_bytes: int = 2,
-                             include_head: bool = False, hqq: bool = True, model_name: str = "model") -> dict:
+                             include_head: bool = False, hqq: bool = True, model_name: str = "model",
+                             metric: str = "output") -> dict:
     """Measure every linear's sensitivity per candidate format on calibration text, solve the
     knapsack under the budget (minus the KV cache at kv_context x kv_batch), write the plan JSON
-    to out_path and return it."""
+    to out_path and return it. metric: "output" (each linear's relative activation-weighted
+    output error) or "kl" (the model's next-token KL with only that linear quantized)."""
+    if metric not in METRICS:
+        raise UsageError(f"--metric {metric!r}: allowed: {', '.join(METRICS)}")
     from slimfx.compiler.anatomy import analyze, capture_graph
 
     ids = calibration_ids(model, tokenizer, tokens, text)
@@ -284,7 +324,10 @@ def calibrate_bit_allocation(model, tokenizer, *, out_path, budget_bytes: int | 
     if kv_context:
         anatomy = analyze(capture_graph(model, ids[:, :8]))
         kv_bytes = anatomy.kv_bytes_per_token(kv_dtype_bytes) * kv_context * kv_batch
-    items = measure_sensitivity(rec, candidates, hqq=hqq, include_head=include_head)
+    if metric == "kl":
+        items = measure_kl_sensitivity(model, ids, rec, candidates, hqq=hqq, include_head=include_head)
+    else:
+        items = measure_sensitivity(rec, candidates, hqq=hqq, include_head=include_head)
     budget = budget_from(items, budget_bytes=budget_bytes, bits=bits, kv_bytes=kv_bytes)
     try:
         formats, sol = allocate(items, budget)
@@ -296,7 +339,7 @@ def calibrate_bit_allocation(model, tokenizer, *, out_path, budget_bytes: int | 
         "budget": {"bytes": budget + kv_bytes, "bits_per_weight": bits, "linear_bytes": budget,
                    "kv_context": kv_context, "kv_batch": kv_batch, "kv_dtype_bytes": kv_dtype_bytes},
         "calibration": {"tokens": int(ids.shape[1]), "rows_per_linear": max_rows, "text": "file" if text else "model's own greedy text",
-                        "metric": "relative activation-weighted output error", "hqq": hqq, "candidates": list(candidates)},
+                        "metric": METRICS[metric], "hqq": hqq, "candidates": list(candidates)},
         "totals": {"linear_bytes": sol.size, "linear_bytes_unquantized": sum(it["orig_bytes"] for it in items),
                    "kv_bytes": kv_bytes, "cost": sol.cost, "exact": sol.exact, "unit_bytes": sol.unit},
         "formats": formats,
@@ -311,6 +354,9 @@ def calibrate_bit_allocation(model, tokenizer, *, out_path, budget_bytes: int | 
 
 
 # ----------------------------------------------------------------------------- CLI helpers
+
+METRICS = {"output": "relative activation-weighted output error",
+           "kl": "next-token KL(unmodified || one linear quantized), mean over the calibration text"}
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -338,6 +384,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype-bytes", type=int, default=2)
     p.add_argument("--include-head", action="store_true", help="allocate the LM head too")
     p.add_argument("--no-hqq", action="store_true", help="plain round-to-nearest int4")
+    p.add_argument("--metric", default="output", choices=tuple(METRICS),
+                   help="sensitivity: output = each linear's relative output error (one forward); "
+                        "kl = the model's next-token KL with only that linear quantized (one forward per linear and format)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -359,6 +408,7 @@ def main(args: argparse.Namespace) -> int:
         model, tok, out_path=args.output, budget_bytes=budget, bits=args.bits, candidates=candidates, tokens=args.tokens,
         text=text, kv_context=args.kv_context, kv_batch=args.kv_batch, kv_dtype_bytes=args.kv_dtype_bytes,
         include_head=args.include_head, hqq=not args.no_hqq, model_name=args.model or "SmolLM2-135M-Instruct",
+        metric=args.metric,
     )
     print(format_plan(plan))
     print(f"plan written to {args.output}")

@@ -102,3 +102,23 @@ def test_calibrate_plan_holds_budget_and_prefers_int8_where_it_hurts_less(tmp_pa
         assert opts["none"]["cost"] == 0.0 < opts["int8"]["cost"] < opts["int4_g32"]["cost"]
     assert "int4_g32" in plan["formats"].values()  # 6 bits a weight cannot all be int8 (8.5)
     assert "output error" in B.format_plan(plan)
+
+
+def test_kl_metric_measures_each_linear_alone_and_restores_the_model(tmp_path):
+    from slimfx.runtime.models import tiny_model
+
+    model = tiny_model("llama_untied")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    plan = B.calibrate_bit_allocation(model, _Tok(), out_path=tmp_path / "plan.json", bits=6.0, metric="kl",
+                                      candidates=("none", "int8", "int4_g32"), text=text, tokens=96)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # every swap undone
+    assert plan["calibration"]["metric"] == B.METRICS["kl"]
+    assert plan["totals"]["linear_bytes"] <= plan["budget"]["linear_bytes"]
+    costs = [entry["options"] for entry in plan["linears"].values()]
+    assert len(costs) == 14 and all(o["none"]["cost"] == 0.0 for o in costs)
+    # KL of the whole model's prediction: int4 moves it more than int8, summed over linears.
+    assert sum(o["int8"]["cost"] for o in costs) < sum(o["int4_g32"]["cost"] for o in costs)
+    assert all(o["int8"]["cost"] >= 0.0 for o in costs)
+    with pytest.raises(B.UsageError, match="--metric"):
+        B.calibrate_bit_allocation(model, _Tok(), out_path=tmp_path / "x.json", bits=6.0, metric="fisher", text=text, tokens=96)
