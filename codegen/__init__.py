@@ -133,7 +133,9 @@ def _dump(result: CodegenResult, folder: Path) -> None:
         (folder / f"{g.group.name}.py").write_text(text)
 
 
-def _use_cudagraphs(example_inputs, requested) -> bool:
+def use_cudagraphs(example_inputs, requested: bool | None = None) -> bool:
+    """CUDA-graph replay applies: not turned off (argument or SLIMFX_CUDAGRAPHS=0) and every
+    input is a CUDA tensor (static shapes; SymInts mean a dynamic graph)."""
     if requested is False or os.environ.get("SLIMFX_CUDAGRAPHS", "1") == "0":
         return False
     return bool(example_inputs) and all(isinstance(a, torch.Tensor) and a.is_cuda for a in example_inputs)
@@ -173,7 +175,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, *, cudagraphs: bool 
             return wrapper(*args)
 
     step = run
-    if _use_cudagraphs(example_inputs, cudagraphs):
+    if use_cudagraphs(example_inputs, cudagraphs):
         from slimfx.codegen.cudagraphs import CudaGraphStep
 
         static = mutated_inputs(aten_gm) | {i for i, a in enumerate(example_inputs) if isinstance(a, torch.nn.Parameter)}

@@ -200,6 +200,7 @@ def measure_kl_sensitivity(model, input_ids: torch.Tensor, rec: dict, candidates
     params = {p.data_ptr(): p for p in model.parameters()}
     with torch.no_grad():
         base = model(input_ids).logits.float().log_softmax(-1)
+        base_probs = base.exp()  # once: every (linear, format) compares against it
         for entry in items:
             w, info = rec["linears"][entry["weight"]]
             param = params.get(w.data_ptr())
@@ -215,7 +216,7 @@ def measure_kl_sensitivity(model, input_ids: torch.Tensor, rec: dict, candidates
                     logp = model(input_ids).logits.float().log_softmax(-1)
                 finally:
                     param.data = original
-                kl = float((base.exp() * (base - logp)).sum(-1).mean())
+                kl = float((base_probs * (base - logp)).sum(-1).mean())
                 entry["options"][spec.name] = {"bytes": spec.bytes_for(info.out_features, info.in_features, w.element_size()),
                                                "cost": max(kl, 0.0)}
     return items

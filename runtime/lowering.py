@@ -14,8 +14,6 @@ Addresses stay fixed, so the step remains CUDA-graph capturable by the generator
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.fx
 
@@ -101,9 +99,9 @@ def with_prefill_cudagraph(run, example_inputs):
     and the store's buffers keep their addresses, so one captured graph serves them all.
     The decode step is left alone: the generator captures its whole step itself.
     SLIMFX_CUDAGRAPHS=0 turns this off."""
-    tensors = [a for a in example_inputs if isinstance(a, torch.Tensor)]
-    if (os.environ.get("SLIMFX_CUDAGRAPHS", "1") == "0" or not is_prefill_graph(example_inputs)
-            or len(tensors) != len(example_inputs) or not all(a.is_cuda for a in tensors)):
+    from slimfx.codegen import use_cudagraphs
+
+    if not (is_prefill_graph(example_inputs) and use_cudagraphs(example_inputs)):
         return run
     from slimfx.codegen.cudagraphs import CudaGraphStep
 
