@@ -5,6 +5,9 @@
 #   part 2: 16K context: full cache on both shapes (issue 5), H2O and DuoAttention at
 #           budget 1024 on the Llama shape (issue 6)
 #   part 3: Llama-3.1-8B shape at 1K: bf16, int8, int4-g128 (issue 8)
+#   part 4: CUDA checks of the fused cat (rotary) kernels, then passes off at 1K on both
+#           shapes (issue 5)
+#   part 5: prefill of 2K and 8K tokens (and decode there), passes off, both shapes (issue 5)
 # Usage (repo root on the device machine): bash benchmarks/gpu_e2e.sh 1|2|3
 set -u
 mkdir -p /tmp/p && ln -sfn "$PWD" /tmp/p/slimfx && export PYTHONPATH=/tmp/p PYTHONUNBUFFERED=1
@@ -33,5 +36,17 @@ case "${1:-1}" in
   bench $c --backends inductor,slimfx --output "$OUT/bench_h100_e2e_llama8b_1k"
   bench $c --backends slimfx --config benchmarks/configs/quant_int8.toml --output "$OUT/bench_h100_e2e_llama8b_1k_int8"
   bench $c --backends slimfx --config benchmarks/configs/quant_int4_g128.toml --output "$OUT/bench_h100_e2e_llama8b_1k_int4_g128"
+  ;;
+4)
+  python3 -m pytest -q -p no:cacheprovider tests/test_codegen_pointwise.py -k cuda 2>&1 | tail -2
+  python3 benchmarks/check_prefill_cudagraph.py
+  bench --shape llama-3.2-1b --context 1024 --backends inductor,slimfx --output "$OUT/bench_h100_e2e_llama1b_1k_catfused"
+  bench --shape smollm2-135m --context 1024 --backends inductor,slimfx --output "$OUT/bench_h100_e2e_smollm2_1k"
+  ;;
+5)
+  for ctx in 2048 8192; do
+    bench --shape llama-3.2-1b --context $ctx --backends inductor,slimfx --output "$OUT/bench_h100_e2e_llama1b_prefill_$ctx"
+    bench --shape smollm2-135m --context $ctx --backends inductor,slimfx --output "$OUT/bench_h100_e2e_smollm2_prefill_$ctx"
+  done
   ;;
 esac

@@ -61,6 +61,8 @@ class FusionGroup:
     shape: tuple = ()  # sizes (int or SymInt) of the domain
     inputs: list = field(default_factory=list)  # external fx.Nodes read (tensors)
     outputs: list = field(default_factory=list)  # members read outside the group
+    # Members computed at a cat operand's index, not over `shape` (see is_fusable_cat).
+    inlined: set = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -162,6 +164,39 @@ def reduction_dims_ok(node: torch.fx.Node) -> bool:
     return not (isinstance(n, int) and n <= 1)
 
 
+def cat_dim(node: torch.fx.Node) -> int:
+    out = _val(node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % out.ndim
+
+
+def is_fusable_cat(node: torch.fx.Node) -> bool:
+    """An aten.cat a pointwise group can compute: its value at index i along `dim` is the
+    operand covering i, read at i less the operand's offset (triton_gen._cat_expr).
+
+    Operands: tensors of the output's dtype, device and rank, with a static, non-zero size
+    along `dim` (so offsets are constants). The rotary embedding's rotate_half
+    (cat([-x2, x1])) and its cos/sin table (cat([freqs, freqs])) are the cats this is for.
+    """
+    if node.op != "call_function" or node.target is not aten.cat.default or set(node.kwargs) - {"dim"}:
+        return False
+    out = _val(node)
+    if not isinstance(out, torch.Tensor) or out.dtype not in TRITON_DTYPE or out.ndim == 0:
+        return False
+    operands = node.args[0]
+    if not isinstance(operands, (list, tuple)) or len(operands) < 2:
+        return False
+    dim = cat_dim(node)
+    for arg in operands:
+        val = _val(arg)
+        if not isinstance(val, torch.Tensor) or val.dtype != out.dtype or val.device != out.device or val.ndim != out.ndim:
+            return False
+        size = val.shape[dim]
+        if not isinstance(size, int) or size == 0:
+            return False
+    return True
+
+
 MATMUL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MATMUL_OPS = (aten.mm.default, aten.addmm.default)
 VIEW_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -257,6 +292,7 @@ class _Builder:
         self.group_of: dict = {}
         self.domain: dict = {}  # gid -> ("pointwise", S) | ("row", rows, N, sizes)
         self.members: dict = {}
+        self.inlined: dict = {}  # gid -> members computed at a cat operand's index
 
     def _epochs(self) -> dict:
         epoch, out = 0, {}
@@ -293,7 +329,7 @@ class _Builder:
             i = self.index[n]
             self.group_of[n] = i
             self.members[i] = [n]
-            if is_pointwise(n):
+            if is_pointwise(n) or is_fusable_cat(n):
                 self.domain[i] = ("pointwise", _key(_val(n).shape), tuple(_val(n).shape))
             elif reduction_dims_ok(n):
                 rows, size_n, sizes = _row_domain(n)
@@ -308,6 +344,8 @@ class _Builder:
         if da[0] == "row" and db[0] == "row":
             return da if da[1:3] == db[1:3] else None
         row, pw_gid = (da, b) if da[0] == "row" else (db, a)
+        if self.inlined.get(pw_gid):  # a cat's operands have other shapes: no row kernel for them
+            return None
         rows, size_n = row[1], row[2]
         if all(_fits_row(_key(_val(m).shape), rows, size_n) for m in self.members[pw_gid]):
             return row
@@ -356,6 +394,8 @@ class _Builder:
         self.members[a].extend(self.members.pop(b))
         self.domain[a] = domain
         self.domain.pop(b, None)
+        if b in self.inlined:
+            self.inlined.setdefault(a, set()).update(self.inlined.pop(b))
 
     def try_merge(self, u: torch.fx.Node, v: torch.fx.Node) -> None:
         a, b = self.group_of[u], self.group_of[v]
@@ -366,11 +406,31 @@ class _Builder:
             return
         self._merge(a, b, domain)
 
+    def absorb_cat_operand(self, u: torch.fx.Node, cat: torch.fx.Node) -> None:
+        """Move the pointwise group computing cat operand `u` into the cat's group, to be
+        computed at the operand's index (FusionGroup.inlined), when nothing else reads it."""
+        a, b = self.group_of[cat], self.group_of[u]
+        db = self.domain.get(b)
+        if a == b or db is None or db[0] != "pointwise" or db[1] != _key(_val(u).shape):
+            return
+        if self.inlined.get(b) or self.epoch[u] != self.epoch[cat]:
+            return  # no cat inside a cat operand: one level of index remapping
+        members = set(self.members[b])
+        if any(user not in members and user is not cat for m in members for user in m.users):
+            return
+        if self._creates_cycle(a, b):
+            return
+        self._merge(a, b, self.domain[a])
+        self.inlined.setdefault(a, set()).update(members)
+
     def run(self) -> None:
         self.seed()
         for v in self.nodes:
             if v.op != "call_function" or self.group_of[v] not in self.domain:
                 continue
+            if is_fusable_cat(v):
+                for u in dict.fromkeys(v.args[0]):
+                    self.absorb_cat_operand(u, v)
             for u in _tensor_args(v):
                 if self.group_of.get(u) in self.domain:
                     self.try_merge(u, v)
@@ -416,6 +476,8 @@ class _Builder:
         kind, epi_key, size_n, (m, n) = self.domain[gid]
         pw = self.domain.get(pid)
         if pid == gid or pw is None or pw[0] != "pointwise" or self.epoch[user] != self.epoch[member]:
+            return
+        if self.inlined.get(pid):  # the matmul epilogue computes over [M, N] only
             return
         if epi_key not in (None, pw[1]) or not flattens_to(pw[2], m, n):
             return
@@ -497,7 +559,8 @@ def partition(gm: torch.fx.GraphModule, *, matmul: str | None = None) -> Partiti
             continue
         kind = domain[0]
         shape = domain[2] if kind == "pointwise" else domain[3]
-        group = FusionGroup(gid=len(groups), kind=kind, nodes=members, shape=shape, inputs=inputs, outputs=outputs)
+        group = FusionGroup(gid=len(groups), kind=kind, nodes=members, shape=shape, inputs=inputs, outputs=outputs,
+                            inlined=set(b.inlined.get(gid, ())))
         groups.append(group)
         steps.append(group)
     return Partition(steps=steps, groups=groups)

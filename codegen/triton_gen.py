@@ -176,7 +176,8 @@ class _Source:
     symbols: set = field(default_factory=set)
 
     def use(self, expr: sympy.Expr) -> str:
-        self.symbols |= {s for s in expr.free_symbols if s not in (X, R, C)}
+        # Sizes become kernel arguments; index variables and kernel locals (cat*_i) do not.
+        self.symbols |= {s for s in expr.free_symbols if s not in (X, R, C) and not str(s).startswith("cat")}
         return code(expr)
 
 
@@ -186,16 +187,88 @@ def _operand(src: _Source, arg) -> str:
     return Lit(scalar_literal(arg))
 
 
-def _member_expr(src: _Source, node: torch.fx.Node) -> str:
+def _member_expr(src: _Source, node: torch.fx.Node, operand=None) -> str:
+    """The Triton expression of pointwise member `node`; `operand(arg)` gives an argument's
+    expression (default: its kernel variable)."""
+    operand = operand or (lambda arg: _operand(src, arg))
     out_dtype = _val(node).dtype
     build = POINTWISE[node.target]
     if node.target is aten.pow.Tensor_Scalar:
-        return build(out_dtype, _operand(src, node.args[0]), node.args[1])
+        return build(out_dtype, operand(node.args[0]), node.args[1])
     if node.target in (aten._to_copy.default, torch.ops.prims.convert_element_type.default, aten.clone.default):
-        return build(out_dtype, _operand(src, node.args[0]))
-    operands = [_operand(src, a) for a in node.args]
+        return build(out_dtype, operand(node.args[0]))
+    operands = [operand(a) for a in node.args]
     kwargs = {"alpha": node.kwargs["alpha"]} if "alpha" in node.kwargs else {}
     return build(out_dtype, *operands, **kwargs)
+
+
+def _padded(t: torch.Tensor, rank: int) -> tuple[list, list]:
+    """Shape and strides of `t` aligned right to `rank` dims (missing leading dims: size 1)."""
+    lead = rank - t.ndim
+    return [1] * lead + list(t.shape), [0] * lead + list(t.stride())
+
+
+def _cat_operand_offset(t: torch.Tensor, op_shape, dim: int, outer, coord, rest) -> sympy.Expr:
+    """Offset of element (outer, coord, rest) of a cat operand's domain `op_shape` in
+    tensor `t` broadcast to it: `outer` flattens the dims before `dim`, `rest` those after."""
+    shape, strides = _padded(t, len(op_shape))
+    at_dim = sympy.Integer(0) if _is_one(as_expr(shape[dim])) and not _is_one(as_expr(op_shape[dim])) else coord * as_expr(strides[dim])
+    before = linear_offset(shape[:dim], strides[:dim], op_shape[:dim], outer) if dim else sympy.Integer(0)
+    after = linear_offset(shape[dim + 1:], strides[dim + 1:], op_shape[dim + 1:], rest)
+    return before + at_dim + after
+
+
+def _cat_expr(src: _Source, group: FusionGroup, node: torch.fx.Node, k: int) -> str:
+    """aten.cat over the group's flat index x: each operand is computed (its inlined members)
+    or loaded at x's coordinate along `dim` less the operand's offset, under a mask that
+    keeps it to its own slice; tl.where picks the operand covering each element."""
+    from slimfx.codegen.partition import cat_dim
+
+    dim = cat_dim(node)
+    domain = [as_expr(s) for s in group.shape]
+    inner = numel_expr(group.shape[dim + 1:])
+    size = domain[dim]
+    outer, rest = FloorDiv(X, inner * size), ModIdx(X, inner)
+    coord = f"cat{k}_i"
+    src.kernel.append(f"    {coord} = {src.use(ModIdx(FloorDiv(X, inner), size))}")
+    coord_sym = sympy.Symbol(coord, integer=True)
+    pieces, start = [], 0
+    for p, arg in enumerate(node.args[0]):
+        t = _val(arg)
+        stop = start + t.shape[dim]
+        bounds = ([f"({coord} >= {start})"] if start else []) + ([f"({coord} < {stop})"] if stop < size else [])
+        mask = " & ".join(["xmask"] + bounds)
+        offset_of = lambda leaf, shape=t.shape: _cat_operand_offset(leaf, shape, dim, outer, coord_sym - start, rest)  # noqa: E731
+        pieces.append((stop, _value_at(src, group, arg, offset_of, mask, f"{k}_{p}")))
+        start = stop
+    expr = pieces[-1][1]
+    for stop, value in reversed(pieces[:-1]):
+        expr = f"tl.where({coord} < {stop}, {value}, {expr})"
+    return expr
+
+
+def _value_at(src: _Source, group: FusionGroup, node, offset_of, mask: str, tag: str) -> str:
+    """`node`'s value at a cat operand's index: an inlined member is rebuilt from its own
+    operands there, anything else is loaded there (once per operand)."""
+    if not isinstance(node, torch.fx.Node):
+        return Lit(scalar_literal(node))
+    key = (node, tag)
+    if key in src.names:
+        return src.names[key]
+    if node in group.inlined:
+        expr = _member_expr(src, node, lambda arg: _value_at(src, group, arg, offset_of, mask, tag))
+        name = f"v{group.nodes.index(node)}_{tag}"
+        src.kernel.append(f"    {name} = {_round_like_eager(expr, node)}")
+    else:
+        i = group.inputs.index(node)
+        name = f"a{i}_{tag}"
+        dtype = tl_dtype(compute_dtype(_val(node).dtype))
+        offset = offset_of(_val(node))
+        # The pointer must carry the block's shape (the mask does) even for a broadcast read.
+        index = src.use(offset) if any(str(v) == "x" or str(v).startswith("cat") for v in offset.free_symbols) else f"{src.use(offset)} + 0 * x"
+        src.kernel.append(f"    {name} = tl.load(in{i} + ({index}), mask={mask}, other=0).to({dtype})")
+    src.names[key] = Val(name, _val(node).dtype)
+    return src.names[key]
 
 
 def _reduction_expr(src: _Source, node: torch.fx.Node, size_n: str) -> str:
@@ -255,7 +328,14 @@ def _round_like_eager(expr: str, node: torch.fx.Node) -> str:
 
 def _emit_members(src: _Source, group: FusionGroup, size_n: str | None) -> None:
     for k, node in enumerate(group.nodes):
-        expr = _reduction_expr(src, node, size_n) if node.target in REDUCTIONS else _member_expr(src, node)
+        if node in group.inlined:  # computed inside the cat that reads it
+            continue
+        if node.target is aten.cat.default:
+            expr = _cat_expr(src, group, node, k)
+        elif node.target in REDUCTIONS:
+            expr = _reduction_expr(src, node, size_n)
+        else:
+            expr = _member_expr(src, node)
         src.names[node] = Val(f"v{k}", _val(node).dtype)
         src.kernel.append(f"    v{k} = {_round_like_eager(expr, node)}")
 
@@ -267,7 +347,10 @@ def _kernel_pointwise(group: FusionGroup, name: str, int64: bool) -> tuple[_Sour
     pid = "tl.program_id(0).to(tl.int64)" if int64 else "tl.program_id(0)"
     src.kernel += [f"    x = {pid} * BLOCK + tl.arange(0, BLOCK)", "    xmask = x < numel"]
     masks = {frozenset(): None, frozenset({X}): "xmask"}
+    read_at_x = _inputs_read_at_x(group)
     for i, node in enumerate(group.inputs):
+        if node not in read_at_x:  # only a cat reads it, at its operand's index
+            continue
         src.names[node] = Val(f"a{i}", _val(node).dtype)
         t = _val(node)
         src.kernel.append(_load_line(src, i, node, linear_offset(t.shape, t.stride(), domain, X), masks))
@@ -277,6 +360,16 @@ def _kernel_pointwise(group: FusionGroup, name: str, int64: bool) -> tuple[_Sour
         src.kernel.append(_store_line(src, j, node, linear_offset(t.shape, t.stride(), domain, X), ("x",), "xmask"))
     src.use(numel)
     return src, ["numel"], "BLOCK: tl.constexpr"
+
+
+def _inputs_read_at_x(group: FusionGroup) -> set:
+    """Group inputs some member reads at the domain's own index (not only through a cat)."""
+    read = set()
+    for node in group.nodes:
+        if node in group.inlined or node.target is aten.cat.default:
+            continue
+        read.update(a for a in node.args if isinstance(a, torch.fx.Node))
+    return read
 
 
 def _kernel_row(group: FusionGroup, name: str, int64: bool) -> tuple[_Source, list, str]:

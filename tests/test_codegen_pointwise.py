@@ -195,3 +195,107 @@ def test_symbolic_sizes_stay_kernel_arguments(interpreter):
     [source] = [g.source for g in results[0].groups]
     params = re.search(r"_kernel\((.*)\):", source).group(1)
     assert re.search(r"\bs\d+\b", params), params  # the symbolic size is a kernel argument
+
+
+@st.composite
+def cat_cases(draw):
+    """A cat along a random dim of 2-4 pieces; each piece a pointwise chain over a strided
+    slice of one input (or the slice itself), one piece times a broadcast weight."""
+    ndim = draw(st.integers(1, 4))
+    shape = [draw(st.integers(1, 4)) for _ in range(ndim)]
+    dim = draw(st.integers(0, ndim - 1))
+    pieces = [draw(st.integers(1, 5)) for _ in range(draw(st.integers(2, 4)))]
+    ops = [draw(st.sampled_from(["none", "neg", "sigmoid", "scale", "weight"])) for _ in pieces]
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    return shape, dim, pieces, ops, dtype
+
+
+def _cat_fn(dim, pieces, ops):
+    def fn(x, w):
+        parts, start = [], 0
+        for size, op in zip(pieces, ops):
+            part = x.narrow(dim, start, size)
+            start += size
+            if op == "neg":
+                part = -part
+            elif op == "sigmoid":
+                part = torch.sigmoid(part)
+            elif op == "scale":
+                part = part * 0.5 + 0.25
+            elif op == "weight":
+                part = part * w
+            parts.append(part)
+        joined = torch.cat(parts[::-1], dim)  # pieces in another order than x holds them
+        return joined * 2.0 + 1.0, torch.tanh(joined)
+
+    return fn
+
+
+@settings(max_examples=int(os.environ.get("SLIMFX_HYPOTHESIS_EXAMPLES", "30")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=cat_cases(), seed=st.integers(0, 2**16))
+def test_random_cats_fuse_and_match_eager(interpreter, case, seed):
+    _check_random_cat(case, seed, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need CUDA")
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=cat_cases(), seed=st.integers(0, 2**16))
+def test_random_cats_on_cuda(no_interpreter, case, seed):
+    _check_random_cat(case, seed, "cuda")
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path_factory.mktemp("slimfx_cache")))
+
+
+def _check_random_cat(case, seed, device):
+    shape, dim, pieces, ops, dtype = case
+    gen = torch.Generator().manual_seed(seed)
+    full = list(shape)
+    full[dim] = sum(pieces)
+    # Non-contiguous x (a transpose of its storage) and a weight broadcast along `dim`.
+    x = torch.randn(full[::-1], generator=gen).to(dtype).permute(*reversed(range(len(full))))
+    w_shape = [1] * len(full)
+    w_shape[-1] = full[-1] if dim != len(full) - 1 else 1
+    w = torch.randn(w_shape, generator=gen).to(dtype)
+    if "weight" in ops and dim == len(full) - 1:
+        w = torch.randn([1] * len(full), generator=gen).to(dtype)
+    x, w = x.to(device), w.to(device)
+    fn = _cat_fn(dim, pieces, ops)
+    compiled = compile_graph(torch.fx.symbolic_trace(fn), [x, w], cudagraphs=False)
+    tol = TOL[dtype]
+    for e, g in zip(fn(x, w), compiled(x, w)):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        torch.testing.assert_close(g.float(), e.float(), atol=tol, rtol=tol)
+    groups = compiled.slimfx_codegen.partition.groups
+    # One kernel: the cat, its operands' chains and its consumers.
+    assert len(groups) == 1, compiled.slimfx_codegen.partition.summary()
+    assert all(g.source is not None for g in compiled.slimfx_codegen.groups)
+
+
+def test_rotary_embedding_is_one_kernel_per_tensor(interpreter):
+    """HF's rotate_half rotary (slice, neg, cat, mul, add) and its cos/sin table
+    (cat([freqs, freqs]).cos()/.sin()) each become one kernel, with no ATen cat left."""
+
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def fn(q, inv_freq, pos):
+        freqs = pos[:, :, None] * inv_freq[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+        return q * cos + rotate_half(q) * sin
+
+    q = torch.randn(1, 5, 4, 16).transpose(1, 2)  # [batch, heads, tokens, head_dim], strided
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    pos = torch.arange(3, 8).float()[None]
+    compiled = compile_graph(torch.fx.symbolic_trace(fn), [q, inv_freq, pos])
+    out = compiled(q, inv_freq, pos)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    torch.testing.assert_close(out, fn(q, inv_freq, pos), atol=1e-4, rtol=1e-4)
+    result = compiled.slimfx_codegen
+    assert [g.kind for g in result.partition.groups] == ["pointwise", "pointwise"], result.partition.summary()
+    assert "aten.cat" not in result.wrapper.code
