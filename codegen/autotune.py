@@ -13,7 +13,8 @@ happens while a CUDA graph is being captured is never timed (timing synchronises
 it uses the cached winner, or the heuristic for that call only.
 
 Templates: "pointwise" and "row" (generated fusion groups), "gemm" (matmul groups,
-codegen/kernels/matmul_template.py). The gemm space holds the library call
+codegen/kernels/matmul_template.py), "multi_gemv" (sibling matmuls sharing an operand,
+codegen/kernels/multi_gemv.py). The gemm space holds the library call
 (torch.mm + the epilogue as a separate kernel) beside the template's own configs
 (a GEMV kernel for M <= GEMV_MAX_M, a tl.dot tiled kernel, each with or without
 split-K), so "template or cuBLAS" is decided by the same measurement.
@@ -91,7 +92,12 @@ def config_space(template: str, sizes: tuple) -> list[dict]:
         return out or [{"BLOCK_R": 1, "num_warps": 1, "num_stages": 1}]
     if template == "gemm":
         return gemm_space(*sizes)
-    raise ValueError(f"unknown template {template!r}; allowed: pointwise, row, gemm")
+    if template == "multi_gemv":
+        m, n, k = sizes
+        cap_n, cap_k = max(16, next_pow2(n)), max(16, next_pow2(k))
+        tiles = dict.fromkeys((min(bn, cap_n), min(bk, cap_k), w) for bn, bk, w in _MULTI_GEMV_TILES)
+        return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 1} for bn, bk, w in tiles]
+    raise ValueError(f"unknown template {template!r}; allowed: {', '.join(TEMPLATES)}")
 
 
 def heuristic_config(template: str, sizes: tuple, *, interpreter: bool) -> dict:
@@ -110,7 +116,12 @@ def heuristic_config(template: str, sizes: tuple, *, interpreter: bool) -> dict:
         return {"BLOCK_R": block_r, "num_warps": warps, "num_stages": 1}
     if template == "gemm":
         return gemm_heuristic(*sizes, interpreter=interpreter)
-    raise ValueError(f"unknown template {template!r}; allowed: pointwise, row, gemm")
+    if template == "multi_gemv":
+        m, n, k = sizes
+        if interpreter:  # few, large programs
+            return {"BLOCK_N": min(64, max(16, next_pow2(n))), "BLOCK_K": min(64, max(16, next_pow2(k))), "num_warps": 4, "num_stages": 1}
+        return {"BLOCK_N": 8, "BLOCK_K": min(512, max(16, next_pow2(k))), "num_warps": 4, "num_stages": 1}
+    raise ValueError(f"unknown template {template!r}; allowed: {', '.join(TEMPLATES)}")
 
 
 # ----------------------------------------------------------------------------- gemm configs
@@ -148,6 +159,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+TEMPLATES = ("pointwise", "row", "gemm", "multi_gemv")
+# (BLOCK_N, BLOCK_K, warps) for the sibling-matmul GEMV (kernels/multi_gemv.py): no split-K
+# (the siblings' columns together fill the GPU), so only tile shapes are tried.
+_MULTI_GEMV_TILES = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 8))
 # (BLOCK_N, BLOCK_K, warps) for the GEMV kernel: few outputs per program, long K runs
 # (memory-bound: the weight tile is read once and used once).
 _GEMV_TILES = ((8, 512, 4), (16, 256, 4), (32, 128, 4), (4, 1024, 4))

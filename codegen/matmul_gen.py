@@ -172,3 +172,34 @@ def generate_matmul(group: FusionGroup) -> tuple[str, str]:
         f"                        {name}_epilogue_kernel, has_epilogue={bool(epilogue)}{addmm})",
     ]
     return "\n".join(header + [kernel_text, "", ""] + host + ["", ""] + footer) + "\n", name
+
+
+def generate_multi_matmul(group: FusionGroup) -> tuple[str, str]:
+    """(module source, host function name) for sibling matmuls sharing A (partition's
+    "multi_matmul" group): the host calls kernels/multi_gemv.multi_matmul."""
+    name = group.name
+    mms = group.outputs
+    ins = [f"in{i}" for i in range(len(group.inputs))]
+    a = f"in{group.inputs.index(mms[0].args[0])}"  # the siblings' A operands are one value
+    bs = [f"in{group.inputs.index(mm.args[1])}" for mm in mms]
+    # Hash what decides the kernel's work (operand count, dtype, sizes), not the group id.
+    signature = [(str(_val(mm).dtype), tuple(map(str, _val(mm.args[1]).shape))) for mm in mms]
+    kernel_hash = hashlib.sha256(f"multi-gemv-{TEMPLATE_VERSION}\n{signature}".encode()).hexdigest()[:24]
+    symbols = set().union(*(as_expr(s).free_symbols for mm in mms for s in _val(mm).shape))
+    host = [f"def {name}({', '.join(ins)}, *, config=None):"]
+    host += _symbol_bindings(group, symbols)
+    host += [_output_alloc(j, mm, a) for j, mm in enumerate(mms)]
+    outs = [f"out{j}" for j in range(len(mms))]
+    host += [
+        f"    multi_matmul({a}, [{', '.join(bs)}], [{', '.join(outs)}], kernel_hash=KERNEL_HASH, config=config)",
+        f"    return ({', '.join(outs)},)",
+    ]
+    header = [
+        f'"""slimfx generated: {group.describe()}"""',
+        "import torch",
+        "from slimfx.codegen.kernels.multi_gemv import multi_matmul",
+        "",
+        f"KERNEL_HASH = {kernel_hash!r}",
+        "",
+    ]
+    return "\n".join(header + host) + "\n", name

@@ -14,6 +14,12 @@ A fusion group is a connected set of fusable nodes with one iteration domain:
   activation, residual add, cast, SiLU * up): the epilogue, computed on the matmul's
   output tile before it is written (codegen/matmul_gen.py).
 
+- a pointwise group may hold an aten.cat (is_fusable_cat): the pointwise chains that
+  only feed one of its operands join the group as `inlined` members, computed at that
+  operand's index (rotary's rotate_half: slice, neg, cat, mul, add in one kernel).
+- "multi_matmul": up to three matmuls without epilogue multiplying the same A (a
+  layer's Q, K, V projections), one launch (codegen/kernels/multi_gemv.py).
+
 Matmul groups form in a second phase, after pointwise and row groups: a matmul takes
 whole pointwise groups, never a row group (a reduction over N would span output
 tiles). So a residual add that a following RMSNorm already took stays in the norm's
@@ -436,6 +442,7 @@ class _Builder:
                     self.try_merge(u, v)
         if self.matmuls:
             self.form_matmul_groups()
+            self.merge_sibling_matmuls()
 
     # --------------------------------------------------------------------- phase 2: matmuls
 
@@ -451,6 +458,29 @@ class _Builder:
             for member in self._take_views(node, gid):
                 for user in list(member.users):
                     self._take_epilogue(gid, member, user)
+
+    def merge_sibling_matmuls(self) -> None:
+        """Matmul groups without an epilogue that multiply the same A (Q, K, V projections of
+        one hidden state) become one "multi_matmul" group of up to kernels/multi_gemv.MAX_OPERANDS: one launch."""
+        from slimfx.codegen.kernels.multi_gemv import MAX_OPERANDS
+
+        by_operand: dict = {}
+        for gid, domain in list(self.domain.items()):
+            if domain[0] != "matmul" or domain[1] is not None:
+                continue
+            [mm] = [n for n in self.members[gid] if n.target in MATMUL_OPS]
+            if mm.target is not aten.mm.default:
+                continue
+            by_operand.setdefault((_operand_key(mm.args[0]), _val(mm).dtype, self.epoch[mm]), []).append(gid)
+        for gids in by_operand.values():
+            merged = gids[0]
+            count = 1
+            for gid in gids[1:]:
+                if count == MAX_OPERANDS or self._creates_cycle(merged, gid):
+                    merged, count = gid, 1
+                    continue
+                self._merge(merged, gid, ("multi_matmul",))
+                count += 1
 
     def _take_views(self, mm: torch.fx.Node, gid: int) -> list:
         chain, stack = [mm], [mm]
@@ -485,6 +515,27 @@ class _Builder:
         if gid in self.succ[pid] or self._creates_cycle(gid, pid):
             return
         self._merge(gid, pid, (kind, pw[1], size_n, (m, n)))
+
+
+def _operand_key(node: torch.fx.Node):
+    """Nodes that are the same value: the node itself, or a view of one base with the same
+    size arguments (a linear's input flattened once per projection)."""
+    if node.op == "call_function" and node.target in VIEW_OPS:
+        return (node.target, node.args[0], tuple(str(a) for a in node.args[1:]))
+    return node
+
+
+def _multi_matmul_steps(gid: int, members: list, mode: str) -> tuple:
+    """(FusionGroup or None, steps after it) for sibling matmuls (merge_sibling_matmuls).
+    The products are the outputs; their leading-dim views re-run after as ATen views."""
+    mms = [n for n in members if n.target in MATMUL_OPS]
+    if not (mode == "all" or (mode == "auto" and _val(mms[0]).device.type == "cuda")):
+        return None, members
+    member_set = set(members)
+    inputs, _ = _group_io(members, member_set)
+    group = FusionGroup(gid=gid, kind="multi_matmul", nodes=members, shape=tuple(_val(mms[0]).shape),
+                        inputs=inputs, outputs=mms)
+    return group, [n for n in members if n not in mms]
 
 
 def _group_io(members: list, member_set: set) -> tuple[list, list]:
@@ -541,6 +592,13 @@ def partition(gm: torch.fx.GraphModule, *, matmul: str | None = None) -> Partiti
     for gid in order:
         members = sorted(b.members[gid], key=b.index.__getitem__)
         domain = b.domain.get(gid)
+        if domain is not None and domain[0] == "multi_matmul":
+            group, after = _multi_matmul_steps(len(groups), members, mode)
+            if group is not None:
+                groups.append(group)
+                steps.append(group)
+            steps.extend(after)
+            continue
         if domain is not None and domain[0] == "matmul":
             group, after = _matmul_group_steps(len(groups), members, mode)
             if group is not None and group.outputs:

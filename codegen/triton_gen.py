@@ -440,6 +440,10 @@ def generate(group: FusionGroup) -> tuple[str, str]:
         from slimfx.codegen.matmul_gen import generate_matmul  # imports this module
 
         return generate_matmul(group)
+    if group.kind == "multi_matmul":
+        from slimfx.codegen.matmul_gen import generate_multi_matmul
+
+        return generate_multi_matmul(group)
     name = group.name
     int64 = _needs_int64(group)
     if group.kind == "pointwise":

@@ -88,7 +88,11 @@ def _prefill_keys(k, v, positions, k_cache, v_cache, slot_pos, write_kv):
 def _run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, score_decay, track_scores, write_kv, triton_path: bool):
     T = q.shape[2]
     if T == 1:
-        if write_kv:
+        if write_kv and triton_path and k.stride(-1) == 1 and v.stride(-1) == 1:
+            from slimfx.codegen.kernels.evict_write import ring_write
+
+            ring_write(k, v, positions[:, 0], k_cache, v_cache, slot_pos, scores)
+        elif write_kv:
             write_tokens(k, v, positions, k_cache, v_cache, slot_pos, scores)
         q1 = q[:, :, 0]
         q1 = q1 if q1.stride(-1) == 1 else q1.contiguous()

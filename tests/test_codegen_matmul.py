@@ -306,8 +306,11 @@ def test_tiny_llama_with_matmul_groups_matches_eager(interpreter, monkeypatch, m
     matmuls = [g for g in result.partition.groups if g.kind == "matmul"]
     swiglu = [g for g in matmuls if "aten.sigmoid.default" in _targets(g)]
     assert len(swiglu) == 2  # SiLU(gate) * up in a projection's epilogue, per layer
-    # "all": every projection (q, k, v, o, gate, up, down per layer) and the LM head.
-    assert len(matmuls) == (2 * 7 + 1 if mode == "all" else 2)
+    # "all": every projection and the LM head; q, k, v of a layer share one multi_matmul
+    # group, the rest (o, gate, up, down) are a matmul group each.
+    multi = [g for g in result.partition.groups if g.kind == "multi_matmul"]
+    assert len(matmuls) == (2 * 4 + 1 if mode == "all" else 2)
+    assert len(multi) == (2 if mode == "all" else 0)
     assert all(g.source is not None for g in result.groups)
 
 
@@ -352,3 +355,72 @@ def test_tuner_measures_template_against_library_and_caches(tmp_path, winner):
     again = Tuner(DiskCache(tmp_path), timer=_fake_timer(winner))
     assert again.tuned("h" * 24, "gemm", (1, 576, 576), "bfloat16/bfloat16", "FakeGPU", launched.append) == config
     assert again.timed == 0  # read from disk
+
+
+def _qkv(x, wq, wk, wv):
+    """Three projections of one hidden state (the attention's Q, K, V), as HF writes them."""
+    h = x * 0.5
+    return F.linear(h, wq), F.linear(h, wk), F.linear(h, wv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 9])  # GEMV kernel up to GEMV_MAX_M rows, torch.mm above
+def test_sibling_projections_become_one_multi_matmul_group(interpreter, monkeypatch, dtype, rows):
+    monkeypatch.setenv("SLIMFX_MATMUL", "all")
+    g = torch.Generator().manual_seed(rows)
+    k = 37
+    x = torch.randn(1, rows, k, generator=g).to(dtype)
+    ws = [(torch.randn(n, k, generator=g) / math.sqrt(k)).to(dtype) for n in (24, 9, 9)]
+    compiled = compile_graph(torch.fx.symbolic_trace(_qkv), [x, *ws])
+    result = compiled.slimfx_codegen
+    [multi] = [grp for grp in result.partition.groups if grp.kind == "multi_matmul"]
+    assert len(multi.outputs) == 3 and all(str(n.target) == "aten.mm.default" for n in multi.outputs)
+    assert all(grp.source is not None for grp in result.groups)
+    tol = TOL[dtype]
+    for got, want in zip(compiled(x, *ws), _qkv(x, *ws)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("config", [{"BLOCK_N": 4, "BLOCK_K": 16}, {"BLOCK_N": 16, "BLOCK_K": 64}, {"BLOCK_N": 64, "BLOCK_K": 32}])
+def test_multi_gemv_every_tile_matches_mm(interpreter, config):
+    """Every tile shape of the kernel, two and three operands, K not a multiple of the block,
+    a strided (transposed-weight) B and a row-strided A."""
+    from slimfx.codegen.kernels.multi_gemv import multi_matmul, multi_matmul_ref
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 50, generator=g)[:, :45]
+    for sizes in ((30, 7), (33, 8, 17)):
+        bs = [torch.randn(n, 45, generator=g).t() for n in sizes]
+        outs = [torch.empty(2, n) for n in sizes]
+        multi_matmul(a, bs, outs, config={**config, "num_warps": 4, "num_stages": 1})
+        for got, want in zip(outs, multi_matmul_ref(a, bs)):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_multi_matmul_rejects_mismatched_operands():
+    from slimfx.codegen.kernels.multi_gemv import multi_matmul
+
+    a = torch.randn(1, 8)
+    with pytest.raises(ValueError, match=r"b \[K=8, N\]"):
+        multi_matmul(a, [torch.randn(8, 4), torch.randn(7, 4)], [torch.empty(1, 4), torch.empty(1, 4)])
+    with pytest.raises(ValueError, match="2 to 3 operands"):
+        multi_matmul(a, [torch.randn(8, 4)], [torch.empty(1, 4)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need CUDA")
+def test_multi_gemv_on_cuda_every_tuned_config(monkeypatch, tmp_path):
+    """Every config of the autotuner's multi_gemv space, bf16, Llama-3.2-1B's QKV shapes."""
+    from slimfx.codegen.autotune import config_space
+    from slimfx.codegen.kernels.multi_gemv import multi_matmul, multi_matmul_ref
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(1, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+    bs = [(torch.randn(n, 2048, device="cuda", generator=g) / 45).to(torch.bfloat16).t() for n in (2048, 512, 512)]
+    want = multi_matmul_ref(a.float(), [b.float() for b in bs])
+    for config in config_space("multi_gemv", (1, 3072, 2048)):
+        outs = [torch.empty(1, b.shape[1], device="cuda", dtype=torch.bfloat16) for b in bs]
+        multi_matmul(a, bs, outs, config=config)
+        for got, ref in zip(outs, want):
+            torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)

@@ -57,6 +57,19 @@ _SCRIPT = textwrap.dedent("""
     evict_write(*a, 4, 7, True)
     evict_write_ref(*b, 4, 7, True)
     assert all(torch.equal(x, y) for x, y in zip(a, b)), "expanded pos"
+    # ring_write (the non-evicting decode write) against attention_op.write_tokens: slot
+    # pos % C, a pad (negative position) empties its slot, v strided like a transposed
+    # projection output, the cache in another dtype than k, v.
+    from slimfx.codegen.kernels.evict_write import ring_write
+    from slimfx.runtime.attention_op import write_tokens
+    for pos in ([5, 40], [-2, 36], [0, 73]):
+        a = _state(2, 3, 37, 8, 90, 1)
+        k, v = a[0], torch.randn(2, 1, 3, 8).transpose(1, 2)
+        caches = (a[3].half(), a[4].half(), a[5], a[6])
+        mine, ref = tuple(t.clone() for t in caches), tuple(t.clone() for t in caches)
+        ring_write(k, v, torch.tensor(pos), *mine)
+        write_tokens(k, v, torch.tensor(pos)[:, None], *ref)
+        assert all(torch.equal(x, y) for x, y in zip(mine, ref)), ("ring_write", pos)
     print("ok")
 """)
 

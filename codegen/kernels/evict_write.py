@@ -1,4 +1,5 @@
 """Decode-time eviction in one kernel: choose the slot a new token overwrites and write it.
+(`ring_write`: the same write to slot pos % C, for sites that do not evict.)
 
 For each (sequence, kv head) one program scans the site's C slots once: the cost of a
 slot is -inf when empty, +inf when protected (a sink, or inside the recent window),
@@ -23,16 +24,18 @@ import triton.language as tl
 def _evict_write_kernel(
     k_ptr, v_ptr, pos_ptr, kc_ptr, vc_ptr, sp_ptr, sc_ptr,
     Hkv, C, D, n_sink, window,
-    s_kb, s_kh, s_cb, s_ch, s_cc, s_pb, s_ph,
-    BY_POSITION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    s_kb, s_kh, s_vb, s_vh, s_cb, s_ch, s_cc, s_pb, s_ph,
+    BY_POSITION: tl.constexpr, RING: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv
     seen = tl.load(pos_ptr + b)
     best = float("inf")
-    best_idx = 0
-    for start in range(0, C, BLOCK_C):
+    best_idx = (seen % C + C) % C  # RING: slot pos mod C (Python's modulo, also for pads)
+    # A padding token (negative position) marks its slot empty.
+    stored = tl.where(seen < 0, -1, seen)
+    for start in range(0, C if not RING else 0, BLOCK_C):
         offs = start + tl.arange(0, BLOCK_C)
         inside = offs < C
         p = tl.load(sp_ptr + b * s_pb + h * s_ph + offs, mask=inside, other=-1).to(tl.int64)
@@ -51,11 +54,10 @@ def _evict_write_kernel(
         best = tl.where(take, block_min, best)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
-    src = b * s_kb + h * s_kh + d
     dst = b * s_cb + h * s_ch + best_idx * s_cc + d
-    tl.store(kc_ptr + dst, tl.load(k_ptr + src, mask=dm).to(kc_ptr.dtype.element_ty), mask=dm)
-    tl.store(vc_ptr + dst, tl.load(v_ptr + src, mask=dm).to(vc_ptr.dtype.element_ty), mask=dm)
-    tl.store(sp_ptr + b * s_pb + h * s_ph + best_idx, seen.to(sp_ptr.dtype.element_ty))
+    tl.store(kc_ptr + dst, tl.load(k_ptr + b * s_kb + h * s_kh + d, mask=dm).to(kc_ptr.dtype.element_ty), mask=dm)
+    tl.store(vc_ptr + dst, tl.load(v_ptr + b * s_vb + h * s_vh + d, mask=dm).to(vc_ptr.dtype.element_ty), mask=dm)
+    tl.store(sp_ptr + b * s_pb + h * s_ph + best_idx, stored.to(sp_ptr.dtype.element_ty))
     tl.store(sc_ptr + b * s_pb + h * s_ph + best_idx, 0.0)
 
 
@@ -67,12 +69,23 @@ def _check(k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
         raise ValueError(f"evict_write: caches {tuple(k_cache.shape)} do not fit k {tuple(k.shape)}")
     if slot_pos.shape != k_cache.shape[:3] or scores.shape != slot_pos.shape or pos.shape != (B,):
         raise ValueError(f"evict_write: slot_pos/scores must be {tuple(k_cache.shape[:3])} and pos ({B},)")
-    if k.stride(-1) != 1 or k_cache.stride(-1) != 1 or slot_pos.stride() != scores.stride() or slot_pos.stride(-1) != 1:
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride() or slot_pos.stride() != scores.stride() or slot_pos.stride(-1) != 1:
         raise ValueError("evict_write: last dimensions must be contiguous and slot_pos/scores share strides")
 
 
 def evict_write(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, window: int, by_position: bool) -> None:
     """Write one token per (sequence, kv head) into the slot the policy frees (in place)."""
+    _launch(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, by_position, ring=False)
+
+
+def ring_write(k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
+    """The decode step's write without eviction, in one kernel: the token goes to slot
+    pos % C with a zero score, a padding token (pos < 0) marks its slot empty: what
+    runtime.attention_op.write_tokens does for T == 1 in ~7 PyTorch kernels."""
+    _launch(k, v, pos, k_cache, v_cache, slot_pos, scores, 0, 0, False, ring=True)
+
+
+def _launch(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, by_position, *, ring: bool) -> None:
     _check(k, v, pos, k_cache, v_cache, slot_pos, scores)
     B, Hkv, _, D = k.shape
     C = k_cache.shape[2]
@@ -80,8 +93,8 @@ def evict_write(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, wind
     _evict_write_kernel[(B * Hkv,)](
         k, v, pos, k_cache, v_cache, slot_pos, scores,
         Hkv, C, D, n_sink, window,
-        k.stride(0), k.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slot_pos.stride(0), slot_pos.stride(1),
-        BY_POSITION=by_position, BLOCK_C=min(1024, triton.next_power_of_2(C)), BLOCK_D=triton.next_power_of_2(D),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slot_pos.stride(0), slot_pos.stride(1),
+        BY_POSITION=by_position, RING=ring, BLOCK_C=min(1024, triton.next_power_of_2(C)), BLOCK_D=triton.next_power_of_2(D),
         num_warps=4,
     )
 
