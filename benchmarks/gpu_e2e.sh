@@ -8,6 +8,7 @@
 #   part 4: CUDA checks of the fused cat (rotary) kernels, then passes off at 1K on both
 #           shapes (issue 5)
 #   part 5: prefill of 2K and 8K tokens (and decode there), passes off, both shapes (issue 5)
+#   part 6: where the decode step's time goes (kernel profile, Llama-3.2-1B shape, 1K)
 # Usage (repo root on the device machine): bash benchmarks/gpu_e2e.sh 1|2|3
 set -u
 mkdir -p /tmp/p && ln -sfn "$PWD" /tmp/p/slimfx && export PYTHONPATH=/tmp/p PYTHONUNBUFFERED=1
@@ -38,7 +39,7 @@ case "${1:-1}" in
   bench $c --backends slimfx --config benchmarks/configs/quant_int4_g128.toml --output "$OUT/bench_h100_e2e_llama8b_1k_int4_g128"
   ;;
 4)
-  python3 -m pytest -q -p no:cacheprovider tests/test_codegen_pointwise.py -k cuda 2>&1 | tail -2
+  python3 -m pytest -q -p no:cacheprovider tests/test_codegen_pointwise.py tests/test_codegen_matmul.py tests/test_kernels_evict_write.py -k "cuda or kernel_matches" 2>&1 | tail -2
   python3 benchmarks/check_prefill_cudagraph.py
   bench --shape llama-3.2-1b --context 1024 --backends inductor,slimfx --output "$OUT/bench_h100_e2e_llama1b_1k_catfused"
   bench --shape smollm2-135m --context 1024 --backends inductor,slimfx --output "$OUT/bench_h100_e2e_smollm2_1k"
@@ -48,5 +49,8 @@ case "${1:-1}" in
     bench --shape llama-3.2-1b --context $ctx --backends inductor,slimfx --output "$OUT/bench_h100_e2e_llama1b_prefill_$ctx"
     bench --shape smollm2-135m --context $ctx --backends inductor,slimfx --output "$OUT/bench_h100_e2e_smollm2_prefill_$ctx"
   done
+  ;;
+6)
+  python3 benchmarks/profile_runtime_prefill.py --shape llama-3.2-1b --context 1024 --decode-steps 32 2>&1 | grep -v -i warn
   ;;
 esac

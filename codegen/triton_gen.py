@@ -559,6 +559,18 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def _shared_name(source: str, name: str, group: FusionGroup) -> tuple[str, str]:
+    """Name a group's module after its content instead of its group id, so the same group in
+    every decoder layer is one source: one module import, one Triton compile (load_module
+    caches by content), where per-id names cost a compile and a load per layer."""
+    placeholder = "__slimfx_group__"
+    normalized = source.replace(name, placeholder)
+    digest = hashlib.sha256(normalized.encode()).hexdigest()[:10]
+    tag = name.split("_", 2)[2] if name.count("_") >= 2 else name  # kind_gid_tag -> tag
+    shared = f"{group.kind}_{tag}_{digest}"
+    return normalized.replace(placeholder, shared), shared
+
+
 class CompiledGroup:
     """One fusion group: Triton kernel on CUDA (or under the interpreter), else ATen."""
 
@@ -573,7 +585,7 @@ class CompiledGroup:
             self.error = "not generated (CPU without TRITON_INTERPRET runs ATen)"
             return
         try:
-            self.source, name = generate(group)
+            self.source, name = _shared_name(*generate(group), group)
         except Unsupported as exc:
             self.error = str(exc)
             return
