@@ -2,7 +2,7 @@
 
     python benchmarks/bench_matmul_template.py [--shapes 576x576 1536x576 2048x8192 8192x2048 4096x4096]
         [--m 1] [--dtype bf16] [--epilogues none residual silu_mul] [--budget-s 400]
-        [--output results/bench_matmul_template.json]
+        [--output results/bench_matmul_template.json] [--space tuner|wide]
 
 Shapes are N x K (out_features x in_features of F.linear's weight W [N, K]). For each
 shape, M (decode batch) and epilogue, in the same run, on one GPU:
@@ -84,7 +84,23 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() / (us * 1e-6) / 1e9  # read + write
 
 
-def bench_case(n: int, k: int, m: int, dtype, epilogue: str, copy_gbs: float) -> dict:
+def wide_gemv_space(m: int, n: int, k: int) -> list[dict]:
+    """--space wide: the library call and a broad GEMV grid (no split-K), to find the tiles
+    autotune._GEMV_TILES should hold: BLOCK_N x BLOCK_K x warps x pipelining stages."""
+    from slimfx.codegen.autotune import GEMM_LIBRARY, _gemv
+
+    out = [{"impl": GEMM_LIBRARY, "num_warps": 1, "num_stages": 1}]
+    for bn in (2, 4, 8, 16):
+        for bk in (256, 512, 1024, 2048):
+            if bk > k:
+                continue
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3):
+                    out.append({**_gemv(bn, bk, 1, warps), "num_stages": stages})
+    return out
+
+
+def bench_case(n: int, k: int, m: int, dtype, epilogue: str, copy_gbs: float, space: str = "tuner") -> dict:
     from slimfx.codegen import compile_graph
     from slimfx.codegen.autotune import GEMM_LIBRARY, TUNER, gemm_space
 
@@ -118,7 +134,7 @@ def bench_case(n: int, k: int, m: int, dtype, epilogue: str, copy_gbs: float) ->
 
     row["eager_us"] = round(graph_time_us(lambda: fn(x, w, r, u)), 2)
     timings = []
-    for config in gemm_space(m, n, k):
+    for config in (gemm_space(m, n, k) if space == "tuner" else wide_gemv_space(m, n, k)):
         try:
             us = graph_time_us(lambda: host(*inputs, config=config))
         except Exception as exc:  # noqa: BLE001 - a config that does not compile here (resources) is reported
@@ -175,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epilogues", nargs="+", default=sorted(EPILOGUES), choices=sorted(EPILOGUES))
     ap.add_argument("--budget-s", type=float, default=400.0, help="stop starting new cases after this many seconds")
     ap.add_argument("--output", default="results/bench_matmul_template.json")
+    ap.add_argument("--space", default="tuner", choices=["tuner", "wide"],
+                    help="configs timed: the autotuner's space, or a wide GEMV grid (wide_gemv_space)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_matmul_template: needs a CUDA GPU", file=sys.stderr)
@@ -203,7 +221,7 @@ def main(argv=None) -> int:
                     report["rows"].append({"N": n, "K": k, "M": m, "epilogue": epilogue, "skipped": "time budget"})
                     continue
                 try:
-                    row = bench_case(n, k, m, dtype, epilogue, report["copy_bandwidth_gbs"])
+                    row = bench_case(n, k, m, dtype, epilogue, report["copy_bandwidth_gbs"], args.space)
                 except Exception as exc:  # noqa: BLE001 - report and go on with the other cases
                     row = {"N": n, "K": k, "M": m, "epilogue": epilogue, "error": f"{type(exc).__name__}: {exc}"[:2000]}
                 report["rows"].append(row)

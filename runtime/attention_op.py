@@ -74,17 +74,6 @@ def write_tokens(k, v, positions, k_cache, v_cache, slot_pos, scores) -> None:
     scores.scatter_(2, slots, 0.0)  # a new token starts with no accumulated mass
 
 
-def _prefill_keys(k, v, positions, k_cache, v_cache, slot_pos, write_kv):
-    """Keys a chunk attends to: the slots filled before the chunk, then the chunk itself."""
-    if not write_kv:
-        return k_cache, v_cache, slot_pos
-    B, Hkv, T, _ = k.shape
-    keys = torch.cat([k_cache, k.to(k_cache.dtype)], dim=2)
-    vals = torch.cat([v_cache, v.to(v_cache.dtype)], dim=2)
-    kpos = torch.cat([slot_pos.to(torch.int64), positions[:, None, :].expand(B, Hkv, T)], dim=2)
-    return keys, vals, kpos
-
-
 def _run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, score_decay, track_scores, write_kv, triton_path: bool):
     T = q.shape[2]
     if T == 1:
@@ -104,14 +93,18 @@ def _run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, score_de
         else:
             out = decode_attention_ref(q1, k_cache, v_cache, slot_pos, positions[:, 0], scale=scale, scores=tracked, decay=score_decay)
         return out.unsqueeze(2)
-    keys, vals, kpos = _prefill_keys(k, v, positions, k_cache, v_cache, slot_pos, write_kv)
+    # The chunk attends to the slots filled before it, then to itself (its own keys are
+    # read where they are; a reading-only site has them in the store already).
     qc = q if q.stride(-1) == 1 else q.contiguous()
+    chunk = None
+    if write_kv:
+        chunk = (k if k.stride(-1) == 1 else k.contiguous(), v if v.stride(-1) == 1 else v.contiguous(), positions)
     if triton_path:
         from slimfx.codegen.kernels.prefill_attention import prefill_attention
 
-        out = prefill_attention(qc, positions, keys, vals, kpos, scale=scale)
+        out = prefill_attention(qc, positions, k_cache, v_cache, slot_pos, extra=chunk, scale=scale)
     else:
-        out = prefill_attention_ref(qc, positions, keys, vals, kpos, scale=scale)
+        out = prefill_attention_ref(qc, positions, k_cache, v_cache, slot_pos, extra=chunk, scale=scale)
     if write_kv:
         write_tokens(k, v, positions, k_cache, v_cache, slot_pos, scores)
     return out.contiguous()

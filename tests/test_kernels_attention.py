@@ -142,6 +142,32 @@ def test_prefill_attention_skips_invisible_key_blocks_exactly():
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_extra_keys_equal_appended_keys(dtype):
+    # The runtime passes the chunk's own keys as `extra` (read where they are) instead of
+    # a copy of the store with the chunk appended: same result, padding queries and keys
+    # (negative positions) included, a strided v like a transposed projection output.
+    B, Hq, Hkv, C, p0, T, D = 2, 6, 2, 80, 23, 37, 16
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(B, Hq, T, D, generator=gen).to(DEVICE, dtype)
+    kc = torch.randn(B, Hkv, C, D, generator=gen).to(DEVICE, dtype)
+    vc = torch.randn(B, Hkv, C, D, generator=gen).to(DEVICE, dtype)
+    slots = torch.full((B, Hkv, C), -1, dtype=torch.long)
+    slots[..., :p0] = torch.arange(p0)
+    k2 = torch.randn(B, Hkv, T, D, generator=gen).to(DEVICE, dtype)
+    v2 = torch.randn(B, T, Hkv, D, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    pos = torch.arange(p0, p0 + T).repeat(B, 1)
+    pos[1, :5] = torch.arange(-5, 0)  # left padding in the second sequence
+    pos, slots = pos.to(DEVICE), slots.to(DEVICE)
+    out = pre.prefill_attention(q, pos, kc, vc, slots, extra=(k2, v2, pos))
+    appended = (torch.cat([kc, k2], 2), torch.cat([vc, v2], 2), torch.cat([slots, pos[:, None].expand(B, Hkv, T)], 2))
+    ref = pre.prefill_attention_ref(q, pos, *appended)
+    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(pre.prefill_attention_ref(q, pos, kc, vc, slots, extra=(k2, v2, pos)), ref) < 1e-6
+    with pytest.raises(ValueError, match="extra key positions"):
+        pre.prefill_attention(q, pos, kc, vc, slots, extra=(k2, v2, pos[:, 1:]))
+
+
 def test_prefill_reference_equals_causal_sdpa_on_plain_sequence():
     """With positions 0..T-1 in order, the position rule is the causal mask."""
     B, Hq, Hkv, T, D = 2, 4, 2, 11, 16

@@ -10,8 +10,10 @@ Shapes:
 
     q      [B, Hq, T, D]     the chunk's queries (RoPE applied with true positions)
     q_pos  [B, T] int        query positions; < 0 marks a padding query (output 0)
-    k, v   [B, Hkv, N, D]    keys/values: the store's slots followed by the chunk's own
+    k, v   [B, Hkv, N, D]    keys/values: the store's slots
     k_pos  [B, Hkv, N] int   key positions; < 0 marks an empty slot or a padding token
+    extra  optional (k2, v2 [B, Hkv, N2, D], k2_pos [B, N2]): the chunk's own keys,
+           attended after the store's where they are (no concatenated copy)
 
 A key is visible to a query iff 0 <= k_pos <= q_pos. The mask is made from
 positions, not from slot order, so causality, left padding and empty or evicted
@@ -32,15 +34,43 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _attend_keys(q, qpos, q_last, m_i, l_i, acc, k_base, v_base, p_base, stride_kn, stride_vn, N,
+                 offs_n, offs_d, d_ok, BLOCK_N: tl.constexpr):
+    """Online-softmax update of (m_i, l_i, acc) with the N keys at k_base / v_base whose
+    positions are at p_base (a key is visible to a query iff 0 <= k_pos <= q_pos)."""
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + offs_n
+        n_ok = n < N
+        kpos = tl.load(p_base + n, mask=n_ok, other=-1)
+        # Skip key blocks no query of this block can see (empty slots, keys after the
+        # block's last query): during a chunked prefill most of the store is one or the other.
+        if tl.sum(((kpos >= 0) & (kpos <= q_last)).to(tl.int32), axis=0) > 0:
+            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32)
+            visible = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), out_dtype=tl.float32)
+            m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
-    Q, K, V, QPOS, KPOS, OUT,
+    Q, K, V, QPOS, KPOS, K2, V2, KPOS2, OUT,
     qk_scale,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_k2b, stride_k2h, stride_k2n,
+    stride_v2b, stride_v2h, stride_v2n,
     stride_ob, stride_oh, stride_ot,
-    stride_qpb, stride_kpb, stride_kph,
-    T, N, HQ,
+    stride_qpb, stride_kpb, stride_kph, stride_kp2b, stride_kp2h,
+    T, N, N2, HQ,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -56,31 +86,20 @@ def _prefill_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     q = (q.to(tl.float32) * qk_scale).to(K.dtype.element_ty)
     qpos = tl.load(QPOS + b * stride_qpb + offs_m, mask=m_ok, other=-1)
+    q_last = tl.max(qpos, axis=0)
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = K + b * stride_kb + hkv * stride_kh
-    v_base = V + b * stride_vb + hkv * stride_vh
-    p_base = KPOS + b * stride_kpb + hkv * stride_kph
-    q_last = tl.max(qpos, axis=0)
-    for n0 in range(0, N, BLOCK_N):
-        n = n0 + offs_n
-        n_ok = n < N
-        kpos = tl.load(p_base + n, mask=n_ok, other=-1)
-        # Skip key blocks no query of this block can see (empty slots, keys after the
-        # block's last query): during a chunked prefill most of the store is one or the other.
-        if tl.sum(((kpos >= 0) & (kpos <= q_last)).to(tl.int32), axis=0) > 0:
-            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
-            visible = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-            m_i = m_new
+    # The store's keys, then (N2 > 0) the chunk's own keys, read where they are: no copy
+    # of the store is made to append the chunk.
+    m_i, l_i, acc = _attend_keys(q, qpos, q_last, m_i, l_i, acc,
+                                 K + b * stride_kb + hkv * stride_kh, V + b * stride_vb + hkv * stride_vh,
+                                 KPOS + b * stride_kpb + hkv * stride_kph, stride_kn, stride_vn, N,
+                                 offs_n, offs_d, d_ok, BLOCK_N)
+    m_i, l_i, acc = _attend_keys(q, qpos, q_last, m_i, l_i, acc,
+                                 K2 + b * stride_k2b + hkv * stride_k2h, V2 + b * stride_v2b + hkv * stride_v2h,
+                                 KPOS2 + b * stride_kp2b + hkv * stride_kp2h, stride_k2n, stride_v2n, N2,
+                                 offs_n, offs_d, d_ok, BLOCK_N)
     out = acc * tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)[:, None]
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -101,14 +120,34 @@ def _check(q, q_pos, k, v, k_pos):
     return B, Hq, Hkv, T, N, D
 
 
-def prefill_attention(q, q_pos, k, v, k_pos, *, scale: float | None = None, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
-    """Position-masked attention of a chunk of queries (see module doc). Returns [B, Hq, T, D]."""
+def _extra_keys(q, k, v, k_pos, extra):
+    """The chunk's own keys (k2, v2, k2_pos) checked against the store's, or an empty set."""
+    if extra is None:
+        return k[:, :, :0], v[:, :, :0], k_pos[:, :, :0], (0, 0)
+    k2, v2, k2_pos = extra
+    B, Hkv, _, D = k.shape
+    if k2.dim() != 4 or k2.shape[:2] != (B, Hkv) or k2.shape[3] != D or v2.shape != k2.shape:
+        raise ValueError(f"prefill_attention: extra keys must be [B, Hkv, N2, D] = [{B}, {Hkv}, N2, {D}]; got {tuple(k2.shape)}, {tuple(v2.shape)}")
+    if k2_pos.dim() != 2 or tuple(k2_pos.shape) != (B, k2.shape[2]):
+        raise ValueError(f"prefill_attention: extra key positions must be [B, N2] = {(B, k2.shape[2])}, got {tuple(k2_pos.shape)}")
+    if k2.stride(-1) != 1 or v2.stride(-1) != 1:
+        raise ValueError("prefill_attention: the last (head_dim) dimension of the extra keys must be contiguous")
+    k2_pos = k2_pos.to(torch.int64).contiguous()
+    return k2, v2, k2_pos, (k2_pos.stride(0), 0)  # one position row per sequence, shared by its heads
+
+
+def prefill_attention(q, q_pos, k, v, k_pos, *, extra=None, scale: float | None = None, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+    """Position-masked attention of a chunk of queries (see module doc). Returns [B, Hq, T, D].
+
+    extra: optional (k2 [B, Hkv, N2, D], v2, k2_pos [B, N2]): more keys, attended after
+    k, v (the chunk's own keys, so the store need not be copied to append them)."""
     B, Hq, Hkv, T, N, D = _check(q, q_pos, k, v, k_pos)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("prefill_attention: the last (head_dim) dimension of q, k and v must be contiguous")
     q_pos = q_pos.to(torch.int64).contiguous()
     k_pos = k_pos.to(torch.int64).contiguous()
+    k2, v2, k2_pos, k2_pos_strides = _extra_keys(q, k, v, k_pos, extra)
     if q.is_cuda:
         BLOCK_M, BLOCK_N, warps, stages = block_m or 64, block_n or 64, num_warps or 4, num_stages or 2
     else:  # interpreter: small tiles
@@ -117,22 +156,31 @@ def prefill_attention(q, q_pos, k, v, k_pos, *, scale: float | None = None, bloc
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     grid = (triton.cdiv(T, BLOCK_M), B * Hq)
     _prefill_kernel[grid](
-        q, k, v, q_pos, k_pos, out,
+        q, k, v, q_pos, k_pos, k2, v2, k2_pos, out,
         scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        k2.stride(0), k2.stride(1), k2.stride(2),
+        v2.stride(0), v2.stride(1), v2.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        q_pos.stride(0), k_pos.stride(0), k_pos.stride(1),
-        T, N, Hq,
+        q_pos.stride(0), k_pos.stride(0), k_pos.stride(1), *k2_pos_strides,
+        T, N, k2.shape[2], Hq,
         GROUP=Hq // Hkv, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D,
         num_warps=warps, num_stages=stages,
     )
     return out
 
 
-def prefill_attention_ref(q, q_pos, k, v, k_pos, *, scale: float | None = None):
+def prefill_attention_ref(q, q_pos, k, v, k_pos, *, extra=None, scale: float | None = None):
     """The definition in float32 PyTorch; same arguments and result as prefill_attention."""
+    if extra is not None:  # extra keys are keys appended after the store's
+        k2, v2, k2_pos = extra
+        _extra_keys(q, k, v, k_pos, extra)
+        B, Hkv, N2 = k2.shape[0], k2.shape[1], k2.shape[2]
+        k = torch.cat([k, k2.to(k.dtype)], dim=2)
+        v = torch.cat([v, v2.to(v.dtype)], dim=2)
+        k_pos = torch.cat([k_pos.to(torch.int64), k2_pos.to(torch.int64)[:, None, :].expand(B, Hkv, N2)], dim=2)
     B, Hq, Hkv, T, N, D = _check(q, q_pos, k, v, k_pos)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     group = Hq // Hkv
