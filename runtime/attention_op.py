@@ -105,7 +105,11 @@ def _run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, score_de
         out = prefill_attention(qc, positions, k_cache, v_cache, slot_pos, extra=chunk, scale=scale)
     else:
         out = prefill_attention_ref(qc, positions, k_cache, v_cache, slot_pos, extra=chunk, scale=scale)
-    if write_kv:
+    if write_kv and triton_path and k.stride(-1) == 1 and v.stride(-1) == 1:
+        from slimfx.codegen.kernels.evict_write import ring_write
+
+        ring_write(k, v, positions, k_cache, v_cache, slot_pos, scores)
+    elif write_kv:
         write_tokens(k, v, positions, k_cache, v_cache, slot_pos, scores)
     return out.contiguous()
 

@@ -70,6 +70,18 @@ _SCRIPT = textwrap.dedent("""
         ring_write(k, v, torch.tensor(pos), *mine)
         write_tokens(k, v, torch.tensor(pos)[:, None], *ref)
         assert all(torch.equal(x, y) for x, y in zip(mine, ref)), ("ring_write", pos)
+    # A prefill chunk: T tokens with left padding (distinct negative virtual positions), and
+    # a chunk longer than the store (only its last C tokens land).
+    for T, start in ((9, 30), (45, 3)):
+        a = _state(2, 3, 37, 8, 90, 2)
+        k, v = torch.randn(2, 3, T, 8), torch.randn(2, T, 3, 8).transpose(1, 2)
+        pos = torch.arange(start, start + T).repeat(2, 1)
+        pos[1, :4] = torch.arange(-4, 0)
+        caches = (a[3].half(), a[4].half(), a[5], a[6])
+        mine, ref = tuple(t.clone() for t in caches), tuple(t.clone() for t in caches)
+        ring_write(k, v, pos, *mine)
+        write_tokens(k, v, pos, *ref)
+        assert all(torch.equal(x, y) for x, y in zip(mine, ref)), ("ring_write chunk", T)
     print("ok")
 """)
 

@@ -24,39 +24,43 @@ import triton.language as tl
 def _evict_write_kernel(
     k_ptr, v_ptr, pos_ptr, kc_ptr, vc_ptr, sp_ptr, sc_ptr,
     Hkv, C, D, n_sink, window,
-    s_kb, s_kh, s_vb, s_vh, s_cb, s_ch, s_cc, s_pb, s_ph,
+    s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_cb, s_ch, s_cc, s_pb, s_ph, s_posb,
     BY_POSITION: tl.constexpr, RING: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    t = tl.program_id(1)  # RING: the token of a chunk (pos [B, T]); eviction writes one token
     b = pid // Hkv
     h = pid % Hkv
-    seen = tl.load(pos_ptr + b)
-    best = float("inf")
-    best_idx = (seen % C + C) % C  # RING: slot pos mod C (Python's modulo, also for pads)
-    # A padding token (negative position) marks its slot empty.
-    stored = tl.where(seen < 0, -1, seen)
-    for start in range(0, C if not RING else 0, BLOCK_C):
-        offs = start + tl.arange(0, BLOCK_C)
-        inside = offs < C
-        p = tl.load(sp_ptr + b * s_pb + h * s_ph + offs, mask=inside, other=-1).to(tl.int64)
-        if BY_POSITION:
-            prio = p.to(tl.float32)
-        else:
-            prio = tl.load(sc_ptr + b * s_pb + h * s_ph + offs, mask=inside, other=0.0).to(tl.float32)
-        filled = p >= 0
-        protected = filled & ((p < n_sink) | (p >= seen - window))
-        cost = tl.where(filled, tl.where(protected, float("inf"), prio), float("-inf"))
-        cost = tl.where(inside, cost, float("inf"))
-        block_min = tl.min(cost, axis=0)
-        block_idx = tl.argmin(cost, axis=0)
-        take = block_min < best  # strict: the first block holding the minimum wins
-        best_idx = tl.where(take, start + block_idx, best_idx)
-        best = tl.where(take, block_min, best)
+    seen = tl.load(pos_ptr + b * s_posb + t)
+    # The stored position: a padding token (negative position) marks its slot empty.
+    stored = tl.maximum(seen, -1)
+    if RING:
+        best_idx = (seen % C + C) % C  # slot pos mod C (Python's modulo, pads included)
+    else:
+        best = float("inf")
+        best_idx = 0
+        for start in range(0, C, BLOCK_C):
+            offs = start + tl.arange(0, BLOCK_C)
+            inside = offs < C
+            p = tl.load(sp_ptr + b * s_pb + h * s_ph + offs, mask=inside, other=-1).to(tl.int64)
+            if BY_POSITION:
+                prio = p.to(tl.float32)
+            else:
+                prio = tl.load(sc_ptr + b * s_pb + h * s_ph + offs, mask=inside, other=0.0).to(tl.float32)
+            filled = p >= 0
+            protected = filled & ((p < n_sink) | (p >= seen - window))
+            cost = tl.where(filled, tl.where(protected, float("inf"), prio), float("-inf"))
+            cost = tl.where(inside, cost, float("inf"))
+            block_min = tl.min(cost, axis=0)
+            block_idx = tl.argmin(cost, axis=0)
+            take = block_min < best  # strict: the first block holding the minimum wins
+            best_idx = tl.where(take, start + block_idx, best_idx)
+            best = tl.where(take, block_min, best)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     dst = b * s_cb + h * s_ch + best_idx * s_cc + d
-    tl.store(kc_ptr + dst, tl.load(k_ptr + b * s_kb + h * s_kh + d, mask=dm).to(kc_ptr.dtype.element_ty), mask=dm)
-    tl.store(vc_ptr + dst, tl.load(v_ptr + b * s_vb + h * s_vh + d, mask=dm).to(vc_ptr.dtype.element_ty), mask=dm)
+    tl.store(kc_ptr + dst, tl.load(k_ptr + b * s_kb + h * s_kh + t * s_kt + d, mask=dm).to(kc_ptr.dtype.element_ty), mask=dm)
+    tl.store(vc_ptr + dst, tl.load(v_ptr + b * s_vb + h * s_vh + t * s_vt + d, mask=dm).to(vc_ptr.dtype.element_ty), mask=dm)
     tl.store(sp_ptr + b * s_pb + h * s_ph + best_idx, stored.to(sp_ptr.dtype.element_ty))
     tl.store(sc_ptr + b * s_pb + h * s_ph + best_idx, 0.0)
 
@@ -79,21 +83,34 @@ def evict_write(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, wind
 
 
 def ring_write(k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
-    """The decode step's write without eviction, in one kernel: the token goes to slot
-    pos % C with a zero score, a padding token (pos < 0) marks its slot empty: what
-    runtime.attention_op.write_tokens does for T == 1 in ~7 PyTorch kernels."""
+    """A step's write without eviction, in one kernel: k, v [B, Hkv, T, D], pos [B, T] (or [B]
+    for T == 1). Token t goes to slot pos % C with a zero score; a padding token (pos < 0)
+    marks its slot empty; of a chunk longer than C only the last C tokens are written.
+    What runtime.attention_op.write_tokens does in ~7 PyTorch kernels."""
+    if pos.dim() == 1:
+        pos = pos[:, None]
+    B, Hkv, T, D = k.shape
+    if tuple(pos.shape) != (B, T):
+        raise ValueError(f"ring_write: pos must be [B, T] = {(B, T)} for k {tuple(k.shape)}, got {tuple(pos.shape)}")
+    C = k_cache.shape[2]
+    if T > C:  # earlier tokens would be overwritten within the chunk: the last C win
+        k, v, pos, T = k[:, :, -C:], v[:, :, -C:], pos[:, -C:], C
+    _check(k[:, :, :1], v[:, :, :1], pos[:, 0], k_cache, v_cache, slot_pos, scores)
     _launch(k, v, pos, k_cache, v_cache, slot_pos, scores, 0, 0, False, ring=True)
 
 
 def _launch(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, by_position, *, ring: bool) -> None:
-    _check(k, v, pos, k_cache, v_cache, slot_pos, scores)
-    B, Hkv, _, D = k.shape
+    if not ring:
+        _check(k, v, pos, k_cache, v_cache, slot_pos, scores)
+        pos = pos[:, None]
+    B, Hkv, T, D = k.shape
     C = k_cache.shape[2]
-    pos = pos.contiguous()  # the kernel reads pos[b]: an expanded (stride-0) tensor would read past it
-    _evict_write_kernel[(B * Hkv,)](
+    pos = pos.contiguous()  # the kernel reads pos[b, t]: an expanded (stride-0) tensor would read past it
+    _evict_write_kernel[(B * Hkv, T)](
         k, v, pos, k_cache, v_cache, slot_pos, scores,
         Hkv, C, D, n_sink, window,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slot_pos.stride(0), slot_pos.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slot_pos.stride(0), slot_pos.stride(1), pos.stride(0),
         BY_POSITION=by_position, RING=ring, BLOCK_C=min(1024, triton.next_power_of_2(C)), BLOCK_D=triton.next_power_of_2(D),
         num_warps=4,
     )
