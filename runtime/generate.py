@@ -58,7 +58,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     sampled by argmax(p / E) with E ~ Exp(1) (equivalent to a categorical draw; no sync).
     """
     if temperature == 0.0:
-        return logits.argmax(dim=-1)
+        return argmax_last(logits)
     logits = logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -72,7 +72,33 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     noise = torch.empty_like(probs).exponential_(1.0)
-    return (probs / noise).argmax(dim=-1)
+    return argmax_last(probs / noise)
+
+
+def argmax_last(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) (first index on ties) in two parallel stages for long rows.
+
+    Why: torch's argmax over one row runs in a single thread block; over Llama-3's 128K
+    vocabulary it took 38 us of a 1.43 ms decode step on an H100 (profile in the README).
+    Here each of G groups of the row is reduced by its own block, then the G maxima:
+    torch.max(dim) returns the first maximal index in each group, and argmax over the
+    group maxima the first group holding the maximum, so ties resolve as argmax does.
+    """
+    v = x.shape[-1]
+    groups = _argmax_groups(v)
+    if groups == 1:
+        return x.argmax(dim=-1)
+    values, index = x.unflatten(-1, (groups, v // groups)).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)
+    return (best * (v // groups) + index.gather(-1, best)).squeeze(-1)
+
+
+def _argmax_groups(v: int) -> int:
+    """The most groups (up to 256) of at least 256 elements that divide v evenly; 1 if none."""
+    for groups in range(min(256, v // 256), 1, -1):
+        if v % groups == 0:
+            return groups
+    return 1
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:

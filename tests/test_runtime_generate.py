@@ -11,10 +11,12 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 import slimfx.runtime as runtime
-from slimfx.runtime.generate import GenerateError, generate, get_generator, sample_next
+from slimfx.runtime.generate import GenerateError, argmax_last, generate, get_generator, sample_next
 from slimfx.runtime.models import tiny_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -257,3 +259,14 @@ def test_prefill_graphs_are_told_apart_from_the_decode_step():
         return args[0]
 
     assert with_prefill_cudagraph(run, prefill) is run  # CPU tensors: nothing to capture
+
+
+@settings(max_examples=60, deadline=None)
+@given(v=st.sampled_from([7, 255, 256, 512, 1000, 4099, 49152, 128256]), rows=st.integers(1, 3),
+       levels=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_two_stage_argmax_is_argmax_ties_included(v, rows, levels, seed):
+    """Few distinct values (levels) make ties common: the first maximal index must win, as
+    in torch.argmax, whether the row is split into groups or not."""
+    x = torch.randint(0, levels, (rows, v), generator=torch.Generator().manual_seed(seed)).float()
+    assert torch.equal(argmax_last(x), x.argmax(dim=-1))
+    assert torch.equal(argmax_last(x.bfloat16()), x.bfloat16().argmax(dim=-1))
