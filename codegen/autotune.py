@@ -8,7 +8,8 @@ on the real arguments of the first call (the generated kernels write only fresh
 outputs, so re-running them is harmless) and the winner is cached. On CPU (the Triton
 interpreter) nothing is timed: a heuristic picks the config. Triton's own
 `@triton.autotune` needs a GPU driver, hence our own (DESIGN decision 6).
-SLIMFX_AUTOTUNE=0 uses the heuristic on a GPU too (fastest compile). A launch that
+SLIMFX_AUTOTUNE=0 uses the heuristic on a GPU too (fastest compile). Decode-sized
+matmuls (M <= GEMV_MAX_M) are timed with a cold L2 (_time_config's cold_l2), as they run. A launch that
 happens while a CUDA graph is being captured is never timed (timing synchronises):
 it uses the cached winner, or the heuristic for that call only.
 
@@ -28,6 +29,7 @@ wins); an unreadable or malformed entry is ignored and rebuilt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import triton
 
-ENTRY_VERSION = 1
+ENTRY_VERSION = 2  # 2: decode matmuls timed with a cold L2 (earlier winners were picked from cache)
 
 # gemm configs: "impl" says which code runs (ints, because cached configs hold ints only).
 GEMM_LIBRARY, GEMM_DOT, GEMM_GEMV = 0, 1, 2
@@ -147,8 +149,8 @@ def split_k_for(tiles: int, k_blocks: int) -> int:
     return max(1, min(-(-want // tiles), k_blocks, 16))
 
 
-def _gemv(block_n: int, block_k: int, split: int, warps: int) -> dict:
-    return {"impl": GEMM_GEMV, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps, "num_stages": 1}
+def _gemv(block_n: int, block_k: int, split: int, warps: int, stages: int = 1) -> dict:
+    return {"impl": GEMM_GEMV, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
 
 
 def _dot(block_m: int, block_n: int, block_k: int, split: int, warps: int, stages: int) -> dict:
@@ -162,10 +164,12 @@ def _cdiv(a: int, b: int) -> int:
 TEMPLATES = ("pointwise", "row", "gemm", "multi_gemv")
 # (BLOCK_N, BLOCK_K, warps) for the sibling-matmul GEMV (kernels/multi_gemv.py): no split-K
 # (the siblings' columns together fill the GPU), so only tile shapes are tried.
-_MULTI_GEMV_TILES = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 8))
+_MULTI_GEMV_TILES = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 8), (4, 2048, 8))
 # (BLOCK_N, BLOCK_K, warps) for the GEMV kernel: few outputs per program, long K runs
 # (memory-bound: the weight tile is read once and used once).
-_GEMV_TILES = ((8, 512, 4), (16, 256, 4), (32, 128, 4), (4, 1024, 4))
+# (BLOCK_N, BLOCK_K, warps, stages). Pipelined variants and 2048-wide K runs only show
+# their worth when timed with a cold L2 (see _time_config), as a decode step runs them.
+_GEMV_TILES = ((8, 512, 4, 1), (16, 256, 4, 1), (32, 128, 4, 1), (4, 1024, 4, 1), (4, 1024, 4, 3), (8, 512, 4, 3), (4, 2048, 8, 1))
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for tl.dot; small M = one 16-row tile.
 _DOT_TILES_SMALL_M = ((16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3))
 _DOT_TILES_MID_M = ((32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 4))
@@ -184,10 +188,10 @@ def gemm_space(m: int, n: int, k: int) -> list[dict]:
     cap_n, cap_k = max(16, next_pow2(n)), max(16, next_pow2(k))
     out = [{"impl": GEMM_LIBRARY, "num_warps": 1, "num_stages": 1}]
     if m <= GEMV_MAX_M:
-        for bn, bk, warps in _GEMV_TILES:
+        for bn, bk, warps, stages in _GEMV_TILES:
             bn, bk = min(bn, cap_n), min(bk, cap_k)
             split = split_k_for(m * _cdiv(n, bn), _cdiv(k, bk))
-            out += [_gemv(bn, bk, s, warps) for s in sorted({1, split})]
+            out += [_gemv(bn, bk, s, warps, stages) for s in sorted({1, split})]
     tiles = _DOT_TILES_SMALL_M if m <= 16 else _DOT_TILES_MID_M if m <= 64 else _DOT_TILES_LARGE_M
     for bm, bn, bk, warps, stages in tiles:
         bm, bn, bk = min(bm, max(16, next_pow2(m))), min(bn, cap_n), min(bk, cap_k)
@@ -276,32 +280,64 @@ class DiskCache:
 # ----------------------------------------------------------------------------- timing
 
 
-def _time_config(launch_fn, config: dict, batches: int = 5, per_batch: int = 10) -> float:
+def _time_config(launch_fn, config: dict, batches: int = 5, per_batch: int = 10, cold_l2: bool = False) -> float:
     """Median GPU time in microseconds of one launch on the current CUDA stream.
 
     Each batch queues `per_batch` launches behind a GPU sleep, so the GPU runs them
     back to back as in a captured decode step: timing single launches would add the
     Python launch latency (tens of us, more than a decode GEMV) to every config and
     favour whichever path has the cheaper host code.
+
+    cold_l2: every launch follows a write of twice the L2 size, and the same batches
+    without the launches are timed and subtracted. A decode GEMV reads weights that the
+    previous layers have evicted from L2; timed back to back, a weight of up to ~50 MB
+    stays in an H100's L2 and the timing rewards tiles that do well from cache, not the
+    ones that stream HBM best.
     """
     import torch
 
     launch_fn(config)  # compile + warm
     torch.cuda.synchronize()
+    flush = _l2_flush_buffer() if cold_l2 else None
+    times = sorted(_time_batch(launch_fn, config, per_batch, flush) for _ in range(batches))
+    median = times[len(times) // 2]
+    if flush is None:
+        return median
+    flushes = sorted(_time_batch(None, config, per_batch, flush) for _ in range(batches))
+    return max(median - flushes[len(flushes) // 2], 1e-3)
+
+
+def _time_batch(launch_fn, config: dict, per_batch: int, flush) -> float:
+    """Microseconds per iteration of `per_batch` (flush, launch) pairs; launch_fn None: flushes only."""
+    import torch
+
     sleep = getattr(torch.cuda, "_sleep", None)
-    times = []
-    for _ in range(batches):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if sleep is not None:
-            sleep(1_000_000)  # ~0.5-1 ms of GPU cycles: the host queues the batch meanwhile
-        start.record()
-        for _ in range(per_batch):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if sleep is not None:
+        sleep(1_000_000)  # ~0.5-1 ms of GPU cycles: the host queues the batch meanwhile
+    start.record()
+    for _ in range(per_batch):
+        if flush is not None:
+            flush.zero_()
+        if launch_fn is not None:
             launch_fn(config)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / per_batch)
-    times.sort()
-    return times[len(times) // 2]
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / per_batch
+
+
+def _l2_flush_buffer():
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    size = 2 * int(getattr(props, "L2_cache_size", 0) or 64 << 20)
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
+
+
+def streams_from_memory(template: str, sizes: tuple) -> bool:
+    """Decode-sized matmuls (M <= GEMV_MAX_M): memory-bound reads of weights that are cold in
+    L2 when the model runs, so they are timed with a cold L2."""
+    return template in ("gemm", "multi_gemv") and int(sizes[0]) <= GEMV_MAX_M
 
 
 def _capturing() -> bool:
@@ -371,9 +407,12 @@ class Tuner:
 
     def _benchmark(self, template: str, sizes: tuple, launch_fn) -> tuple[dict, dict]:
         results = []
+        timer = self._timer
+        if timer is _time_config and streams_from_memory(template, sizes):
+            timer = functools.partial(_time_config, cold_l2=True)
         for config in config_space(template, sizes):
             try:
-                results.append((self._timer(launch_fn, config), config))
+                results.append((timer(launch_fn, config), config))
                 self.timed += 1
             except Exception:  # noqa: BLE001 - a config that fails to compile (resources) is skipped
                 continue

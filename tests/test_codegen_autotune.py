@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from slimfx.codegen.autotune import DiskCache, Tuner, config_space, heuristic_config, next_pow2
 
@@ -99,3 +100,23 @@ def test_config_spaces_and_heuristics_are_consistent():
         assert h["BLOCK_R"] >= 1 and 1 <= h["num_warps"] <= 8
     with pytest.raises(ValueError, match="unknown template"):
         config_space("matmul", (1,))
+
+
+def test_decode_matmuls_are_the_ones_timed_with_a_cold_l2():
+    from slimfx.codegen.autotune import GEMV_MAX_M, streams_from_memory
+
+    assert streams_from_memory("gemm", (1, 2048, 2048)) and streams_from_memory("multi_gemv", (GEMV_MAX_M, 3072, 2048))
+    assert not streams_from_memory("gemm", (512, 2048, 2048))  # prefill: compute-bound, hot timing
+    assert not streams_from_memory("pointwise", (1,)) and not streams_from_memory("row", (1, 2048))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="timing needs CUDA")
+def test_cold_l2_timing_reads_from_memory():
+    from slimfx.codegen.autotune import _time_config
+
+    x = torch.randn(2 << 20, device="cuda")  # 8 MB: stays in L2 when read back to back
+    y = torch.empty_like(x)
+    hot = _time_config(lambda cfg: y.copy_(x), {})
+    cold = _time_config(lambda cfg: y.copy_(x), {}, cold_l2=True)
+    assert 0 < hot < 1e4 and 0 < cold < 1e4
+    assert cold > hot, (hot, cold)
