@@ -158,7 +158,7 @@ def generate_matmul(group: FusionGroup) -> tuple[str, str]:
         "import torch",
         "import triton",
         "import triton.language as tl",
-        "from slimfx.codegen.kernels.matmul_template import MatmulKernels, run_matmul",
+        "from slimfx.codegen.kernels.matmul_template import MatmulKernels, gemv_partial, run_matmul",
         "",
         f"KERNEL_HASH = {_kernel_hash(kernel_text, name)!r}",
         "",

@@ -34,10 +34,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from slimfx.codegen.autotune import GEMM_DOT, GEMM_GEMV, GEMM_LIBRARY, TUNER, next_pow2
 
-TEMPLATE_VERSION = 1  # part of every kernel hash: bump when the skeletons below change
+TEMPLATE_VERSION = 2  # part of every kernel hash: bump when the skeletons below change
 
 EPILOGUE = '''
 @triton.jit
@@ -56,23 +58,12 @@ def {name}_gemv_kernel({params}, ws, M, N, K, K_PER_SPLIT, stride_am, stride_ak,
     pid_n = tl.program_id(1){cast}
     pid_k = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     a_row = {A} + pid_m * stride_am
     # Columns past N read column 0 (no mask in the loop); their results are not stored.
     b_cols = {B} + (rn % N)[None, :] * stride_bn
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    part = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + rk
-        if EVEN_K:
-            x = tl.load(a_row + k * stride_ak)
-            w = tl.load(b_cols + k[:, None] * stride_bk)
-        else:
-            x = tl.load(a_row + k * stride_ak, mask=k < k_end, other=0.0)
-            w = tl.load(b_cols + k[:, None] * stride_bk, mask=k[:, None] < k_end, other=0.0)
-        part += w.to(tl.float32) * x.to(tl.float32)[:, None]
-    acc = tl.reduce(part, 0, tl.standard._sum_combine)[None, :]
+    acc = gemv_partial(a_row, stride_ak, b_cols, stride_bk, k_start, k_end, BLOCK_N, BLOCK_K, EVEN_K)[None, :]
     r = pid_m + tl.zeros((1, 1), dtype=tl.int32)
     c = rn[None, :]
     if SPLIT_K == 1:
@@ -130,6 +121,30 @@ def {name}_epilogue_kernel({params}, acc_ptr, M, N,
         acc += tl.load(acc_ptr + (s * M + r) * N + c, mask=mask, other=0.0)
     {name}_epilogue(acc, r, c, M, N, {params})
 '''
+
+
+@triton.jit
+def gemv_partial(a_row, stride_ak, b_cols, stride_bk, k_start, k_end,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """fp32 [BLOCK_N]: the sum over k in [k_start, k_end) of b_cols[k, :] * a_row[k].
+
+    [BLOCK_K, BLOCK_N] partial products, reduced over K once after the loop (at decode a
+    GEMV is a weight read with 2 flops per weight: no tensor cores). Called by the
+    generated GEMV kernels (their modules import it) and by kernels/multi_gemv.py. Like
+    the other fixed kernels it runs under the interpreter when TRITON_INTERPRET=1 was set
+    before this module was imported (tests/conftest.py sets it on CPU)."""
+    rk = tl.arange(0, BLOCK_K)
+    part = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + rk
+        if EVEN_K:
+            x = tl.load(a_row + k * stride_ak)
+            w = tl.load(b_cols + k[:, None] * stride_bk)
+        else:
+            x = tl.load(a_row + k * stride_ak, mask=k < k_end, other=0.0)
+            w = tl.load(b_cols + k[:, None] * stride_bk, mask=k[:, None] < k_end, other=0.0)
+        part += w.to(tl.float32) * x.to(tl.float32)[:, None]
+    return tl.reduce(part, 0, tl.standard._sum_combine)
 
 
 def render_kernels(name: str, params: list[str], a: str, b: str, body: list[str], *, int64: bool) -> str:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from slimfx.codegen.autotune import GEMV_MAX_M, TUNER
+from slimfx.codegen.kernels.matmul_template import gemv_partial
 
 MAX_OPERANDS = 3
 
@@ -29,20 +30,8 @@ MAX_OPERANDS = 3
 def _gemv_tile(a_row, stride_ak, b, stride_bk, stride_bn, out_row, tile, N, K,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     # Columns past N read column 0 (no mask in the loop); they are not stored.
-    b_cols = b + (rn % N)[None, :] * stride_bn
-    part = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        if EVEN_K:
-            x = tl.load(a_row + k * stride_ak)
-            w = tl.load(b_cols + k[:, None] * stride_bk)
-        else:
-            x = tl.load(a_row + k * stride_ak, mask=k < K, other=0.0)
-            w = tl.load(b_cols + k[:, None] * stride_bk, mask=k[:, None] < K, other=0.0)
-        part += w.to(tl.float32) * x.to(tl.float32)[:, None]
-    acc = tl.reduce(part, 0, tl.standard._sum_combine)
+    acc = gemv_partial(a_row, stride_ak, b + (rn % N)[None, :] * stride_bn, stride_bk, 0, K, BLOCK_N, BLOCK_K, EVEN_K)
     tl.store(out_row + rn, acc.to(out_row.dtype.element_ty), mask=rn < N)
 
 
