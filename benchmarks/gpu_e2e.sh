@@ -9,6 +9,8 @@
 #           shapes (issue 5)
 #   part 5: prefill of 2K and 8K tokens (and decode there), passes off, both shapes (issue 5)
 #   part 6: where the decode step's time goes (kernel profile, Llama-3.2-1B shape, 1K)
+#   part 7: CUDA checks of this session's kernels, then decode at 1K on both shapes
+#           (cold-L2 autotuning, two-stage argmax) and the decode profile
 # Usage (repo root on the device machine): bash benchmarks/gpu_e2e.sh 1|2|3
 set -u
 mkdir -p /tmp/p && ln -sfn "$PWD" /tmp/p/slimfx && export PYTHONPATH=/tmp/p PYTHONUNBUFFERED=1
@@ -52,5 +54,13 @@ case "${1:-1}" in
   ;;
 6)
   python3 benchmarks/profile_runtime_prefill.py --shape llama-3.2-1b --context 1024 --decode-steps 32 2>&1 | grep -v -i warn
+  ;;
+7)
+  python3 -m pytest -q -p no:cacheprovider tests/test_codegen_pointwise.py tests/test_codegen_matmul.py tests/test_codegen_autotune.py tests/test_kernels_attention.py -k "cuda or cold_l2 or prefill" 2>&1 | tail -2
+  python3 benchmarks/check_prefill_cudagraph.py 2>&1 | grep -E "tokens|DIFF"
+  bench --shape llama-3.2-1b --context 1024 --backends inductor,slimfx --output "$OUT/bench_h100_e2e_llama1b_1k_v4"
+  bench --shape smollm2-135m --context 1024 --backends inductor,slimfx --output "$OUT/bench_h100_e2e_smollm2_1k_v4"
+  python3 benchmarks/profile_runtime_prefill.py --shape llama-3.2-1b --context 1024 --decode-steps 32 2>&1 | grep -v -i warn | head -14
+  rm -f "$OUT"/*.png
   ;;
 esac
