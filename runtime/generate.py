@@ -209,8 +209,11 @@ class Generator:
         self.store = KVStore(batch, capacity, dtype=param.dtype, device=param.device, capacities=capacities)
         from slimfx.runtime.lowering import runtime_backend
 
-        self.codegen = _resolve_codegen(codegen, config, param.is_cuda)
-        backend = runtime_backend(_runtime_config(config, self.store.id), self.codegen)
+        from slimfx.compiler.config import load_config
+
+        loaded = load_config(config)  # once: a file is read and validated a single time
+        self.codegen = _resolve_codegen(codegen, loaded if config is not None else None, param.is_cuda)
+        backend = runtime_backend(_runtime_config(loaded, self.store.id), self.codegen)
         self.step_fn = torch.compile(_fresh_step_function(), backend=backend, dynamic=False, fullgraph=True)
         dev = param.device
         self.cur_tok = torch.zeros(batch, 1, dtype=torch.int64, device=dev)
