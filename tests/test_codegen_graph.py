@@ -126,6 +126,32 @@ def test_tiny_llama_through_kernels_matches_eager(interpreter):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_each_layers_groups_share_one_kernel_module(interpreter):
+    """Groups are named by content, not by group id: the same group in both decoder layers
+    is one source (one module import, one Triton compile), and the layers' groups differ
+    from each other only where their ops do."""
+    from slimfx.codegen import compile_graph
+
+    built = []
+
+    def backend(gm, example_inputs):
+        fn = compile_graph(gm, example_inputs)
+        built.append(fn.slimfx_codegen)
+        return fn
+
+    model = _tiny()
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(ids)
+    [result] = built
+    sources = [g.source for g in result.groups]
+    assert all(sources)
+    # Two layers: every per-layer group (norms, rotary, projections) appears twice.
+    assert len(set(sources)) < len(sources)
+    rotary = [g.source for g in result.groups if "cat" in g.group.name and "neg" in g.group.name]
+    assert len(rotary) == 4 and len(set(rotary)) == 2  # q and k of each layer; one source each
+
+
 def test_tiny_llama_partition_fuses_norms_rope_and_mlp(interpreter):
     model = _tiny()
     captured = []
