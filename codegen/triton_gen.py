@@ -566,7 +566,8 @@ def _shared_name(source: str, name: str, group: FusionGroup) -> tuple[str, str]:
     placeholder = "__slimfx_group__"
     normalized = source.replace(name, placeholder)
     digest = hashlib.sha256(normalized.encode()).hexdigest()[:10]
-    tag = name.split("_", 2)[2] if name.count("_") >= 2 else name  # kind_gid_tag -> tag
+    prefix = f"{group.kind}_{group.gid}_"  # FusionGroup.name is kind_gid_tag
+    tag = name[len(prefix):] if name.startswith(prefix) else name
     shared = f"{group.kind}_{tag}_{digest}"
     return normalized.replace(placeholder, shared), shared
 
