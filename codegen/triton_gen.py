@@ -174,10 +174,11 @@ class _Source:
     kernel: list = field(default_factory=list)  # kernel body lines
     names: dict = field(default_factory=dict)  # fx.Node -> var name
     symbols: set = field(default_factory=set)
+    local_vars: set = field(default_factory=set)  # index variables computed in the kernel (a cat's coordinate)
 
     def use(self, expr: sympy.Expr) -> str:
-        # Sizes become kernel arguments; index variables and kernel locals (cat*_i) do not.
-        self.symbols |= {s for s in expr.free_symbols if s not in (X, R, C) and not str(s).startswith("cat")}
+        # Sizes become kernel arguments; index variables and kernel locals do not.
+        self.symbols |= {s for s in expr.free_symbols if s not in (X, R, C) and s not in self.local_vars}
         return code(expr)
 
 
@@ -232,6 +233,7 @@ def _cat_expr(src: _Source, group: FusionGroup, node: torch.fx.Node, k: int) -> 
     coord = f"cat{k}_i"
     src.kernel.append(f"    {coord} = {src.use(ModIdx(FloorDiv(X, inner), size))}")
     coord_sym = sympy.Symbol(coord, integer=True)
+    src.local_vars.add(coord_sym)
     pieces, start = [], 0
     for p, arg in enumerate(node.args[0]):
         t = _val(arg)
@@ -265,7 +267,7 @@ def _value_at(src: _Source, group: FusionGroup, node, offset_of, mask: str, tag:
         dtype = tl_dtype(compute_dtype(_val(node).dtype))
         offset = offset_of(_val(node))
         # The pointer must carry the block's shape (the mask does) even for a broadcast read.
-        index = src.use(offset) if any(str(v) == "x" or str(v).startswith("cat") for v in offset.free_symbols) else f"{src.use(offset)} + 0 * x"
+        index = src.use(offset) if offset.free_symbols & ({X} | src.local_vars) else f"{src.use(offset)} + 0 * x"
         src.kernel.append(f"    {name} = tl.load(in{i} + ({index}), mask={mask}, other=0).to({dtype})")
     src.names[key] = Val(name, _val(node).dtype)
     return src.names[key]
