@@ -176,9 +176,9 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, *, cudagraphs: bool 
 
     step = run
     if use_cudagraphs(example_inputs, cudagraphs):
-        from slimfx.codegen.cudagraphs import CudaGraphStep
+        from slimfx.codegen.cudagraphs import CudaGraphStep, parameter_inputs
 
-        static = mutated_inputs(aten_gm) | {i for i, a in enumerate(example_inputs) if isinstance(a, torch.nn.Parameter)}
+        static = mutated_inputs(aten_gm) | parameter_inputs(example_inputs)
         result.cudagraph = CudaGraphStep(run, static)
         step = result.cudagraph
 

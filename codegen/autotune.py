@@ -167,8 +167,9 @@ TEMPLATES = ("pointwise", "row", "gemm", "multi_gemv")
 _MULTI_GEMV_TILES = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 8), (4, 2048, 8))
 # (BLOCK_N, BLOCK_K, warps) for the GEMV kernel: few outputs per program, long K runs
 # (memory-bound: the weight tile is read once and used once).
-# (BLOCK_N, BLOCK_K, warps, stages). Pipelined variants and 2048-wide K runs only show
-# their worth when timed with a cold L2 (see _time_config), as a decode step runs them.
+# (BLOCK_N, BLOCK_K, warps, stages). The pipelined and 2048-wide tiles were added with the
+# cold-L2 timing (_time_config) so that it can pick them; which tile won for a shape is in
+# that shape's cache entry ("timings").
 _GEMV_TILES = ((8, 512, 4, 1), (16, 256, 4, 1), (32, 128, 4, 1), (4, 1024, 4, 1), (4, 1024, 4, 3), (8, 512, 4, 3), (4, 2048, 8, 1))
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for tl.dot; small M = one 16-row tile.
 _DOT_TILES_SMALL_M = ((16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3))

@@ -27,6 +27,11 @@ import torch
 MAX_GRAPHS = 8  # per compiled step: distinct input-shape signatures kept captured
 
 
+def parameter_inputs(example_inputs) -> set[int]:
+    """Indices of the inputs that are parameters: a captured step reads them where they are."""
+    return {i for i, a in enumerate(example_inputs) if isinstance(a, torch.nn.Parameter)}
+
+
 class _Captured:
     def __init__(self, graph, buffers, outputs, static_ptrs, alias_outputs):
         self.graph = graph

@@ -185,9 +185,8 @@ def generate_multi_matmul(group: FusionGroup) -> tuple[str, str]:
     # Hash what decides the kernel's work (operand count, dtype, sizes), not the group id.
     signature = [(str(_val(mm).dtype), tuple(map(str, _val(mm.args[1]).shape))) for mm in mms]
     kernel_hash = hashlib.sha256(f"multi-gemv-{TEMPLATE_VERSION}\n{signature}".encode()).hexdigest()[:24]
-    symbols = set().union(*(as_expr(s).free_symbols for mm in mms for s in _val(mm).shape))
     host = [f"def {name}({', '.join(ins)}, *, config=None):"]
-    host += _symbol_bindings(group, symbols)
+    host += _symbol_bindings(group, _output_symbols(group))
     host += [_output_alloc(j, mm, a) for j, mm in enumerate(mms)]
     outs = [f"out{j}" for j in range(len(mms))]
     host += [

@@ -74,15 +74,21 @@ def write_tokens(k, v, positions, k_cache, v_cache, slot_pos, scores) -> None:
     scores.scatter_(2, slots, 0.0)  # a new token starts with no accumulated mass
 
 
+def _write(k, v, positions, k_cache, v_cache, slot_pos, scores, triton_path: bool) -> None:
+    """write_tokens, as one kernel (evict_write.ring_write) on the Triton path."""
+    if triton_path and k.stride(-1) == 1 and v.stride(-1) == 1:
+        from slimfx.codegen.kernels.evict_write import ring_write
+
+        ring_write(k, v, positions, k_cache, v_cache, slot_pos, scores)
+    else:
+        write_tokens(k, v, positions, k_cache, v_cache, slot_pos, scores)
+
+
 def _run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, score_decay, track_scores, write_kv, triton_path: bool):
     T = q.shape[2]
     if T == 1:
-        if write_kv and triton_path and k.stride(-1) == 1 and v.stride(-1) == 1:
-            from slimfx.codegen.kernels.evict_write import ring_write
-
-            ring_write(k, v, positions[:, 0], k_cache, v_cache, slot_pos, scores)
-        elif write_kv:
-            write_tokens(k, v, positions, k_cache, v_cache, slot_pos, scores)
+        if write_kv:
+            _write(k, v, positions, k_cache, v_cache, slot_pos, scores, triton_path)
         q1 = q[:, :, 0]
         q1 = q1 if q1.stride(-1) == 1 else q1.contiguous()
         tracked = scores if track_scores else None
@@ -105,12 +111,8 @@ def _run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, score_de
         out = prefill_attention(qc, positions, k_cache, v_cache, slot_pos, extra=chunk, scale=scale)
     else:
         out = prefill_attention_ref(qc, positions, k_cache, v_cache, slot_pos, extra=chunk, scale=scale)
-    if write_kv and triton_path and k.stride(-1) == 1 and v.stride(-1) == 1:
-        from slimfx.codegen.kernels.evict_write import ring_write
-
-        ring_write(k, v, positions, k_cache, v_cache, slot_pos, scores)
-    elif write_kv:
-        write_tokens(k, v, positions, k_cache, v_cache, slot_pos, scores)
+    if write_kv:
+        _write(k, v, positions, k_cache, v_cache, slot_pos, scores, triton_path)
     return out.contiguous()
 
 

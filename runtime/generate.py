@@ -21,6 +21,7 @@ How it works, and why:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import types
@@ -93,6 +94,7 @@ def argmax_last(x: torch.Tensor) -> torch.Tensor:
     return (best * (v // groups) + index.gather(-1, best)).squeeze(-1)
 
 
+@functools.lru_cache(maxsize=None)
 def _argmax_groups(v: int) -> int:
     """The most groups (up to 256) of at least 256 elements that divide v evenly; 1 if none."""
     for groups in range(min(256, v // 256), 1, -1):

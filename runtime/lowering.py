@@ -103,9 +103,8 @@ def with_prefill_cudagraph(run, example_inputs):
 
     if not (is_prefill_graph(example_inputs) and use_cudagraphs(example_inputs)):
         return run
-    from slimfx.codegen.cudagraphs import CudaGraphStep
+    from slimfx.codegen.cudagraphs import CudaGraphStep, parameter_inputs
 
     # Parameters are used where they are; ids and positions are copied into the graph's
     # buffers each call. The store's buffers are not arguments here (bound inside `run`).
-    static = {i for i, a in enumerate(example_inputs) if isinstance(a, torch.nn.Parameter)}
-    return CudaGraphStep(run, static)
+    return CudaGraphStep(run, parameter_inputs(example_inputs))

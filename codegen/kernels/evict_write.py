@@ -65,21 +65,30 @@ def _evict_write_kernel(
     tl.store(sc_ptr + b * s_pb + h * s_ph + best_idx, 0.0)
 
 
-def _check(k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
+def _check(name: str, k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
+    """k, v [B, Hkv, T, D] alike, pos [B, T], and caches they fit."""
     B, Hkv, T, D = k.shape
-    if T != 1 or v.shape != k.shape:
-        raise ValueError(f"evict_write: k, v must be [B, Hkv, 1, D] alike; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{name}: k, v must be [B, Hkv, T, D] alike; got {tuple(k.shape)} and {tuple(v.shape)}")
     if k_cache.shape[:2] != (B, Hkv) or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
-        raise ValueError(f"evict_write: caches {tuple(k_cache.shape)} do not fit k {tuple(k.shape)}")
-    if slot_pos.shape != k_cache.shape[:3] or scores.shape != slot_pos.shape or pos.shape != (B,):
-        raise ValueError(f"evict_write: slot_pos/scores must be {tuple(k_cache.shape[:3])} and pos ({B},)")
+        raise ValueError(f"{name}: caches {tuple(k_cache.shape)} do not fit k {tuple(k.shape)}")
+    if slot_pos.shape != k_cache.shape[:3] or scores.shape != slot_pos.shape or tuple(pos.shape) != (B, T):
+        raise ValueError(f"{name}: slot_pos/scores must be {tuple(k_cache.shape[:3])} and positions {(B, T)}, "
+                         f"got {tuple(slot_pos.shape)}, {tuple(scores.shape)}, {tuple(pos.shape)}")
     if k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride() or slot_pos.stride() != scores.stride() or slot_pos.stride(-1) != 1:
-        raise ValueError("evict_write: last dimensions must be contiguous and slot_pos/scores share strides")
+        raise ValueError(f"{name}: last dimensions must be contiguous and slot_pos/scores share strides")
 
 
 def evict_write(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, window: int, by_position: bool) -> None:
-    """Write one token per (sequence, kv head) into the slot the policy frees (in place)."""
-    _launch(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, by_position, ring=False)
+    """Write one token per (sequence, kv head) into the slot the policy frees (in place).
+    k, v [B, Hkv, 1, D]; pos [B]."""
+    _check_one_token(k, pos)
+    _launch("evict_write", k, v, pos[:, None], k_cache, v_cache, slot_pos, scores, n_sink, window, by_position, ring=False)
+
+
+def _check_one_token(k, pos) -> None:
+    if k.dim() != 4 or k.shape[2] != 1 or pos.dim() != 1:
+        raise ValueError(f"evict_write: k must be [B, Hkv, 1, D] and pos [B]; got {tuple(k.shape)} and {tuple(pos.shape)}")
 
 
 def ring_write(k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
@@ -87,22 +96,15 @@ def ring_write(k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
     for T == 1). Token t goes to slot pos % C with a zero score; a padding token (pos < 0)
     marks its slot empty; of a chunk longer than C only the last C tokens are written.
     What runtime.attention_op.write_tokens does in ~7 PyTorch kernels."""
-    if pos.dim() == 1:
-        pos = pos[:, None]
-    B, Hkv, T, D = k.shape
-    if tuple(pos.shape) != (B, T):
-        raise ValueError(f"ring_write: pos must be [B, T] = {(B, T)} for k {tuple(k.shape)}, got {tuple(pos.shape)}")
+    pos = pos[:, None] if pos.dim() == 1 else pos
     C = k_cache.shape[2]
-    if T > C:  # earlier tokens would be overwritten within the chunk: the last C win
-        k, v, pos, T = k[:, :, -C:], v[:, :, -C:], pos[:, -C:], C
-    _check(k[:, :, :1], v[:, :, :1], pos[:, 0], k_cache, v_cache, slot_pos, scores)
-    _launch(k, v, pos, k_cache, v_cache, slot_pos, scores, 0, 0, False, ring=True)
+    if k.dim() == 4 and k.shape[2] > C:  # earlier tokens would be overwritten within the chunk: the last C win
+        k, v, pos = k[:, :, -C:], v[:, :, -C:], pos[:, -C:]
+    _launch("ring_write", k, v, pos, k_cache, v_cache, slot_pos, scores, 0, 0, False, ring=True)
 
 
-def _launch(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, by_position, *, ring: bool) -> None:
-    if not ring:
-        _check(k, v, pos, k_cache, v_cache, slot_pos, scores)
-        pos = pos[:, None]
+def _launch(name, k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, by_position, *, ring: bool) -> None:
+    _check(name, k, v, pos, k_cache, v_cache, slot_pos, scores)
     B, Hkv, T, D = k.shape
     C = k_cache.shape[2]
     pos = pos.contiguous()  # the kernel reads pos[b, t]: an expanded (stride-0) tensor would read past it
@@ -118,7 +120,8 @@ def _launch(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, by_po
 
 def evict_write_ref(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, window: int, by_position: bool) -> None:
     """The definition in PyTorch (same in-place effect as evict_write)."""
-    _check(k, v, pos, k_cache, v_cache, slot_pos, scores)
+    _check_one_token(k, pos)
+    _check("evict_write", k, v, pos[:, None], k_cache, v_cache, slot_pos, scores)
     B, Hkv = k.shape[:2]
     p = slot_pos.long()
     filled = p >= 0
