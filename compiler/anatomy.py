@@ -6,15 +6,14 @@ site's q/k/v/o projections, rotary embedding, KV-cache inputs and update ops, th
 residual stream and decoder blocks, the MLPs, the final norm and the LM head.
 
 Nothing here looks at module class names: recognition is by dataflow. Parameter
-paths (recovered from dynamo's placeholder names) are used only to label what was
-found. Whatever cannot be recognised is listed in `Anatomy.unrecognised` rather
+paths (taken from the tensors themselves, see `record_parameter_paths`) label what
+was found and are how plans and artifacts name a linear. Whatever cannot be recognised is listed in `Anatomy.unrecognised` rather
 than guessed.
 """
 
 from __future__ import annotations
 
 import operator
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -131,21 +130,73 @@ def tensor_inputs(node: Node) -> list[Node]:
 
 # ----------------------------------------------------------------------------- parameter names
 
-_DYNAMO_PARAM = re.compile(r"^L_(?:self|model|mod|fn)_(.*)_$")
+PATH_META = "slimfx_param_path"
+# Attributes dynamo walks through on the way to a tensor: containers, not names.
+_CONTAINERS = {"_modules", "_parameters", "_buffers"}
 
 
-def param_path(node: Node, gm: torch.fx.GraphModule | None = None) -> str:
-    """Human-readable path of a parameter node: 'model.layers.0.self_attn.q_proj.weight'."""
+def record_parameter_paths(gm: torch.fx.GraphModule, example_inputs=None, model: torch.nn.Module | None = None) -> None:
+    """Name every placeholder that holds a module's parameter or buffer, once, in
+    `node.meta[PATH_META]` ('model.layers.0.self_attn.q_proj.weight').
+
+    The name comes from the tensor itself: matched by identity against `model`'s
+    named parameters and buffers when the model is known, else read from the source
+    dynamo records for the placeholder (`L['args'][0]._modules['model']...`). Never
+    from the placeholder's spelling, which changes between torch and transformers
+    releases. Must run while dynamo still holds the graph (inside a backend): dynamo
+    drops its per-placeholder records once the backend returns.
+    """
+    by_id = _named_tensors(model) if model is not None else {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = list(example_inputs) if example_inputs is not None else [None] * len(placeholders)
+    for node, value in zip(placeholders, values):
+        if PATH_META in node.meta:
+            continue
+        arg = node.meta.get("grapharg")
+        if value is None and arg is not None:
+            value = getattr(arg, "example", None)
+        path = by_id.get(id(value)) if value is not None else None
+        if path is None and arg is not None:
+            path = _module_path(getattr(arg, "source", None))
+        if path:
+            node.meta[PATH_META] = path
+
+
+def _named_tensors(model: torch.nn.Module) -> dict[int, str]:
+    named = {}
+    for name, t in list(model.named_buffers()) + list(model.named_parameters()):
+        named.setdefault(id(t), name)
+    return named
+
+
+def _module_path(source) -> str | None:
+    """'a.b.0.weight' for a dynamo source reaching a tensor through nn.Modules, or None
+    when the source is not an attribute chain from a module (a plain input)."""
+    chain = []
+    while source is not None:
+        chain.append(source)
+        source = getattr(source, "base", None)
+    chain.reverse()  # root first
+    root = next((i for i, s in enumerate(chain) if "NNModule" in type(s).__name__), None)
+    if root is None:
+        return None
+    parts = []
+    for s in chain[root + 1:]:
+        key = getattr(s, "member", getattr(s, "index", None))
+        if key is None or key in _CONTAINERS:
+            continue  # a wrapper that names nothing, or a container attribute
+        if not isinstance(key, (str, int)):
+            return None
+        parts.append(str(key))
+    return ".".join(parts) or None
+
+
+def param_path(node: Node) -> str:
+    """The module path of a parameter/buffer node ('model.layers.0.self_attn.q_proj.weight');
+    a graph attribute's own name for get_attr; the node's name when nothing is known."""
     if node.op == "get_attr":
         return str(node.target)
-    name = str(node.target if node.op == "placeholder" else node.name)
-    m = _DYNAMO_PARAM.match(name)
-    if not m:
-        return name
-    path = m.group(1)
-    for token in ("_modules_", "_parameters_", "_buffers_"):
-        path = path.replace(token, ".")
-    return path.removeprefix("modules_").removeprefix("parameters_")
+    return node.meta.get(PATH_META) or node.name
 
 
 def is_parameter_node(node) -> bool:
@@ -713,6 +764,7 @@ def _classify_norm(nodes: list[Node]) -> str | None:
 
 def analyze(gm: torch.fx.GraphModule) -> Anatomy:
     """The anatomy of a dynamo-captured decoder LM graph (see module docstring)."""
+    record_parameter_paths(gm)
     a = _Analyzer(gm)
     a.find_linears()
     sites = a.find_attention()
@@ -750,6 +802,7 @@ def capture_graph(model: torch.nn.Module, *args, **kwargs) -> torch.fx.GraphModu
     graphs = []
 
     def grab(gm, example_inputs, **_):
+        record_parameter_paths(gm, example_inputs, model if isinstance(model, torch.nn.Module) else None)
         graphs.append(gm)
         return gm.forward
 

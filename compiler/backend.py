@@ -15,6 +15,7 @@ import time
 import torch
 import torch.fx
 
+from slimfx.compiler.anatomy import record_parameter_paths
 from slimfx.compiler.config import ConfigError, load_config
 from slimfx.compiler.passmanager import PassContext, PassManager
 from slimfx.compiler.report import CompileReport, next_graph_id, record
@@ -47,9 +48,9 @@ def _lower(gm: torch.fx.GraphModule, example_inputs, codegen: str):
     slimfx: slimfx's own code generation (codegen/).
     """
     if codegen == "inductor":
-        from slimfx.runtime.lowering import STORE_ATTR_PREFIX, lower_with_inductor
+        from slimfx.runtime.lowering import has_bound_tensors, lower_with_inductor
 
-        if any(n.op == "get_attr" and str(n.target).startswith(STORE_ATTR_PREFIX) for n in gm.graph.nodes):
+        if has_bound_tensors(gm):
             # Inductor treats attributes as constants: KV-store buffers must become
             # inputs or the attention op's in-place writes would be lost.
             return lower_with_inductor(gm, example_inputs), "inductor"
@@ -72,6 +73,7 @@ def slimfx_backend(gm: torch.fx.GraphModule, example_inputs, options=None, **kwa
     start = time.perf_counter()
     config = _config_from_options(options)
     ctx = PassContext(config=config, example_inputs=list(example_inputs), graph_id=next_graph_id())
+    record_parameter_paths(gm, example_inputs)
     anatomy = ctx.refresh_anatomy(gm)
     results = PassManager(config).run(gm, ctx)
     compiled, codegen = _lower(gm, example_inputs, config.compile["codegen"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.fx
 
-from slimfx.compiler.config import Config, ConfigError, PassConfig
+from slimfx.compiler.config import Config, ConfigError, PassConfig, parse_layer_selector
 
 
 @dataclass
@@ -113,6 +113,7 @@ class PassManager:
         module = self.passes[name]
         pass_cfg: PassConfig = self.config.pass_config(name)
         ran = ", ".join(before) or "none"
+        _check_layer_overrides(name, pass_cfg, ctx.anatomy)
         start = time.perf_counter()
         try:
             result = module.run(gm, pass_cfg, ctx)
@@ -131,6 +132,19 @@ class PassManager:
         if self.config.compile["time_passes"]:
             result.seconds = time.perf_counter() - start
         return result
+
+
+def _check_layer_overrides(name: str, pass_cfg: PassConfig, anatomy) -> None:
+    """Per-layer overrides must name blocks the model has: an override for a layer that
+    does not exist would otherwise be dropped without a word."""
+    blocks = len(anatomy.blocks) if anatomy is not None else 0
+    if not blocks or anatomy.lm_head is None:
+        return  # not a whole-model graph (graph breaks, or a graph slimfx does not understand)
+    for selector in pass_cfg.layer_overrides:
+        beyond = sorted(i for i in parse_layer_selector("layers", selector) if i >= blocks)
+        if beyond:
+            raise ConfigError(f"passes.{name}.layers.{selector!r}: layer {beyond[0]} does not exist; "
+                              f"allowed: layers 0-{blocks - 1} (the model has {blocks} blocks)")
 
 
 def _debug_dir(graph_id: int) -> Path | None:

@@ -30,7 +30,7 @@ import torch.fx
 from slimfx.compiler.anatomy import LinearInfo, shape_of, weight_source
 from slimfx.compiler.config import ConfigError, Option
 from slimfx.compiler.passmanager import PassContext, PassResult
-from slimfx.passes._graph import bind_tensor
+from slimfx.passes._graph import bind_tensor, graph_input_value
 
 NAME = "quantize"
 DESCRIPTION = "weight-only int8 / int4 group-wise (HQQ) / fp8 linears, per layer or from a bit-allocation plan (lossy)"
@@ -64,14 +64,7 @@ def weight_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node, example_inputs)
     src = weight_source(w) if isinstance(w, torch.fx.Node) else None
     if src is None:
         return None
-    if src.op == "get_attr":
-        value = gm
-        for part in str(src.target).split("."):
-            value = getattr(value, part, None)
-    else:
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        idx = placeholders.index(src)
-        value = example_inputs[idx] if idx < len(example_inputs) else None
+    value = graph_input_value(gm, src, example_inputs)
     if not isinstance(value, torch.Tensor) or value.dim() != 2 or tuple(value.shape) != shape_of(w):
         return None  # reached through a transpose or reshape: not the [N, K] weight itself
     return value.detach()
@@ -130,6 +123,22 @@ def _choose(info: LinearInfo, cfg, plan: dict | None, device: torch.device):
     return spec, opts["hqq"]
 
 
+def check_plan_matches(plan: dict[str, str], anatomy, where: str) -> None:
+    """A plan names linears by module path; entries this graph lacks are an error, not a
+    no-op. A graph without an LM head is a piece of a model split by graph breaks: there
+    only a plan matching none of its linears is refused."""
+    have = {info.weight for info in anatomy.linears}
+    missing = sorted(set(plan) - have)
+    whole_model = anatomy.lm_head is not None
+    if missing and (whole_model or len(missing) == len(plan)):
+        examples = ", ".join(sorted(have)[:3]) + (", ..." if len(have) > 3 else "")
+        raise ConfigError(
+            f"{where}: {len(missing)} of {len(plan)} plan entries name no linear of this model "
+            f"(first: {missing[0]!r}); the model's linears are named like {examples} "
+            f"(was the plan made for another model? `slimfx calibrate bits` writes one for this one)"
+        )
+
+
 # ----------------------------------------------------------------------------- rewrite
 
 
@@ -158,6 +167,8 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
         return PassResult.skipped(NAME, "the anatomy found no linears")
     plan_key = cfg.options["plan"]
     plan = load_plan(ctx.config.artifact_path(plan_key)) if plan_key != "none" else None
+    if plan is not None:
+        check_plan_matches(plan, anatomy, f"artifacts.{plan_key}")
     by_name = {n.name: n for n in gm.graph.nodes}
     notes, chosen, saved, head_saved = [], {}, 0, 0
     for i, info in enumerate(anatomy.linears):

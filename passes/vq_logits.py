@@ -47,6 +47,8 @@ buffers (get_attr), shared between the graphs of one model.
 
 from __future__ import annotations
 
+import hashlib
+
 import operator
 from pathlib import Path
 
@@ -56,7 +58,7 @@ import torch.fx
 from slimfx.compiler.anatomy import shape_of, weight_source
 from slimfx.compiler.config import ConfigError, Option
 from slimfx.compiler.passmanager import PassContext, PassResult
-from slimfx.passes._graph import bind_tensor
+from slimfx.passes._graph import bind_tensor, graph_input_value
 
 NAME = "vq_logits"
 DESCRIPTION = "LM head -> VQ codebook head: approx (code logits) or exact (probed clusters + bound, full-head fallback)"
@@ -83,12 +85,7 @@ def _real_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: PassContext
     src = weight_source(node)
     if src is None or src is not node:
         return None  # a view or cast of the weight: the op would need the same view
-    if src.op == "get_attr":
-        value = getattr(gm, str(src.target), None)
-        return value if isinstance(value, torch.Tensor) else None
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    idx = placeholders.index(src)
-    value = ctx.example_inputs[idx] if idx < len(ctx.example_inputs) else None
+    value = graph_input_value(gm, src, ctx.example_inputs)
     if not isinstance(value, torch.Tensor) or type(value).__name__ == "FakeTensor":
         return None
     return value
@@ -198,7 +195,9 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     if _verify(opts) == "deferred" and _rows(node.args[0]) is None:
         return PassResult.skipped(NAME, "verify = 'deferred' needs static shapes (the hidden-state stash has a fixed size)")
     hidden, bcast = _head_input(gm, node, opts["last_position_only"])
-    tag = f"_slimfx_vq_{abs(hash(str(path))) % 10**8}"
+    # Named after the codebook's path, the same in every process (hashlib, not the
+    # per-process salted hash()).
+    tag = f"_slimfx_vq_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
     if opts["mode"] == "approx":
         scale = bind_tensor(gm, f"{tag}_scale", prep["scale"], node) if prep["scale"] is not None else None
         args = (hidden, bind_tensor(gm, f"{tag}_codebook", prep["codebook"], node),

@@ -17,7 +17,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-STORE_ATTR_PREFIX = "_slimfx_"
+BOUND_META = "slimfx_bound"  # set by passes._graph.bind_tensor on every tensor a pass binds
+
+
+def has_bound_tensors(gm: torch.fx.GraphModule) -> bool:
+    return any(n.op == "get_attr" and n.meta.get(BOUND_META) for n in gm.graph.nodes)
 
 
 def lift_store_buffers(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
@@ -28,7 +32,7 @@ def lift_store_buffers(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
     tensors: list[torch.Tensor] = []
     lifted: dict[str, torch.fx.Node] = {}
     for node in list(graph.nodes):
-        if node.op != "get_attr" or not str(node.target).startswith(STORE_ATTR_PREFIX):
+        if node.op != "get_attr" or not node.meta.get(BOUND_META):
             continue
         if node.target not in lifted:
             with graph.inserting_after(last):

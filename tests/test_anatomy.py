@@ -136,3 +136,43 @@ def test_static_cache_graphs_are_inplace_updates():
         for site in a.attention_sites:
             assert site.cache.kind == "inplace" and len(site.cache.update_nodes) == 2
             assert site.n_kv_heads == 2 and a.linear(site.k_proj).role == "k"
+
+
+def _weights_seen_by_backend(compile_target, call):
+    """Linear weight paths the slimfx anatomy reports for the graph dynamo hands a backend."""
+    seen = []
+
+    def backend(gm, example_inputs, **_):
+        seen.append(sorted(l.weight for l in analyze(gm).linears))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        call(torch.compile(compile_target, backend=backend))
+    torch._dynamo.reset()
+    return seen[0]
+
+
+def test_parameter_paths_do_not_depend_on_how_the_model_is_compiled():
+    """The same parameter gets the same name whether dynamo sees the model as `self`,
+    `args[0]`, a function argument or a bound `forward`: the name comes from the
+    tensor's source, not from dynamo's placeholder spelling."""
+    model = tiny_model("llama_gqa", layers=2)
+    ids = torch.randint(0, 128, (1, 5))
+    expected = sorted(n for n, p in model.named_parameters() if p.dim() == 2 and n != "model.embed_tokens.weight")
+    expected.append("model.embed_tokens.weight")  # the tied head reads the embedding
+    as_module = _weights_seen_by_backend(model, lambda m: m(ids))
+    as_forward = _weights_seen_by_backend(model.forward, lambda f: f(ids))
+    as_argument = _weights_seen_by_backend(lambda m, x: m(x), lambda f: f(model, ids))
+    assert as_module == as_forward == as_argument == sorted(expected)
+
+
+def test_parameter_paths_survive_renamed_placeholders():
+    """Renaming every placeholder (another torch release's spelling) changes nothing."""
+    model = tiny_model("llama_untied", layers=2)
+    gm = capture_graph(model, torch.randint(0, 128, (1, 5)))
+    before = [(l.weight, l.role, l.block) for l in analyze(gm).linears]
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        node.name = node.target = f"arg{i}"
+    after = [(l.weight, l.role, l.block) for l in analyze(gm).linears]
+    assert after == before and ("lm_head.weight", "lm_head", None) in after

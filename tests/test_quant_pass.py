@@ -119,3 +119,18 @@ def test_ops_pass_opcheck():
     b = torch.randn(5)
     torch.library.opcheck(torch.ops.slimfx.qlinear_int8.default, (x, q8["qweight"], q8["scale"], b))
     torch.library.opcheck(torch.ops.slimfx.qlinear_int4.default, (x, q4["qweight"], q4["scale"], q4["offset"], 32, None))
+
+
+def test_plan_for_another_model_is_an_error(untied, tmp_path):
+    model, ids = untied
+    path = tmp_path / "plan.json"
+    formats = {"model.layers.0.self_attn.q_proj.weight": "int8", "transformer.h.0.attn.c_attn.weight": "int8"}
+    path.write_text(json.dumps({"kind": "slimfx.bit_allocation", "version": 1, "formats": formats}))
+    with pytest.raises(Exception, match=r"artifacts.bits: 1 of 2 plan entries name no linear of this model \(first: 'transformer.h.0.attn.c_attn.weight'\)"):
+        _run(model, {"plan": "bits"}, ids, artifacts={"bits": str(path)})
+
+
+def test_override_of_a_layer_the_model_lacks_is_an_error(untied):
+    model, ids = untied
+    with pytest.raises(Exception, match=r"passes.quantize.layers.'5': layer 5 does not exist; allowed: layers 0-1"):
+        _run(model, {"format": "int8", "layers": {"5": {"format": "none"}}}, ids)
