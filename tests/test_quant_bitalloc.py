@@ -122,3 +122,26 @@ def test_kl_metric_measures_each_linear_alone_and_restores_the_model(tmp_path):
     assert all(o["int8"]["cost"] >= 0.0 for o in costs)
     with pytest.raises(B.UsageError, match="--metric"):
         B.calibrate_bit_allocation(model, _Tok(), out_path=tmp_path / "x.json", bits=6.0, metric="fisher", text=text, tokens=96)
+
+
+def test_calibrated_plan_is_applied_through_the_runtime(tmp_path):
+    """The plan `calibrate` writes names linears the way the runtime's graphs do: every
+    plan entry decides its linear when generating with the plan."""
+    from slimfx.compiler.report import reports
+    from slimfx.runtime import generate
+    from slimfx.runtime.models import tiny_model
+
+    model = tiny_model("llama_untied")
+    out = tmp_path / "plan.json"
+    plan = B.calibrate_bit_allocation(model, _Tok(), out_path=out, bits=6.0, candidates=("none", "int8", "int4_g32"),
+                                      text="The quick brown fox jumps over the lazy dog. " * 4, tokens=96, kv_context=0)
+    config = {"pipelines": {"q": ["quantize"]}, "compile": {"pipeline": "q"},
+              "passes": {"quantize": {"plan": "bits"}}, "artifacts": {"bits": str(out)}}
+    seen = len(reports())
+    generate(model, torch.randint(0, 128, (1, 7)), max_new_tokens=3, config=config)
+    results = [p for r in reports()[seen:] for p in r.passes if p.name == "quantize"]
+    assert results, "the quantize pass did not run"
+    expected = {k: v for k, v in plan["formats"].items() if v != "none"}
+    for result in results:
+        assert result.applied
+        assert {k: v["format"] for k, v in result.details["linears"].items()} == expected
