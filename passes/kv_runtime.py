@@ -33,6 +33,7 @@ import torch.fx
 
 from slimfx.compiler.anatomy import AttentionSite, is_sdpa, is_view_like, shape_of
 from slimfx.compiler.config import Option
+from slimfx.compiler.errors import UsageError
 from slimfx.compiler.passmanager import PassContext, PassResult
 from slimfx.passes._graph import bind_tensor
 
@@ -99,6 +100,15 @@ def _rewrite_site(gm, site: AttentionSite, node: torch.fx.Node, store) -> str | 
     return None
 
 
+def _unique(notes: list[str], shown: int = 3) -> list[str]:
+    """The first few distinct reasons, site numbers folded: 30 sites rarely differ."""
+    reasons: dict[str, list[str]] = {}
+    for note in notes:
+        site, _, why = note.partition(": ")
+        reasons.setdefault(why, []).append(site.removeprefix("site "))
+    return [f"sites {','.join(s[:6])}{',...' if len(s) > 6 else ''}: {why}" for why, s in list(reasons.items())[:shown]]
+
+
 def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     import slimfx.runtime.attention_op  # noqa: F401  registers torch.ops.slimfx.attention
     from slimfx.runtime.kv_store import get_store
@@ -117,13 +127,17 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
             notes.append(why)
         else:
             rewritten += 1
-    if not rewritten:
-        return PassResult(NAME, applied=False, sites_matched=len(anatomy.attention_sites), notes=notes or ["no attention sites"])
+    if not anatomy.attention_sites or rewritten != len(anatomy.attention_sites):
+        # The runtime calls the model without its own cache: an unbound site would
+        # attend to the current step's tokens only, and a half-bound model over two
+        # different caches. Either gives wrong tokens, so refuse.
+        raise UsageError(
+            f"the slimfx runtime cannot run this model exactly: it bound {rewritten} of "
+            f"{len(anatomy.attention_sites)} attention sites ({'; '.join(_unique(notes)) or 'the anatomy found no attention sites'}); "
+            f"allowed: models whose attention is SDPA over nn.Linear projections, or plain torch.compile(model, backend='slimfx') with model.generate"
+        )
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    if rewritten != len(anatomy.attention_sites):
-        # A half-bound model would attend over two different caches: refuse.
-        raise RuntimeError(f"kv_runtime bound {rewritten} of {len(anatomy.attention_sites)} sites; {'; '.join(notes)}")
     ctx.state.setdefault("kv_stores", {})[store.id] = store
     return PassResult(
         NAME, applied=True, sites_matched=len(anatomy.attention_sites), nodes_rewritten=rewritten,
