@@ -330,7 +330,7 @@ class Anatomy:
 
     def table(self) -> str:
         """The anatomy as text tables (what `slimfx inspect` prints)."""
-        from slimfx.compiler.report import format_table
+        from slimfx.compiler.tables import format_table
 
         lines = [
             f"vocab {self.vocab_size}  hidden {self.hidden_size}  blocks {len(self.blocks)}  "

@@ -14,7 +14,8 @@ import torch
 from slimfx.compiler.config import load_config
 from slimfx.compiler.errors import UsageError
 from slimfx.compiler.passmanager import format_bytes
-from slimfx.compiler.report import clear_reports, format_table, reports
+from slimfx.compiler.report import clear_reports, reports
+from slimfx.compiler.tables import format_table
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

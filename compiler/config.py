@@ -259,8 +259,8 @@ class Config:
 
 
 def pass_schemas() -> dict[str, dict[str, Option]]:
-    """Option schemas of every registered pass (from slimfx.passes' registry)."""
-    from slimfx.passes import registered_passes
+    """Option schemas of every registered pass (compiler/registry.py)."""
+    from slimfx.compiler.registry import registered_passes
 
     return {name: mod.OPTIONS for name, mod in registered_passes().items()}
 

@@ -90,7 +90,7 @@ class PassManager:
     """Runs `pipeline` (pass names) over a graph with the options in `config`."""
 
     def __init__(self, config: Config, pipeline: list[str] | None = None):
-        from slimfx.passes import registered_passes
+        from slimfx.compiler.registry import registered_passes
 
         self.config = config
         self.passes = registered_passes()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from slimfx.compiler.passmanager import PassResult, format_bytes
+from slimfx.compiler.tables import format_table
 
 _REPORTS: list["CompileReport"] = []
 
@@ -58,10 +59,3 @@ def clear_reports() -> None:
 def next_graph_id() -> int:
     return len(_REPORTS)
 
-
-def format_table(headers: list[str], rows: list[list]) -> str:
-    """A plain monospace table (no third-party dependency)."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])

@@ -1,39 +1,5 @@
-"""Rewrite passes: one file per pass family.
+"""Rewrite passes: one file or folder per pass family.
 
-Every pass module defines
-
-    NAME: str              # the name used in [pipelines] and [passes.NAME]
-    DESCRIPTION: str       # one line for `slimfx inspect` and the README table
-    LOSSY: bool            # True when the output can differ from the unmodified model
-    OPTIONS: dict[str, slimfx.compiler.config.Option]
-    def run(gm, cfg: PassConfig, ctx: PassContext) -> PassResult
-
-and is listed in PASS_MODULES below. See passes/README.md for the invariants.
+A pass module's interface, and the list of pass modules, are in
+slimfx/compiler/registry.py; passes/README.md has the invariants and the layers.
 """
-
-from __future__ import annotations
-
-import importlib
-from functools import lru_cache
-
-PASS_MODULES = (
-    "slimfx.passes.fold_noop_casts",
-    "slimfx.passes.kv_runtime",
-    "slimfx.passes.kv_eviction",
-    "slimfx.passes.kv_quantize",
-    "slimfx.passes.quantize",
-    "slimfx.passes.vq_logits",
-)
-
-
-@lru_cache(maxsize=None)
-def registered_passes() -> dict:
-    """name -> pass module, in registration order."""
-    passes = {}
-    for module_name in PASS_MODULES:
-        module = importlib.import_module(module_name)
-        for attr in ("NAME", "DESCRIPTION", "LOSSY", "OPTIONS", "run"):
-            if not hasattr(module, attr):
-                raise TypeError(f"pass module {module_name} lacks {attr}; see slimfx/passes/__init__.py")
-        passes[module.NAME] = module
-    return passes

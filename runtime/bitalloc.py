@@ -258,7 +258,7 @@ def read_plan(path) -> dict:
 def format_plan(plan: dict) -> str:
     """The plan as a text table: format and bytes per linear, then the totals."""
     from slimfx.compiler.passmanager import format_bytes
-    from slimfx.compiler.report import format_table
+    from slimfx.compiler.tables import format_table
 
     rows = []
     for path, entry in plan.get("linears", {}).items():

@@ -165,7 +165,7 @@ def _fresh_step_function() -> Callable:
 def _with_kv_runtime(pipeline: list[str]) -> list[str]:
     """`pipeline` with kv_runtime inserted before the first pass that works on its
     output (declares RUNS_AFTER = ("kv_runtime",), e.g. kv_eviction), else at the end."""
-    from slimfx.passes import registered_passes
+    from slimfx.compiler.registry import registered_passes
 
     passes = registered_passes()
     for i, name in enumerate(pipeline):

@@ -67,7 +67,7 @@ def test_slimfx_compile_validates_config_before_tracing():
 
 
 def test_pass_manager_names_failing_pass_and_previous(monkeypatch, tmp_path):
-    import slimfx.passes as P
+    import slimfx.compiler.registry as P
     from slimfx.compiler.config import load_config
 
     class Boom:

@@ -47,7 +47,7 @@ def test_inspect_tiny_prints_the_anatomy(capsys):
 
 
 def test_config_schema_lists_every_pass(capsys):
-    from slimfx.passes import registered_passes
+    from slimfx.compiler.registry import registered_passes
 
     assert main(["config", "--schema"]) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from slimfx.compiler import config as C
 from slimfx.compiler.config import ConfigError, load_config, to_toml, tomllib
-from slimfx.passes import registered_passes
+from slimfx.compiler.registry import registered_passes
 
 
 def test_defaults_run_only_lossless_passes():

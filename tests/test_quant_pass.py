@@ -24,6 +24,7 @@ def _run(model, options, ids, artifacts=None):
     """Compile with only the quantize pass; return (logits, pass result, rewritten graph)."""
     graphs = []
     import slimfx.passes.quantize as qp
+    from slimfx.compiler.registry import registered_passes
 
     real_run = qp.run
 
@@ -35,7 +36,7 @@ def _run(model, options, ids, artifacts=None):
     cfg = {"pipelines": {"q": ["quantize"]}, "compile": {"pipeline": "q"}, "passes": {"quantize": options}}
     if artifacts:
         cfg["artifacts"] = artifacts
-    qp_registry = slimfx.passes.registered_passes()["quantize"]
+    qp_registry = registered_passes()["quantize"]
     qp_registry.run = spy
     try:
         with torch.no_grad():

@@ -87,7 +87,7 @@ def check_pass_options(config) -> None:
     policy needs: sinks + window + 1) now, so a bad sweep fails before the model loads.
     Uses a pass's `check_config(pass_config)` when it has one (kv_eviction: its
     `_check_options`, the same function its run() calls)."""
-    from slimfx.passes import registered_passes
+    from slimfx.compiler.registry import registered_passes
 
     modules = registered_passes()
     for name in config.pipeline:
