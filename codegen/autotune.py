@@ -24,7 +24,10 @@ Disk cache: one JSON file per key under $SLIMFX_CACHE_DIR/autotune (default
 ~/.cache/slimfx/autotune). Key = sha256 of (kernel source hash, shape bucket, dtype,
 device name, Triton version). One file per entry and tempfile + os.replace make
 writes atomic, so two processes writing at once leave whole files (the last one
-wins); an unreadable or malformed entry is ignored and rebuilt.
+wins). An entry is checked before use (config_problem: the template's keys, block
+sizes, warps, stages, split-K, the kernel's limits); an unreadable, malformed or
+out-of-range entry is discarded with a warning and re-tuned. A cache folder that
+cannot be written costs the disk copy only (a warning; the winner stays in memory).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import triton
@@ -45,6 +49,10 @@ ENTRY_VERSION = 2  # 2: decode matmuls timed with a cold L2 (earlier winners wer
 GEMM_LIBRARY, GEMM_DOT, GEMM_GEMV = 0, 1, 2
 GEMV_MAX_M = 4  # above this a GEMV kernel (one program per row) re-reads the weights too often
 NOMINAL_SMS = 132  # H100 SXM; only shapes the split-K candidates when no GPU is visible
+MAX_SPLIT_K = 16  # the epilogue unrolls one add per split (tl.static_range)
+WARPS = (1, 2, 4, 8, 16, 32)  # what Triton launches with
+DOT_MIN_BLOCK = 16  # tl.dot's smallest tile edge
+ROW_MAX_ELEMENTS = 32768  # a row kernel's BLOCK_R * BLOCK_N (registers; config_space's bound)
 
 
 def cache_root() -> Path:
@@ -86,7 +94,7 @@ def config_space(template: str, sizes: tuple) -> list[dict]:
         block_n = next_pow2(n)
         out = []
         for block_r in (1, 2, 4, 8):
-            if block_r > max(1, next_pow2(rows)) or block_r * block_n > 32768:
+            if block_r > max(1, next_pow2(rows)) or block_r * block_n > ROW_MAX_ELEMENTS:
                 continue
             for w in (1, 4, 8):
                 if block_r * block_n >= 32 * w:
@@ -146,7 +154,7 @@ def split_k_for(tiles: int, k_blocks: int) -> int:
     want = 2 * _sm_count()
     if tiles >= want:
         return 1
-    return max(1, min(-(-want // tiles), k_blocks, 16))
+    return max(1, min(-(-want // tiles), k_blocks, MAX_SPLIT_K))
 
 
 def _gemv(block_n: int, block_k: int, split: int, warps: int, stages: int = 1) -> dict:
@@ -230,6 +238,65 @@ def gemm_heuristic(m: int, n: int, k: int, *, interpreter: bool) -> dict:
     return _dot(bm, min(128, cap_n), min(64, cap_k), 1, 8 if bm == 128 else 4, 3)
 
 
+# ----------------------------------------------------------------------------- config checks
+
+
+def config_problem(template: str, sizes: tuple, config: dict) -> str | None:
+    """Why `config` must not be launched for `template` at `sizes`, or None when it may.
+
+    A config read back from disk is checked against what this code could have written
+    for these sizes (config_space and heuristic_config): the same keys, ints only, block
+    sizes powers of two within the space's range, launch parameters Triton accepts, and
+    the kernel's own limits. A config that passed is safe to launch.
+    """
+    if not _all_ints(config):
+        return "values must be ints"
+    known = _known_configs(template, sizes)
+    # Same key set and, for gemm, the same implementation: the keys a launch reads.
+    peers = [c for c in known if c.keys() == config.keys() and c.get("impl") == config.get("impl")]
+    if not peers:
+        expected = sorted({tuple(sorted(c)) for c in known})
+        impl = f" with impl={config['impl']}" if "impl" in config else ""
+        return f"keys {sorted(config)}{impl} are not those of a {template} config (expected one of {expected})"
+    return _range_problem(config, peers) or _kernel_problem(template, sizes, config)
+
+
+def _all_ints(config: dict) -> bool:
+    return all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in config.items())
+
+
+def _known_configs(template: str, sizes: tuple) -> list[dict]:
+    heuristics = [heuristic_config(template, sizes, interpreter=i) for i in (False, True)]
+    return config_space(template, sizes) + heuristics
+
+
+def _range_problem(config: dict, peers: list[dict]) -> str | None:
+    for key, value in config.items():
+        if key.startswith("BLOCK"):
+            low, high = min(c[key] for c in peers), max(c[key] for c in peers)
+            if value <= 0 or value & (value - 1):
+                return f"{key}={value} is not a positive power of two"
+            if not low <= value <= high:
+                return f"{key}={value} is outside [{low}, {high}]"
+    if config["num_warps"] not in WARPS:
+        return f"num_warps={config['num_warps']} is not one of {WARPS}"
+    if config["num_stages"] < 1:
+        return f"num_stages={config['num_stages']} is below 1"
+    if "SPLIT_K" in config and not 1 <= config["SPLIT_K"] <= MAX_SPLIT_K:
+        return f"SPLIT_K={config['SPLIT_K']} is outside [1, {MAX_SPLIT_K}]"
+    return None
+
+
+def _kernel_problem(template: str, sizes: tuple, config: dict) -> str | None:
+    if template == "row" and config["BLOCK_R"] * next_pow2(sizes[1]) > ROW_MAX_ELEMENTS:
+        return f"BLOCK_R={config['BLOCK_R']} x BLOCK_N={next_pow2(sizes[1])} exceeds {ROW_MAX_ELEMENTS} elements"
+    if template == "gemm" and config["impl"] == GEMM_DOT:
+        small = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if config[k] < DOT_MIN_BLOCK]
+        if small:
+            return f"{', '.join(small)} below tl.dot's minimum tile of {DOT_MIN_BLOCK}"
+    return None
+
+
 # ----------------------------------------------------------------------------- disk cache
 
 
@@ -247,25 +314,35 @@ class DiskCache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def get(self, key: str) -> dict | None:
-        """The cached config, or None when absent, unreadable or malformed."""
-        try:
-            entry = json.loads(self.path(key).read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(entry, dict) or entry.get("key") != key or not isinstance(entry.get("config"), dict):
-            return None
-        config = entry["config"]
-        if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in config.items()):
-            return None
-        return config
+    def get(self, key: str, template: str | None = None, sizes: tuple | None = None) -> dict | None:
+        """The cached config, or None when absent or bad (a bad entry also warns).
 
-    def put(self, key: str, config: dict, info: dict | None = None) -> None:
-        """Write atomically: a temp file in the same folder, then os.replace."""
+        With `template` and `sizes` the config must pass config_problem; without, only
+        its shape (a dict of ints) is checked.
+        """
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            text = path.read_text()
+        except (FileNotFoundError, NotADirectoryError):  # nothing cached; put() reports a misplaced folder
+            return None
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+            return _discard(path, f"unreadable ({exc})")
+        config, problem = _parse_entry(text, key)
+        if problem is None and template is not None:
+            problem = config_problem(template, sizes, config)
+        return config if problem is None else _discard(path, problem)
+
+    def put(self, key: str, config: dict, info: dict | None = None) -> bool:
+        """Write atomically (a temp file in the same folder, then os.replace); False, with a
+        warning, when the cache folder cannot be written: the caller keeps the result in memory."""
+        path = self.path(key)
         entry = {"key": key, "config": config, **(info or {})}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
+        except OSError as exc:
+            warnings.warn(f"slimfx autotune: cannot write cache entry {path} ({exc}); the result is not cached", stacklevel=2)
+            return False
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(entry, f)
@@ -276,6 +353,29 @@ class DiskCache:
             except OSError:
                 pass
             raise
+        return True
+
+
+def _parse_entry(text: str, key: str) -> tuple[dict | None, str | None]:
+    """(config, None) for a well-formed entry of `key`, else (None, what is wrong)."""
+    try:
+        entry = json.loads(text)
+    except ValueError as exc:
+        return None, f"not JSON ({exc})"
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        return None, "not an entry (a JSON object with a 'config' object)"
+    if entry.get("key") != key:
+        return None, f"holds key {entry.get('key')!r}, not {key!r}"
+    config = entry["config"]
+    if not _all_ints(config):
+        return None, "config values must be ints"
+    return config, None
+
+
+def _discard(path: Path, problem: str) -> None:
+    # One line per bad entry: the caller re-tunes and overwrites it.
+    warnings.warn(f"slimfx autotune: discarding cache entry {path}: {problem}; re-tuning", stacklevel=3)
+    return None
 
 
 # ----------------------------------------------------------------------------- timing
@@ -386,7 +486,7 @@ class Tuner:
             # Timing synchronises, which a CUDA graph capture forbids: use what is cached.
             label = device_name(device)
             key = DiskCache.key(kernel_hash, bucket, dtype, label)
-            return self.disk.get(key) or heuristic_config(template, sizes, interpreter=False)
+            return self.disk.get(key, template, sizes) or heuristic_config(template, sizes, interpreter=False)
         with self._lock:
             if device.type != "cuda":
                 config = heuristic_config(template, sizes, interpreter=True)
@@ -400,7 +500,7 @@ class Tuner:
     def tuned(self, kernel_hash: str, template: str, sizes: tuple, dtype: str, device_label: str, launch_fn) -> dict:
         """The disk-cached winner, or benchmark every config, cache and return the winner."""
         key = DiskCache.key(kernel_hash, shape_bucket(template, sizes), dtype, device_label)
-        config = self.disk.get(key)
+        config = self.disk.get(key, template, sizes)
         if config is None:
             config, info = self._benchmark(template, sizes, launch_fn)
             self.disk.put(key, config, info)

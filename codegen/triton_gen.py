@@ -25,10 +25,13 @@ the tests compare against and which CPU runs when the Triton interpreter is off.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib.util
+import linecache
 import os
 import sys
+import tempfile
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -524,24 +527,82 @@ _MODULES: dict = {}
 
 
 def load_module(source: str):
-    """Write `source` to the kernel cache (by content hash) and import it, once per process."""
+    """Import generated `source`, once per process, and keep its copy in the kernel cache.
+
+    The module runs from `source` itself, never from the cached file: that file is
+    only compared with `source` and rewritten when it differs, so a corrupt, altered
+    or planted file can neither break a run nor execute. An unusable cache folder
+    costs the disk copy only (one warning).
+    """
     digest = hashlib.sha256(source.encode()).hexdigest()[:24]
     if digest in _MODULES:
         return _MODULES[digest]
-    folder = cache_root() / "kernels"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"k_{digest}.py"
-    if not path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(source)
-        os.replace(tmp, path)
-    module_name = f"slimfx_generated_{digest}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # triton.jit reads the source through inspect
-    spec.loader.exec_module(module)
+    _sync_cache_file(source, cache_root() / "kernels" / f"k_{digest}.py")
+    module = _exec_source(source, f"slimfx_generated_{digest}", f"<slimfx kernel k_{digest}.py>")
     _MODULES[digest] = module
     return module
+
+
+def _exec_source(source: str, module_name: str, filename: str):
+    """A module executed from `source`. triton.jit reads a kernel's source through inspect,
+    which finds it in linecache: a pseudo file name (<...>) pinned there (mtime None:
+    checkcache keeps it) means nothing is ever read back from disk."""
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    module = types.ModuleType(module_name)
+    sys.modules[module_name] = module
+    exec(compile(source, filename, "exec"), module.__dict__)  # noqa: S102 - slimfx's own generated source
+    return module
+
+
+def _sync_cache_file(source: str, path) -> None:
+    """Make `path` hold exactly `source`. Warns once when the file was bad (empty,
+    truncated, different, unreadable) or cannot be written."""
+    data = source.encode()
+    problem = _cache_file_problem(path, data)
+    if problem is None:
+        return
+    failure = _write_atomic(path, data)
+    if failure is not None:
+        warnings.warn(f"slimfx kernel cache: {path}: {problem} and cannot be written ({failure}); running uncached", stacklevel=2)
+    elif problem != "absent":
+        warnings.warn(f"slimfx kernel cache: {path}: {problem}; discarded and rewritten from the generated source", stacklevel=2)
+
+
+def _cache_file_problem(path, data: bytes) -> str | None:
+    try:
+        found = path.read_bytes()
+    except FileNotFoundError:
+        return "absent"
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    if found == data:
+        return None
+    if not found:
+        return "empty"
+    if data.startswith(found):
+        return f"truncated ({len(found)} of {len(data)} bytes)"
+    return f"differs from the generated source ({len(found)} bytes, expected {len(data)})"
+
+
+def _write_atomic(path, data: bytes) -> str | None:
+    """Write through a temp file in the same folder and os.replace, so a concurrent reader
+    sees the old file or the whole new one; None on success, else why it failed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        return str(exc)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            return str(exc)
+        raise
+    return None
 
 
 def reference_module(group: FusionGroup) -> torch.fx.GraphModule:
