@@ -197,7 +197,7 @@ def compile_store_graph(gm: torch.fx.GraphModule, example_inputs, *, cudagraphs:
     sees them as tensors it mutates. CUDA graphs are off by default: the generator
     captures its whole decode step itself.
     """
-    from slimfx.runtime.lowering import lift_store_buffers
+    from slimfx.codegen.store_inputs import lift_store_buffers
 
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))

@@ -32,6 +32,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from slimfx.codegen.kernels import use_attention_kernels
+
 _SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 _REPEAT_INDEX = (slice(None), slice(None), None, slice(None), slice(None))
 
@@ -40,9 +42,7 @@ _REPEAT_INDEX = (slice(None), slice(None), None, slice(None), slice(None))
 def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """q [B, Hq, 1, D]; k, v [B, Hkv, L, D] (Hq a multiple of Hkv); mask bool [B or 1, 1, 1, L]
     (True = attend) or None. Returns [B, Hq, 1, D] in q's dtype."""
-    from slimfx.runtime.attention_op import _use_triton
-
-    if not _use_triton(q):
+    if not use_attention_kernels(q):
         rep = q.shape[1] // k.shape[1]
         return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask, scale=scale)
     from slimfx.codegen.kernels.decode_attention import decode_attention

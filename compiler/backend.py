@@ -15,10 +15,8 @@ import time
 import torch
 import torch.fx
 
-from slimfx.compiler.anatomy import record_parameter_paths
 from slimfx.compiler.config import ConfigError, load_config
-from slimfx.compiler.passmanager import PassContext, PassManager
-from slimfx.compiler.report import CompileReport, next_graph_id, record
+from slimfx.compiler.pipeline import run_pipeline
 
 _OPTION_KEYS = ("config",)
 
@@ -48,7 +46,7 @@ def _lower(gm: torch.fx.GraphModule, example_inputs, codegen: str):
     slimfx: slimfx's own code generation (codegen/).
     """
     if codegen == "inductor":
-        from slimfx.runtime.lowering import has_bound_tensors, lower_with_inductor
+        from slimfx.codegen.store_inputs import has_bound_tensors, lower_with_inductor
 
         if has_bound_tensors(gm):
             # Inductor treats attributes as constants: KV-store buffers must become
@@ -71,25 +69,7 @@ def slimfx_backend(gm: torch.fx.GraphModule, example_inputs, options=None, **kwa
     if kwargs:
         raise ConfigError(f"slimfx backend: unexpected arguments {sorted(kwargs)}; pass settings as options={{'config': ...}}")
     start = time.perf_counter()
-    config = _config_from_options(options)
-    ctx = PassContext(config=config, example_inputs=list(example_inputs), graph_id=next_graph_id())
-    record_parameter_paths(gm, example_inputs)
-    anatomy = ctx.refresh_anatomy(gm)
-    results = PassManager(config).run(gm, ctx)
-    compiled, codegen = _lower(gm, example_inputs, config.compile["codegen"])
-    report = CompileReport(
-        graph_id=ctx.graph_id,
-        config_source=config.source,
-        pipeline_name=config.compile["pipeline"],
-        anatomy_summary=anatomy.summary(),
-        passes=results,
-        codegen=codegen,
-        compile_seconds=time.perf_counter() - start,
-    )
-    record(report)
-    if config.compile["verbose"]:
-        print(report.format())
-    return compiled
+    return run_pipeline(gm, example_inputs, _config_from_options(options), _lower, start=start)
 
 
 def compile(model, config=None, **torch_compile_kwargs):

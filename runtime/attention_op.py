@@ -37,24 +37,12 @@ TRITON_INTERPRET=1 set before the kernels are imported).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from slimfx.codegen.kernels import use_attention_kernels
 from slimfx.codegen.kernels.decode_attention import decode_attention_ref
 from slimfx.codegen.kernels.prefill_attention import prefill_attention_ref
-
-_IMPL_ENV = "SLIMFX_ATTENTION"
-_IMPLS = ("auto", "ref", "triton")
-
-
-def _use_triton(q: torch.Tensor) -> bool:
-    mode = os.environ.get(_IMPL_ENV, "auto")
-    if mode not in _IMPLS:
-        raise ValueError(f"{_IMPL_ENV}={mode!r}; allowed: {', '.join(_IMPLS)}")
-    if mode == "auto":
-        return q.is_cuda
-    return mode == "triton"
 
 
 def write_tokens(k, v, positions, k_cache, v_cache, slot_pos, scores) -> None:
@@ -123,7 +111,7 @@ def attention(
     scale: float, score_decay: float, track_scores: bool, write_kv: bool,
 ) -> torch.Tensor:
     """Cache update + attention of one site (module doc). Triton on CUDA, reference elsewhere."""
-    return _run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, score_decay, track_scores, write_kv, _use_triton(q))
+    return _run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, score_decay, track_scores, write_kv, use_attention_kernels(q))
 
 
 @attention.register_fake

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from slimfx.codegen.kernels import use_attention_kernels
 from slimfx.runtime import attention_op, eviction_op
 
 
@@ -31,7 +32,7 @@ def query_heads(kv_heads: torch.Tensor, group: int) -> torch.Tensor:
 
 def _retrieval_part(q, k, v, positions, caches, scale):
     k_cache, v_cache, slot_pos, scores = caches
-    use_triton = attention_op._use_triton(q)
+    use_triton = use_attention_kernels(q)
     return attention_op._run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, 1.0, False, True, use_triton)
 
 

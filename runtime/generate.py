@@ -162,26 +162,15 @@ def _fresh_step_function() -> Callable:
     return types.FunctionType(code, _model_step.__globals__)
 
 
-def _with_kv_runtime(pipeline: list[str]) -> list[str]:
-    """`pipeline` with kv_runtime inserted before the first pass that works on its
-    output (declares RUNS_AFTER = ("kv_runtime",), e.g. kv_eviction), else at the end."""
-    from slimfx.compiler.registry import registered_passes
-
-    passes = registered_passes()
-    for i, name in enumerate(pipeline):
-        if "kv_runtime" in getattr(passes[name], "RUNS_AFTER", ()):
-            return pipeline[:i] + ["kv_runtime"] + pipeline[i:]
-    return pipeline + ["kv_runtime"]
-
-
 def _runtime_config(config, store_id: str) -> dict:
     from slimfx.compiler.config import load_config
+    from slimfx.compiler.pipeline import with_pass
 
     raw = load_config(config).to_dict()
     # The pass pipeline runs with FX code generation; the generator lowers afterwards
     # (runtime/lowering.py), because store buffers must become graph inputs first.
     raw["compile"]["codegen"] = "eager"
-    pipeline = _with_kv_runtime([p for p in raw["pipelines"][raw["compile"]["pipeline"]] if p != "kv_runtime"])
+    pipeline = with_pass([p for p in raw["pipelines"][raw["compile"]["pipeline"]] if p != "kv_runtime"], "kv_runtime")
     raw["pipelines"]["_slimfx_runtime"] = pipeline
     raw["compile"]["pipeline"] = "_slimfx_runtime"
     raw["passes"]["kv_runtime"] = {"store": store_id}

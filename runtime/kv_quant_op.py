@@ -52,25 +52,17 @@ below. int4/int2 decode on CUDA dequantizes the tier and runs the bf16 decode ke
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
+from slimfx.codegen.kernels import use_attention_kernels
 from slimfx.codegen.kernels.decode_attention import decode_attention_ref
 from slimfx.codegen.kernels.prefill_attention import prefill_attention_ref
 from slimfx.runtime.kv_quant import KVFormat, dequantize_channels, dequantize_tokens, get_format, quantize_channels, quantize_tokens
 from slimfx.runtime.kv_store import SiteCache
 
-_IMPL_ENV = "SLIMFX_ATTENTION"  # the same switch as slimfx::attention: auto | ref | triton
 QUANT_FIELDS = ("k_scale", "k_zero", "v_scale", "v_zero", "fp_k", "fp_v", "fp_pos")
-
-
-def _use_triton(q: torch.Tensor) -> bool:
-    mode = os.environ.get(_IMPL_ENV, "auto")
-    if mode not in ("auto", "ref", "triton"):
-        raise ValueError(f"{_IMPL_ENV}={mode!r}; allowed: auto, ref, triton")
-    return q.is_cuda if mode == "auto" else mode == "triton"
 
 
 # ----------------------------------------------------------------------------- the store
@@ -366,7 +358,7 @@ def attention_kvq(
 ) -> torch.Tensor:
     """Quantize-on-write + attention over the two tiers (module doc). Triton on CUDA, reference elsewhere."""
     bufs = (k_cache, v_cache, slot_pos, k_scale, k_zero, v_scale, v_zero, fp_k, fp_v, fp_pos)
-    return _run(q, k, v, positions, bufs, scale, fmt, group, residual, n_sink, _use_triton(q))
+    return _run(q, k, v, positions, bufs, scale, fmt, group, residual, n_sink, use_attention_kernels(q))
 
 
 @attention_kvq.register_fake

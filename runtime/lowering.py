@@ -1,87 +1,40 @@
-"""How the generator lowers a graph bound to a KV store.
+"""The generator's backend: the configured passes, then a lowering that keeps the KV
+store's buffers live, and prefill chunks replayed from CUDA graphs.
 
-The `kv_runtime` pass leaves the store's buffers in the graph as attributes
-(`get_attr` nodes) that `slimfx::attention` mutates in place. Run as FX code that is
-exact, but every ATen op is its own kernel (RMSNorm, RoPE, SiLU*mul: ~40 launches per
-layer), which even inside a CUDA graph costs more than the weights' bytes at batch 1.
-
-Inductor fuses those, but treats graph attributes as constants, so an in-place write
-to one would not reach the store. `lower_with_inductor` therefore turns every store
-buffer into a graph *input* (AOTAutograd then keeps the op's declared mutation and
-writes through to the caller's tensor) and passes the store's tensors on each call.
-Addresses stay fixed, so the step remains CUDA-graph capturable by the generator.
+The passes run through the compiler's core (compiler/pipeline.py), as in the dynamo
+backend, with FX code generation; the rewritten graph is lowered afterwards, because
+the store's buffers must first become graph inputs (codegen/store_inputs.py).
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
-import torch.fx
 
-BOUND_META = "slimfx_bound"  # set by passes._graph.bind_tensor on every tensor a pass binds
-
-
-def has_bound_tensors(gm: torch.fx.GraphModule) -> bool:
-    return any(n.op == "get_attr" and n.meta.get(BOUND_META) for n in gm.graph.nodes)
+from slimfx.compiler.config import load_config
+from slimfx.compiler.pipeline import run_pipeline
 
 
-def lift_store_buffers(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
-    """Replace get_attr nodes of store buffers by trailing placeholders; returns their tensors
-    in placeholder order (the extra arguments the graph now takes)."""
-    graph = gm.graph
-    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    tensors: list[torch.Tensor] = []
-    lifted: dict[str, torch.fx.Node] = {}
-    for node in list(graph.nodes):
-        if node.op != "get_attr" or not node.meta.get(BOUND_META):
-            continue
-        if node.target not in lifted:
-            with graph.inserting_after(last):
-                ph = graph.placeholder(f"{node.target}_arg")
-            ph.meta = dict(node.meta)
-            lifted[node.target] = last = ph
-            tensors.append(getattr(gm, node.target))
-        node.replace_all_uses_with(lifted[node.target])
-        graph.erase_node(node)
-    for name in lifted:  # no longer attributes: AOTAutograd would look for their dynamo source
-        gm._buffers.pop(name, None)
-        if hasattr(gm, name):
-            delattr(gm, name)
-    graph.lint()
-    gm.recompile()
-    return tensors
-
-
-def lower_with_inductor(gm: torch.fx.GraphModule, example_inputs):
-    """Compile a kv_runtime-rewritten graph with inductor, store buffers as inputs."""
-    from torch._inductor.compile_fx import compile_fx
-
-    # Work on a copy: dynamo still reads its own graph's placeholders after the backend
-    # returns. The copy is a plain GraphModule without dynamo's metadata, so AOTAutograd
-    # does not look up a dynamo source for the lifted buffers (they have none).
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    plain = torch.fx.GraphModule(gm, graph)
-    buffers = lift_store_buffers(plain)
-    compiled = compile_fx(plain, list(example_inputs) + buffers)
-
-    def run(*args):
-        return compiled(*args, *buffers)
-
-    return run
+def _fx_code(gm, example_inputs, codegen: str):
+    """The rewritten graph as its FX code; runtime_backend lowers it afterwards."""
+    return gm.forward, "eager"
 
 
 def runtime_backend(config: dict, codegen: str):
     """A dynamo backend: the slimfx passes (incl. kv_runtime) then `codegen` ('eager' | 'inductor' | 'slimfx')."""
-    from slimfx.compiler.backend import slimfx_backend
 
     def backend(gm, example_inputs, **_):
-        forward = slimfx_backend(gm, example_inputs, options={"config": config})
+        start = time.perf_counter()
+        forward = run_pipeline(gm, example_inputs, load_config(config), _fx_code, start=start)
         if codegen == "eager":
             return with_prefill_cudagraph(forward, example_inputs)
         if codegen == "slimfx":
             from slimfx.codegen import compile_store_graph
 
             return with_prefill_cudagraph(compile_store_graph(gm, example_inputs), example_inputs)
+        from slimfx.codegen.store_inputs import lower_with_inductor
+
         return with_prefill_cudagraph(lower_with_inductor(gm, example_inputs), example_inputs)
 
     return backend

@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The int4 kernels read the packed layout, so its unpacking lives beside them.
+from slimfx.codegen.kernels.gemv_int4 import dequantize_int4
+
 GROUP_SIZES = (32, 64, 128)
 FORMATS = ("none", "int8", "int4", "fp8")
 SPECS = ("none", "int8") + tuple(f"int4_g{g}" for g in GROUP_SIZES) + ("fp8",)
@@ -202,13 +205,6 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, *, hqq: bool = True) -
     return QuantizedWeight(FormatSpec("int4", group_size), (n, k), tensors)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K // 2] -> uint8 codes [N, K] (inverse of the packing in quantize_int4)."""
-    lo = packed & 0xF
-    hi = packed >> 4
-    return torch.stack([lo, hi], dim=-1).view(packed.shape[0], packed.shape[1] * 2)
-
-
 # ----------------------------------------------------------------------------- dispatch
 
 
@@ -232,15 +228,6 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     if qw.spec.kind == "int4":
         return dequantize_int4(t["qweight"], t["scale"], t["offset"], qw.spec.group_size, dtype)
     return (t["qweight"].float() * t["scale"].float()[:, None]).to(dtype)
-
-
-def dequantize_int4(qweight, scale, offset, group_size: int, dtype=torch.float32) -> torch.Tensor:
-    """Packed int4 (module doc) -> W_hat [N, K]."""
-    q = unpack_int4(qweight).float()
-    n, k = q.shape
-    qg = q.view(n, k // group_size, group_size)
-    w = qg * scale.float()[..., None] + offset.float()[..., None]
-    return w.view(n, k).to(dtype)
 
 
 def _check_weight(w: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slimfx.codegen.kernels.gemv_int4 import unpack_int4
 from slimfx.runtime import quant_formats as qf
 
 
@@ -48,7 +49,7 @@ def test_int4_error_bounded_by_step_and_fp16_storage(group, hqq):
         # HQQ moves the zero, so codes can clamp: bounded by the group's full range.
         bound = 16 * s + o.abs() * 2**-10 + 1e-6
     assert (err <= bound).all()
-    codes = qf.unpack_int4(q.tensors["qweight"])
+    codes = unpack_int4(q.tensors["qweight"])
     assert codes.max() <= 15 and q.nbytes() == qf.FormatSpec("int4", group).bytes_for(n, k)
 
 
@@ -70,7 +71,7 @@ def test_hqq_never_worse_than_round_to_nearest_by_its_measure():
 def test_int4_packing_round_trips(n, half_k, seed):
     codes = torch.randint(0, 16, (n, 2 * half_k), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    assert torch.equal(qf.unpack_int4(packed), codes)
+    assert torch.equal(unpack_int4(packed), codes)
 
 
 def test_fp8_relative_error_is_e4m3_rounding():

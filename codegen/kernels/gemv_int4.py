@@ -209,10 +209,25 @@ def _launch_gemm(x2, qweight, scale, offset, bias_arg, has_bias, G, M, N, NG, bl
     return y
 
 
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] -> uint8 codes [N, K] (inverse of the packing in
+    runtime/quant_formats.py's quantize_int4: low nibble k = 2j, high nibble k = 2j + 1)."""
+    lo = packed & 0xF
+    hi = packed >> 4
+    return torch.stack([lo, hi], dim=-1).view(packed.shape[0], packed.shape[1] * 2)
+
+
+def dequantize_int4(qweight, scale, offset, group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """Packed int4 (module doc) -> W_hat [N, K]."""
+    q = unpack_int4(qweight).float()
+    n, k = q.shape
+    qg = q.view(n, k // group_size, group_size)
+    w = qg * scale.float()[..., None] + offset.float()[..., None]
+    return w.view(n, k).to(dtype)
+
+
 def gemv_int4_ref(x, qweight, scale, offset, group_size: int, bias=None):
     """The definition: unpack, dequantize to float32, matmul, cast to x's dtype."""
-    from slimfx.runtime.quant_formats import dequantize_int4
-
     _check(x, qweight, scale, offset, group_size, bias)
     w = dequantize_int4(qweight, scale, offset, group_size, torch.float32)
     y = x.float() @ w.T

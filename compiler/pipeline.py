@@ -1,0 +1,58 @@
+"""One captured graph through a configuration: anatomy, the pass pipeline, the report.
+
+Both backends compile through `run_pipeline`: the dynamo backend (compiler/backend.py)
+and the generator's (runtime/lowering.py); each lowers the rewritten graph its own way.
+Beside it, what the pass manager decides around a pipeline: where a pass goes that
+others work on (`with_pass`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch.fx
+
+from slimfx.compiler import registry
+from slimfx.compiler.anatomy import record_parameter_paths
+from slimfx.compiler.config import Config
+from slimfx.compiler.passmanager import PassContext, PassManager
+from slimfx.compiler.report import CompileReport, next_graph_id, record
+
+# lower(gm, example_inputs, codegen) -> (callable, name of the codegen that made it)
+Lower = Callable[[torch.fx.GraphModule, list, str], tuple[Callable, str]]
+
+
+def run_pipeline(gm: torch.fx.GraphModule, example_inputs, config: Config, lower: Lower, *, start: float | None = None):
+    """Find `gm`'s anatomy, run `config`'s pipeline over it in place, lower it with
+    `lower(gm, example_inputs, config.compile["codegen"])` and record a CompileReport
+    (compile time counted from `start`, default now). Returns the lowered callable."""
+    start = time.perf_counter() if start is None else start
+    ctx = PassContext(config=config, example_inputs=list(example_inputs), graph_id=next_graph_id())
+    record_parameter_paths(gm, example_inputs)
+    anatomy = ctx.refresh_anatomy(gm)
+    results = PassManager(config).run(gm, ctx)
+    compiled, codegen = lower(gm, example_inputs, config.compile["codegen"])
+    report = CompileReport(
+        graph_id=ctx.graph_id,
+        config_source=config.source,
+        pipeline_name=config.compile["pipeline"],
+        anatomy_summary=anatomy.summary(),
+        passes=results,
+        codegen=codegen,
+        compile_seconds=time.perf_counter() - start,
+    )
+    record(report)
+    if config.compile["verbose"]:
+        print(report.format())
+    return compiled
+
+
+def with_pass(pipeline: list[str], name: str) -> list[str]:
+    """`pipeline` with pass `name` inserted before the first pass that works on its output
+    (declares it in RUNS_AFTER, as kv_eviction does kv_runtime), else at the end."""
+    passes = registry.registered_passes()
+    for i, step in enumerate(pipeline):
+        if name in getattr(passes[step], "RUNS_AFTER", ()):
+            return pipeline[:i] + [name] + pipeline[i:]
+    return pipeline + [name]
