@@ -14,7 +14,7 @@ import sys
 import torch
 
 from slimfx.runtime.generate import generate
-from slimfx.runtime.measure.shapes import build
+from slimfx.measure.shapes import build
 
 
 def tokens(model, ids, mask, codegen: str, graphs: bool):

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from slimfx.runtime.duo_heads import save
-from slimfx.runtime.measure.shapes import shape_config
+from slimfx.measure.shapes import shape_config
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import time
 import torch
 
 from slimfx.runtime.generate import generate
-from slimfx.runtime.measure.shapes import build
+from slimfx.measure.shapes import build
 
 
 def main() -> None:

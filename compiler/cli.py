@@ -23,8 +23,8 @@ COMMAND_MODULES = {
     "run": ("slimfx.compiler.cmd_run", "generate with a model compiled by slimfx (default: SmolLM2-135M)"),
     "inspect": ("slimfx.compiler.cmd_inspect", "print a model's anatomy as found in its graph"),
     "config": ("slimfx.compiler.cmd_config", "validate a pass-configuration file or print the schema"),
-    "eval": ("slimfx.runtime.measure.eval_cmd", "what a configuration costs in quality (passkey, fidelity, bytes)"),
-    "bench": ("slimfx.runtime.measure.bench_cmd", "what a configuration buys in speed (GPU)"),
+    "eval": ("slimfx.measure.eval_cmd", "what a configuration costs in quality (passkey, fidelity, bytes)"),
+    "bench": ("slimfx.measure.bench_cmd", "what a configuration buys in speed (GPU)"),
     "calibrate": ("slimfx.compiler.cmd_calibrate", "compute calibration artifacts (codebooks, plans, head choices)"),
 }
 

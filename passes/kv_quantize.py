@@ -141,7 +141,7 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
 
 def kv_footprint(store) -> dict:
     """What one sequence's KV costs in the store as it now is, in the footprint's terms
-    (runtime/measure/footprint.py): `kv_bytes_per_token`, the bytes every cached token adds
+    (measure/footprint.py): `kv_bytes_per_token`, the bytes every cached token adds
     (codes and scales of quantized sites; K and V of the others), and `kv_fixed_bytes`, the
     full-precision sink + recent-window buffers a quantized site holds at any length. Slot
     bookkeeping (positions, scores) is left out, as in the unmodified figure."""

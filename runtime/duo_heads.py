@@ -89,7 +89,7 @@ def _case_mass(model, tokenizer, recorder: _MassRecorder, case) -> torch.Tensor:
 def calibrate(model, tokenizer, lengths=(1024, 2048), depths=(0.2, 0.4, 0.6, 0.8), trials: int = 1,
               seed: int = CALIBRATION_SEED, progress: bool = True) -> torch.Tensor:
     """Retrieval score of every (layer, kv head), [n_layers, n_kv_heads] float32."""
-    from slimfx.runtime.measure.passkey import build_cases
+    from slimfx.measure.passkey import build_cases
 
     cases = build_cases(tokenizer, lengths, depths, trials, seed)
     modules = _attention_modules(model)

@@ -6,7 +6,7 @@ import torch
 
 from slimfx.compiler.config import ConfigError
 from slimfx.runtime import duo_heads
-from slimfx.runtime.measure.passkey import PasskeyCase
+from slimfx.measure.passkey import PasskeyCase
 from slimfx.runtime.models import tiny_model
 
 KEY = "31415"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slimfx.compiler.cli import main as cli
-from slimfx.runtime.measure.sweep import build_points, parse_axis
+from slimfx.measure.sweep import build_points, parse_axis
 
 KV_CONFIG = "{kv_config}"  # replaced by the path of the file the kv_config fixture writes
 KV_TOML = """

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from slimfx.runtime.measure import eval_cmd, fidelity, footprint, passkey
-from slimfx.runtime.measure.lm import Stepper, greedy_generate
-from slimfx.runtime.measure.runner import Runner
+from slimfx.measure import eval_cmd, fidelity, footprint, passkey
+from slimfx.measure.lm import Stepper, greedy_generate
+from slimfx.measure.runner import Runner
 from slimfx.runtime.models import tiny_model
 
 
@@ -105,7 +105,7 @@ def test_passkey_prompts_fit_lengths_and_are_deterministic():
 
 
 def test_passkey_rejects_a_length_shorter_than_the_bare_prompt():
-    from slimfx.runtime.measure import UsageError
+    from slimfx.measure import UsageError
 
     with pytest.raises(UsageError, match="shorter than the passkey prompt"):
         passkey.build_cases(CharTokenizer(), lengths=[50], depths=[0.5])
@@ -182,7 +182,7 @@ def test_eval_end_to_end_with_a_sweep(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (tiny_model("llama_gqa"), CharTokenizer()))
     monkeypatch.setattr(models, "resolve_model_source", lambda spec: ModelSource(tmp_path, None))
-    monkeypatch.setattr("slimfx.runtime.measure.errors.model_source", lambda spec: None)
+    monkeypatch.setattr("slimfx.measure.errors.model_source", lambda spec: None)
     parser = argparse.ArgumentParser()
     eval_cmd.add_arguments(parser)
     stem = tmp_path / "eval"

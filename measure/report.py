@@ -12,7 +12,7 @@ import platform
 import sys
 from pathlib import Path
 
-from slimfx.runtime.measure.errors import UsageError
+from slimfx.measure.errors import UsageError
 
 _PACKAGES = ("slimfx", "torch", "transformers", "triton", "numpy", "tokenizers")
 
@@ -52,11 +52,11 @@ def device_name(device: str = "cpu") -> str:
 
 def _command() -> str:
     """The command line as the user typed it: `slimfx eval ...` through the CLI, or the
-    module form when run with `python -m slimfx.runtime.measure.<x>_cmd`."""
+    module form when run with `python -m slimfx.measure.<x>_cmd`."""
     argv = list(sys.argv) or [""]
     name = Path(argv[0]).name
     if name.endswith("_cmd.py"):
-        return " ".join(["python -m slimfx.runtime.measure." + name[:-3]] + argv[1:])
+        return " ".join(["python -m slimfx.measure." + name[:-3]] + argv[1:])
     return " ".join(["slimfx"] + argv[1:])
 
 

@@ -74,7 +74,7 @@ def as_runner(model_or_runner):
     unmodified-model Runner (HF eager with a StaticCache)."""
     if hasattr(model_or_runner, "stepper"):
         return model_or_runner
-    from slimfx.runtime.measure.runner import Runner
+    from slimfx.measure.runner import Runner
 
     return Runner(model_or_runner)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from slimfx.runtime.measure.footprint import model_footprint
-from slimfx.runtime.measure.lm import cache_bytes
+from slimfx.measure.footprint import model_footprint
+from slimfx.measure.lm import cache_bytes
 
 
 @dataclass

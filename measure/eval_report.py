@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimfx.runtime.measure.footprint import kv_bytes_at
-from slimfx.runtime.measure.report import fmt, fmt_bytes, md_table, pyplot, stamp_line, write_json
+from slimfx.measure.footprint import kv_bytes_at
+from slimfx.measure.report import fmt, fmt_bytes, md_table, pyplot, stamp_line, write_json
 
 
 def _rows(results: dict) -> list[tuple[str, dict]]:

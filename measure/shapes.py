@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from slimfx.runtime.measure.errors import UsageError
+from slimfx.measure.errors import UsageError
 
 SHAPES: dict[str, dict] = {
     # SmolLM2-135M(-Instruct): the default model.

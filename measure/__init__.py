@@ -5,6 +5,6 @@ and its tokenizer, so they work on the unmodified and the compiled model alike.
 Kept import-light (no torch here) so the CLI starts fast.
 """
 
-from slimfx.runtime.measure.errors import UsageError
+from slimfx.measure.errors import UsageError
 
 __all__ = ["UsageError"]

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from slimfx.runtime.measure import fidelity, footprint, passkey
+from slimfx.measure import fidelity, footprint, passkey
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,8 +78,8 @@ def run_eval(args, settings: dict) -> dict:
     from slimfx.compiler.report import clear_reports, reports
     from slimfx.runtime.models import load_model, resolve_model_source
 
-    from slimfx.runtime.measure.report import stamp
-    from slimfx.runtime.measure.runner import Runner, runtime_available
+    from slimfx.measure.report import stamp
+    from slimfx.measure.runner import Runner, runtime_available
 
     mode = "runtime" if runtime_available() else "compile"
 

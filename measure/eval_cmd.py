@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from slimfx.runtime.measure.errors import UsageError
+from slimfx.measure.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,10 +67,10 @@ def plan(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
     from slimfx.compiler.config import load_config
-    from slimfx.runtime.measure.report import output_paths
-    from slimfx.runtime.measure.sweep import build_points, parse_axis
+    from slimfx.measure.report import output_paths
+    from slimfx.measure.sweep import build_points, parse_axis
 
-    from slimfx.runtime.measure.errors import model_source
+    from slimfx.measure.errors import model_source
 
     model_source(args.model)  # a missing model is a one-line error before anything loads
     if args.no_passkey and args.no_fidelity:
@@ -97,8 +97,8 @@ def plan(args: argparse.Namespace) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     settings = plan(args)
-    from slimfx.runtime.measure.eval_run import run_eval
-    from slimfx.runtime.measure.eval_report import write_eval
+    from slimfx.measure.eval_run import run_eval
+    from slimfx.measure.eval_report import write_eval
 
     results = run_eval(args, settings)
     write_eval(results, settings["paths"])
@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m slimfx.runtime.measure.eval_cmd ...
+if __name__ == "__main__":  # python -m slimfx.measure.eval_cmd ...
     parser = argparse.ArgumentParser(prog="slimfx eval", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     try:

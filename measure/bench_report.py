@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimfx.runtime.measure.report import fmt, fmt_bytes, md_table, pyplot, stamp_line, write_json
+from slimfx.measure.report import fmt, fmt_bytes, md_table, pyplot, stamp_line, write_json
 
 
 def _f(x, digits=2):
@@ -82,7 +82,7 @@ def render(results: dict, paths: dict[str, Path]) -> None:
     plot(results, paths["png"])
 
 
-if __name__ == "__main__":  # python -m slimfx.runtime.measure.bench_report results/bench_x.json
+if __name__ == "__main__":  # python -m slimfx.measure.bench_report results/bench_x.json
     import json
     import sys
 

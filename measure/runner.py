@@ -13,7 +13,7 @@ import copy
 
 import torch
 
-from slimfx.runtime.measure.lm import Stepper, cache_bytes, capacity_for
+from slimfx.measure.lm import Stepper, cache_bytes, capacity_for
 
 # Prompts up to this many tokens are prefilled in one chunk, so a prefill-time eviction
 # policy (SnapKV's observation window, H2O's accumulated mass) scores every prompt token
@@ -100,7 +100,7 @@ class Runner:
             # A copy, so a pass that rewrites weights never touches the unmodified model.
             self.model = copy.deepcopy(model)
         if config is not None and mode == "compile":
-            from slimfx.runtime.measure.eval_run import compile_config
+            from slimfx.measure.eval_run import compile_config
 
             self.compiled = compile_config(model, config)
 

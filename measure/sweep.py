@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from slimfx.compiler.config import ConfigError, load_config, set_path
-from slimfx.runtime.measure.errors import UsageError
+from slimfx.measure.errors import UsageError
 
 ALIASES = {"kv": "passes.kv_eviction", "vq": "passes.vq_logits", "quant": "passes.quantize",
            "skip": "passes.layer_skip", "share": "passes.kv_sharing"}

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from slimfx.runtime.measure.errors import UsageError
+from slimfx.measure.errors import UsageError
 
 BACKENDS = ("eager", "inductor", "slimfx")
 
@@ -57,8 +57,8 @@ def plan(args: argparse.Namespace) -> dict:
     """Check every argument before anything heavy happens."""
     import torch
 
-    from slimfx.runtime.measure.report import output_paths
-    from slimfx.runtime.measure.shapes import SHAPES
+    from slimfx.measure.report import output_paths
+    from slimfx.measure.shapes import SHAPES
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -75,7 +75,7 @@ def plan(args: argparse.Namespace) -> dict:
         if bad or not shapes:
             raise UsageError(f"--shape {args.shape}: unknown {', '.join(bad) or 'empty'}; allowed: {', '.join(SHAPES)}")
     else:
-        from slimfx.runtime.measure.errors import model_source
+        from slimfx.measure.errors import model_source
 
         model_source(args.model)
         shapes = [args.model]
@@ -94,7 +94,7 @@ def plan(args: argparse.Namespace) -> dict:
 
 
 def _load(name: str, args, dtype, device):
-    from slimfx.runtime.measure.shapes import build
+    from slimfx.measure.shapes import build
 
     if args.model is None:
         return build(name, dtype, device, args.seed)
@@ -108,9 +108,9 @@ def run_bench(args, p: dict, on_model=None) -> dict:
     so a run cut short keeps what it measured."""
     import torch
 
-    from slimfx.runtime.measure import bench_run
-    from slimfx.runtime.measure.footprint import model_footprint
-    from slimfx.runtime.measure.report import stamp
+    from slimfx.measure import bench_run
+    from slimfx.measure.footprint import model_footprint
+    from slimfx.measure.report import stamp
 
     device, dtype = p["device"], getattr(torch, p["dtype"])
     settings = bench_run.BenchSettings(args.context, p["batches"], args.steps, args.warmup, args.config, args.seed, args.codegen)
@@ -156,8 +156,8 @@ def main(args: argparse.Namespace) -> int:
     # Cold compile means an empty inductor cache: give this process its own cache folder
     # unless the user chose one.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="slimfx-bench-inductor-"))
-    from slimfx.runtime.measure.bench_report import write_bench
-    from slimfx.runtime.measure.report import write_json
+    from slimfx.measure.bench_report import write_bench
+    from slimfx.measure.report import write_json
 
     results = run_bench(args, p, on_model=lambda partial: write_json(p["paths"]["json"], partial))
     write_bench(results, p["paths"])
@@ -166,7 +166,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m slimfx.runtime.measure.bench_cmd ...
+if __name__ == "__main__":  # python -m slimfx.measure.bench_cmd ...
     parser = argparse.ArgumentParser(prog="slimfx bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     try:

@@ -19,8 +19,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from slimfx.runtime.measure.errors import UsageError
-from slimfx.runtime.measure.lm import as_runner, capacity_for, greedy_generate
+from slimfx.measure.errors import UsageError
+from slimfx.measure.lm import as_runner, capacity_for, greedy_generate
 from slimfx.runtime.models import chat_input_ids
 
 # Fixed prompts for the default text: open-ended, so the model writes long answers.
