@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-import slimfx.runtime.duo_op  # noqa: F401  (registers slimfx::attention_duo)
-from slimfx.runtime.eviction import POLICIES
-from slimfx.runtime.eviction_op import attention_evict_ref
+import slimfx.passes.kv_eviction.duo_op  # noqa: F401  (registers slimfx::attention_duo)
+from slimfx.passes.kv_eviction.eviction_op import attention_evict_ref
+from slimfx.passes.kv_eviction.policies import POLICIES
 
 
 def slot_store(device, B, Hkv, cap, D):

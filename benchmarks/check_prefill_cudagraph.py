@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from slimfx.runtime.generate import generate
 from slimfx.measure.shapes import build
+from slimfx.runtime.generate import generate
 
 
 def tokens(model, ids, mask, codegen: str, graphs: bool):

@@ -2,9 +2,9 @@
 answer-time attention (unmodified model, eager attention) that falls on the tokens an
 eviction policy kept. Usage: python benchmarks/diag_evict_coverage.py BUDGET POLICY"""
 import torch, sys
-from slimfx.runtime.models import load_model
 from slimfx.measure.passkey import build_cases
 from slimfx.measure.runner import Runner
+from slimfx.runtime.models import load_model
 model, tok = load_model()
 case = build_cases(tok, lengths=[1024], depths=[0.5])[0]
 ids = case.input_ids; T = ids.shape[1]

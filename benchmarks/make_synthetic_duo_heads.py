@@ -11,8 +11,8 @@ import argparse
 
 import torch
 
-from slimfx.runtime.duo_heads import save
 from slimfx.measure.shapes import shape_config
+from slimfx.passes.kv_eviction.retrieval_heads import save
 
 
 def main() -> None:

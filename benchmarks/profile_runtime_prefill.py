@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from slimfx.runtime.generate import generate
 from slimfx.measure.shapes import build
+from slimfx.runtime.generate import generate
 
 
 def main() -> None:

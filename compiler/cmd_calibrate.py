@@ -109,7 +109,7 @@ _register_bit_allocation()
 
 
 def _register_duo_heads() -> None:
-    from slimfx.runtime import duo_heads
+    from slimfx.calibrate import duo_heads
 
     register("duo-heads", "DuoAttention retrieval heads from synthetic passkey prompts", duo_heads.add_arguments, duo_heads.main)
 

@@ -3,7 +3,8 @@
 Both backends compile through `run_pipeline`: the dynamo backend (compiler/backend.py)
 and the generator's (runtime/lowering.py); each lowers the rewritten graph its own way.
 Beside it, what the pass manager decides around a pipeline: where a pass goes that
-others work on (`with_pass`).
+others work on (`with_pass`), and a configuration specialised for one prompt
+(`specialise`), which the runtime calls without knowing any pass.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.fx
 
 from slimfx.compiler import registry
 from slimfx.compiler.anatomy import record_parameter_paths
-from slimfx.compiler.config import Config
+from slimfx.compiler.config import Config, load_config
 from slimfx.compiler.passmanager import PassContext, PassManager
 from slimfx.compiler.report import CompileReport, next_graph_id, record
 
@@ -46,6 +47,25 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, config: Config, lower
     if config.compile["verbose"]:
         print(report.format())
     return compiled
+
+
+def specialise(config, prompt_tokens: int):
+    """`config` (a Config, dict or TOML path) specialised for a prompt of `prompt_tokens`
+    tokens (the longest of a batch) by every configured pass with a hook
+    `specialise(options, prompt_tokens) -> options | None`: kv_eviction turns a
+    `budget_fraction` into an absolute budget, so each prompt-length bucket compiles once.
+    Returns `config` itself when no pass changes anything, else the specialised raw dict."""
+    cfg = load_config(config)
+    raw, changed = cfg.to_dict(), False
+    for name, module in registry.registered_passes().items():
+        hook = getattr(module, "specialise", None)
+        if hook is None or name not in cfg.passes:
+            continue
+        options = hook(raw["passes"][name], prompt_tokens)
+        if options is not None:
+            raw["passes"][name] = options
+            changed = True
+    return raw if changed else config
 
 
 def with_pass(pipeline: list[str], name: str) -> list[str]:

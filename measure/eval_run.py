@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import sys
 import time
 
@@ -36,12 +35,6 @@ def _strict_dynamo():
     finally:
         for k, v in saved.items():
             setattr(cfg, k, v)
-
-
-def compile_config(model, raw_config: dict):
-    """A fresh copy of `model` compiled by slimfx with `raw_config` (the copy keeps a
-    pass that rewrites weights from touching the unmodified model)."""
-    return torch.compile(copy.deepcopy(model), backend="slimfx", options={"config": raw_config})
 
 
 def _report_rows(reports) -> list[dict]:

@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 import torch
 
 from slimfx.measure.errors import UsageError
-from slimfx.measure.lm import as_runner, capacity_for, greedy_generate
+from slimfx.measure.lm import capacity_for
+from slimfx.measure.runner import as_runner, greedy_generate
 from slimfx.runtime.models import chat_input_ids
 
 # Fixed prompts for the default text: open-ended, so the model writes long answers.

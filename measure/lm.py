@@ -1,5 +1,5 @@
-"""Driving an HF-style causal LM token by token: the one loop passkey, fidelity and the
-default-text generator share, so every metric sees the model exactly as decoding does
+"""Driving an HF-style causal LM token by token: the Stepper every metric's loop feeds
+(runner.py's greedy_generate), so every metric sees the model exactly as decoding does
 (prefill once, then one token per call through the model's KV cache).
 
 The cache is an HF `StaticCache` with explicit `cache_position` / `position_ids` when
@@ -67,37 +67,6 @@ class Stepper:
             return out.logits.float()
         out = self.model(input_ids=self.seen)
         return out.logits[:, -T:].float()
-
-
-def as_runner(model_or_runner):
-    """A Runner (anything with `.stepper(capacity)`) as is; a plain model becomes the
-    unmodified-model Runner (HF eager with a StaticCache)."""
-    if hasattr(model_or_runner, "stepper"):
-        return model_or_runner
-    from slimfx.measure.runner import Runner
-
-    return Runner(model_or_runner)
-
-
-@torch.no_grad()
-def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
-                    stats: dict | None = None, capacity: int | None = None) -> torch.Tensor:
-    """Greedy continuation of `input_ids` [1, T] by a model or Runner; returns the new ids
-    [n] (n <= max_new_tokens, stopping after EOS). `capacity` sizes the KV cache (default:
-    T + max_new_tokens rounded up). `stats`, when given, receives `kv_bytes`: what the
-    cache or KV store held after the prompt (allocated bytes)."""
-    stepper = as_runner(model).stepper(capacity or capacity_for(input_ids.shape[1] + max_new_tokens))
-    logits = stepper.feed(input_ids)
-    if stats is not None:
-        stats["kv_bytes"] = stepper.kv_bytes()
-    new: list[int] = []
-    for step in range(max_new_tokens):
-        token = int(logits[0, -1].argmax())
-        new.append(token)
-        if (eos_token_id is not None and token == eos_token_id) or step == max_new_tokens - 1:
-            break
-        logits = stepper.feed(torch.tensor([[token]], device=input_ids.device))
-    return torch.tensor(new, dtype=torch.long)
 
 
 def cache_bytes(cache) -> int:

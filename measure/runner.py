@@ -5,6 +5,8 @@ that runtime is absent, through `torch.compile(backend="slimfx")` with an HF cac
 
 Both expose the Stepper interface: `feed(ids [1, T]) -> logits [1, 1, V]` of the last
 token (the runtime computes only the last position's logits), and `kv_bytes()`.
+`greedy_generate` is the loop passkey, fidelity and the default-text generator share,
+over a Runner or a plain model.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ class RuntimeStepper:
         self.gen = None  # built at the first feed, when the prompt length is known
 
     def _build(self, prompt_tokens: int) -> None:
-        from slimfx.passes.kv_eviction import resolve_prompt_fraction
+        from slimfx.compiler.pipeline import specialise
         from slimfx.runtime.generate import get_generator
 
         # FX code, not inductor: eval measures quality, and an inductor compile per
         # configuration and capacity would dominate a sweep's time on a GPU.
-        config = resolve_prompt_fraction(self.config, prompt_tokens)
+        config = specialise(self.config, prompt_tokens)
         self.gen = get_generator(self.model, 1, self.capacity, config=config, codegen="eager")
         self.gen.store.reset()
 
@@ -91,6 +93,12 @@ class BaseStepper(Stepper):
         return cache_bytes(self.cache)
 
 
+def compile_config(model, raw_config: dict):
+    """A fresh copy of `model` compiled by slimfx with `raw_config` (the copy keeps a
+    pass that rewrites weights from touching the unmodified model)."""
+    return torch.compile(copy.deepcopy(model), backend="slimfx", options={"config": raw_config})
+
+
 class Runner:
     """Makes steppers for one model under one configuration (or none: the unmodified model)."""
 
@@ -100,8 +108,6 @@ class Runner:
             # A copy, so a pass that rewrites weights never touches the unmodified model.
             self.model = copy.deepcopy(model)
         if config is not None and mode == "compile":
-            from slimfx.measure.eval_run import compile_config
-
             self.compiled = compile_config(model, config)
 
     @property
@@ -117,3 +123,32 @@ class Runner:
         if self.mode == "runtime":
             return RuntimeStepper(self.model, capacity, self.config)
         return CompiledStepper(self.compiled, capacity)
+
+
+def as_runner(model_or_runner):
+    """A Runner (anything with `.stepper(capacity)`) as is; a plain model becomes the
+    unmodified-model Runner (HF eager with a StaticCache)."""
+    if hasattr(model_or_runner, "stepper"):
+        return model_or_runner
+    return Runner(model_or_runner)
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+                    stats: dict | None = None, capacity: int | None = None) -> torch.Tensor:
+    """Greedy continuation of `input_ids` [1, T] by a model or Runner; returns the new ids
+    [n] (n <= max_new_tokens, stopping after EOS). `capacity` sizes the KV cache (default:
+    T + max_new_tokens rounded up). `stats`, when given, receives `kv_bytes`: what the
+    cache or KV store held after the prompt (allocated bytes)."""
+    stepper = as_runner(model).stepper(capacity or capacity_for(input_ids.shape[1] + max_new_tokens))
+    logits = stepper.feed(input_ids)
+    if stats is not None:
+        stats["kv_bytes"] = stepper.kv_bytes()
+    new: list[int] = []
+    for step in range(max_new_tokens):
+        token = int(logits[0, -1].argmax())
+        new.append(token)
+        if (eos_token_id is not None and token == eos_token_id) or step == max_new_tokens - 1:
+            break
+        logits = stepper.feed(torch.tensor([[token]], device=input_ids.device))
+    return torch.tensor(new, dtype=torch.long)

@@ -329,9 +329,9 @@ def generate(
     if seed is not None:
         torch.manual_seed(seed)
     if config is not None:
-        from slimfx.passes.kv_eviction import resolve_prompt_fraction
+        from slimfx.compiler.pipeline import specialise
 
-        config = resolve_prompt_fraction(config, int(lengths.max()))
+        config = specialise(config, int(lengths.max()))
     gen = get_generator(model, B, capacity, capacities=capacities, config=config, codegen=codegen)
     device = gen.store.device
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)

@@ -4,9 +4,10 @@ model really puts on the key while emitting it, and artifacts round-trip with ch
 import pytest
 import torch
 
+from slimfx.calibrate import duo_heads
 from slimfx.compiler.config import ConfigError
-from slimfx.runtime import duo_heads
 from slimfx.measure.passkey import PasskeyCase
+from slimfx.passes.kv_eviction import retrieval_heads
 from slimfx.runtime.models import tiny_model
 
 KEY = "31415"
@@ -52,12 +53,12 @@ def test_recorded_mass_equals_the_attention_on_the_needle():
 
 def test_artifact_round_trip_and_shape_check(tmp_path):
     scores = torch.rand(3, 2)
-    path = duo_heads.save(scores, tmp_path / "duo.safetensors", {"method": "test"})
-    torch.testing.assert_close(duo_heads.load(path, "duo_heads", 3, 2), scores)
+    path = retrieval_heads.save(scores, tmp_path / "duo.safetensors", {"method": "test"})
+    torch.testing.assert_close(retrieval_heads.load(path, "duo_heads", 3, 2), scores)
     with pytest.raises(ConfigError, match=r"^artifacts.duo_heads: .* scores 3 x 2 heads; this model has 4 layers x 2 kv heads"):
-        duo_heads.load(path, "duo_heads", 4, 2)
+        retrieval_heads.load(path, "duo_heads", 4, 2)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match=r"^artifacts.duo_heads: .* is not a duo-heads artifact"):
-        duo_heads.load(tmp_path / "junk.safetensors", "duo_heads", 3, 2)
+        retrieval_heads.load(tmp_path / "junk.safetensors", "duo_heads", 3, 2)
     with pytest.raises(ConfigError, match=r"does not exist"):
-        duo_heads.load(tmp_path / "missing.safetensors", "duo_heads", 3, 2)
+        retrieval_heads.load(tmp_path / "missing.safetensors", "duo_heads", 3, 2)

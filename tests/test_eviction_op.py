@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from slimfx.passes.kv_eviction.eviction_op import attention_evict_ref
+from slimfx.passes.kv_eviction.policies import POLICIES
 from slimfx.runtime.attention_op import attention_ref
-from slimfx.runtime.eviction import POLICIES
-from slimfx.runtime.eviction_op import attention_evict_ref
 
 B, HQ, HKV, D = 2, 4, 2, 8
 
@@ -77,7 +77,7 @@ def test_small_budget_keeps_the_rule_and_true_positions(policy):
 
 
 def test_op_is_registered_with_fake():
-    import slimfx.runtime.eviction_op  # noqa: F401
+    import slimfx.passes.kv_eviction.eviction_op  # noqa: F401
 
     cache = _empty(8)
     q, k, v = _stream(1, 0)
@@ -92,7 +92,7 @@ def test_op_is_registered_with_fake():
 def test_opcheck_fake_matches_real_with_strided_query(T):
     """torch.library.opcheck: schema, declared mutations and the fake's strides agree with
     the real op, also for a query that is a transposed view (as in HF models)."""
-    import slimfx.runtime.eviction_op  # noqa: F401
+    import slimfx.passes.kv_eviction.eviction_op  # noqa: F401
 
     cache = _empty(8)
     q = torch.randn(B, T, HQ, D).transpose(1, 2)  # [B, HQ, T, D], non-contiguous

@@ -6,8 +6,8 @@ import torch
 
 import slimfx
 from slimfx.compiler.config import ConfigError
+from slimfx.passes.kv_eviction.policies import POLICIES
 from slimfx.runtime import generate
-from slimfx.runtime.eviction import POLICIES
 from slimfx.runtime.models import tiny_model
 
 
@@ -106,9 +106,9 @@ def test_scope_decode_budget_must_exceed_the_window(sharp_model, prompt):
 
 
 def _duo_config(tmp_path, scores, **options):
-    from slimfx.runtime import duo_heads
+    from slimfx.passes.kv_eviction import retrieval_heads
 
-    path = duo_heads.save(torch.tensor(scores, dtype=torch.float32), tmp_path / "duo.safetensors", {"method": "test"})
+    path = retrieval_heads.save(torch.tensor(scores, dtype=torch.float32), tmp_path / "duo.safetensors", {"method": "test"})
     cfg = _config(policy="duo", **options)
     cfg["artifacts"] = {"duo_heads": str(path)}
     return cfg
@@ -162,7 +162,7 @@ def test_duo_artifact_of_another_model_is_rejected(sharp_model, prompt, tmp_path
 
 
 def test_duo_retrieval_selection_is_the_top_fraction():
-    from slimfx.runtime.duo_heads import select_retrieval
+    from slimfx.passes.kv_eviction.retrieval_heads import select_retrieval
 
     scores = torch.tensor([[0.1, 0.5, 0.2], [0.7, 0.0, 0.3]])
     assert select_retrieval(scores, 0.5).tolist() == [[False, True, False], [True, False, True]]
@@ -173,16 +173,16 @@ def test_duo_retrieval_selection_is_the_top_fraction():
 
 
 def test_fraction_of_the_prompt_resolves_to_a_rounded_absolute_budget():
-    from slimfx.passes.kv_eviction import resolve_prompt_fraction
+    from slimfx.compiler.pipeline import specialise
 
     cfg = _config(policy="h2o", budget_fraction=0.5, n_sink=2, window=4)
     cfg["passes"]["kv_eviction"]["layers"] = {"1": {"budget_fraction": 0.05, "window": 20}, "0": {"window": 8}}
-    raw = resolve_prompt_fraction(cfg, 40)["passes"]["kv_eviction"]
+    raw = specialise(cfg, 40)["passes"]["kv_eviction"]
     assert raw["budget"] == 32 and raw["budget_fraction"] == 0.0  # 20 tokens, rounded up to 32
     assert raw["layers"]["1"]["budget"] == 23  # 2 tokens -> 16, below the policy's minimum 2 + 20 + 1
     assert "budget" not in raw["layers"]["0"]  # inherits the resolved top-level budget
     plain = _config(policy="h2o", budget=16)
-    assert resolve_prompt_fraction(plain, 40) is plain
+    assert specialise(plain, 40) is plain
 
 
 def test_fraction_budget_through_generate_equals_the_absolute_one(sharp_model, prompt):

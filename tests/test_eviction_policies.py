@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimfx.compiler.config import ConfigError
-from slimfx.runtime.eviction import POLICIES, make_policy, snapkv_scores
+from slimfx.passes.kv_eviction.policies import POLICIES, make_policy, snapkv_scores
 
 
 @st.composite

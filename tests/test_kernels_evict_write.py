@@ -1,5 +1,5 @@
 """The fused decode-time slot choice + write kernel against its reference and against
-the policies' own victim rule (runtime/eviction.py), under TRITON_INTERPRET=1."""
+the policies' own victim rule (passes/kv_eviction/policies.py), under TRITON_INTERPRET=1."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slimfx.codegen.kernels.evict_write import evict_write_ref
-from slimfx.runtime.eviction import make_policy
+from slimfx.passes.kv_eviction.policies import make_policy
 
 
 def _state(B, H, C, D, seen, seed):

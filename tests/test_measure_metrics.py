@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from slimfx.measure import eval_cmd, fidelity, footprint, passkey
-from slimfx.measure.lm import Stepper, greedy_generate
-from slimfx.measure.runner import Runner
+from slimfx.measure.lm import Stepper
+from slimfx.measure.runner import Runner, greedy_generate
 from slimfx.runtime.models import tiny_model
 
 

@@ -1,4 +1,4 @@
-"""MiKV (runtime/mikv_op.py): evicted tokens kept at low precision instead of dropped.
+"""MiKV (passes/kv_eviction/mikv_op.py): evicted tokens kept at low precision instead of dropped.
 
 The op against a dense reference built from its two tiers, the high tier against
 attention_evict's store, exactness with a budget covering everything, and, on the sharp
@@ -14,13 +14,14 @@ from hypothesis import strategies as st
 
 import slimfx
 from slimfx.compiler.config import ConfigError
+from slimfx.passes.kv_eviction import rewrite_mikv
+from slimfx.passes.kv_eviction.eviction_op import attention_evict_ref
+from slimfx.passes.kv_eviction.mikv_op import FORMATS, LOW_FIELDS, MiKVCache, attention_mikv_ref, low_tier
 from slimfx.runtime import generate
 from slimfx.runtime.attention_op import attention_ref
-from slimfx.runtime.eviction_op import attention_evict_ref
 from slimfx.runtime.generate import get_generator
 from slimfx.runtime.kv_quant import get_format, token_error_bound
 from slimfx.runtime.kv_store import SiteCache
-from slimfx.runtime.mikv_op import FORMATS, LOW_FIELDS, MiKVCache, attention_mikv_ref, low_tier, rewrite_site
 
 B, HQ, HKV = 2, 4, 2
 POLICIES = ("streaming", "h2o", "a2sf", "tova", "keyformer", "snapkv")  # duo is refused (test below)
@@ -297,13 +298,13 @@ class _Store:
 def test_bad_combinations_are_config_errors(change, message):
     cache = _site(8)
     with pytest.raises(ConfigError) as err:
-        rewrite_site(None, None, _Store(cache), 0, dict(OPTS, **change))
+        rewrite_mikv(None, None, _Store(cache), 0, dict(OPTS, **change))
     assert str(err.value) == message
 
 
 def test_head_dim_the_format_cannot_pack_is_a_config_error():
     with pytest.raises(ConfigError, match=r"passes\.kv_eviction\.evicted \(layer 0\): got 'int2'; head_dim 6 is not a multiple of 4"):
-        rewrite_site(None, None, _Store(_site(6)), 0, dict(OPTS, evicted="int2"))
+        rewrite_mikv(None, None, _Store(_site(6)), 0, dict(OPTS, evicted="int2"))
 
 
 def test_decode_budget_with_mikv_is_refused_through_the_pass(sharp_model, prompt):

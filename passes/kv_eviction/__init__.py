@@ -5,20 +5,22 @@ Runs after `kv_runtime` (which binds each site to a slot store). For every
 budget (real memory: the buffers are reallocated at that size) and replaces the node
 by `slimfx::attention_evict`, which writes each new token into the slot its policy
 frees and lets the fused decode kernel accumulate the attention mass the policy ranks
-by (runtime/eviction_op.py). Policies: runtime/eviction.py. Per-layer budgets and
-policies come from `[passes.kv_eviction.layers."a-b"]`.
+by (eviction_op.py). Policies: policies.py. Per-layer budgets and policies come from
+`[passes.kv_eviction.layers."a-b"]`.
 
-- `budget_fraction` > 0: the budget is that share of the prompt, resolved by the runtime
-  per prompt (`resolve_prompt_fraction`), so each prompt-length bucket compiles once.
+- `budget_fraction` > 0: the budget is that share of the prompt, resolved per prompt
+  (`specialise`, called by the runtime through compiler/pipeline.py), so each
+  prompt-length bucket compiles once.
 - SCOPE (`decode_budget` > 0): the site holds `budget` prompt slots, selected at prefill
   and then frozen, plus `decode_budget` slots where generated tokens are evicted by the
   same policy among themselves, so a long answer never pushes the prompt out.
 - DuoAttention (policy "duo"): the `retrieval_fraction` of all kv heads with the highest
-  calibrated retrieval scores (artifact from `slimfx calibrate duo-heads`) keep the full
-  store; the other heads keep sinks + recent window in a store of `budget` slots. Each
-  group has buffers of its own size (runtime/duo_op.py), so the memory really drops.
+  calibrated retrieval scores (artifact from `slimfx calibrate duo-heads`, read by
+  retrieval_heads.py) keep the full store; the other heads keep sinks + recent window in
+  a store of `budget` slots. Each group has buffers of its own size (duo_op.py), so the
+  memory really drops.
 - MiKV (`evicted` = int8/int4/int2): tokens the policy evicts move to a low-precision
-  tier instead of being dropped (runtime/mikv_op.py).
+  tier instead of being dropped (mikv_op.py).
 
 With a budget at least the total length nothing is ever evicted and the output equals
 the unmodified model's (tested for every policy).
@@ -26,6 +28,8 @@ the unmodified model's (tested for every policy).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import torch
@@ -33,7 +37,7 @@ import torch.fx
 
 from slimfx.compiler.config import ConfigError, Option
 from slimfx.compiler.passmanager import PassContext, PassResult
-from slimfx.runtime.eviction import POLICIES, make_policy
+from slimfx.passes.kv_eviction.policies import POLICIES, make_policy
 
 NAME = "kv_eviction"
 DESCRIPTION = "keeps a fixed token budget per attention site, chosen by a policy (StreamingLLM, H2O, A2SF, TOVA, Keyformer, SnapKV, DuoAttention; SCOPE budgets)"
@@ -66,24 +70,19 @@ def _fraction_budget(opts: dict, prompt_tokens: int) -> int:
     return max(wanted, opts["n_sink"] + opts["window"] + 1)
 
 
-def resolve_prompt_fraction(config, prompt_tokens: int):
-    """`config` with every `budget_fraction` turned into an absolute `budget` for a prompt of
-    `prompt_tokens` tokens (the runtime calls this once it knows the prompt; the longest
-    prompt of a batch counts). Configs without a fraction are returned unchanged."""
-    from slimfx.compiler.config import load_config
-
-    cfg = load_config(config)
-    if NAME not in cfg.passes:
-        return config
-    raw = cfg.to_dict()
-    top = raw["passes"][NAME]
+def specialise(options: dict, prompt_tokens: int) -> dict | None:
+    """This pass's options (its table of Config.to_dict(), per-layer tables included) with
+    every `budget_fraction` turned into an absolute `budget` for a prompt of
+    `prompt_tokens` tokens, or None when there is no fraction to resolve. The runtime
+    calls it through compiler/pipeline.py's `specialise` once it knows the prompt."""
+    top = copy.deepcopy(options)
     changed = False
     for opts in (top, *top.get("layers", {}).values()):
         if opts.get("budget_fraction", 0.0) > 0:
             opts["budget"] = _fraction_budget({**top, **opts}, prompt_tokens)
             opts["budget_fraction"] = 0.0
             changed = True
-    return raw if changed else config
+    return top if changed else None
 
 
 def _policy_param(opts: dict) -> float:
@@ -153,7 +152,7 @@ def _rewrite_evict(gm, node, store, index: int, opts: dict) -> int:
 
 def _rewrite_duo(gm, node, store, index: int, opts: dict, retrieval: list[int]) -> int:
     """Retrieval heads keep the full store, streaming heads a `budget`-slot one."""
-    import slimfx.runtime.duo_op  # noqa: F401  registers torch.ops.slimfx.attention_duo
+    import slimfx.passes.kv_eviction.duo_op  # noqa: F401  registers torch.ops.slimfx.attention_duo
     from slimfx.passes._graph import bind_tensor
 
     old = store.sites[index]
@@ -180,9 +179,70 @@ def _rewrite_duo(gm, node, store, index: int, opts: dict, retrieval: list[int]) 
     return before - cache.nbytes()
 
 
+# ----------------------------------------------------------------------------- MiKV sites
+
+
+def _mikv_format(cache, index: int, opts: dict):
+    """The site's low-tier format (a KVFormat), or ConfigError naming the key and what is allowed."""
+    from slimfx.passes.kv_eviction.mikv_op import FORMATS, channel_groups
+    from slimfx.runtime.kv_quant import get_format
+
+    key = f"passes.kv_eviction.evicted (layer {index})"
+    evicted = opts["evicted"]
+    if evicted not in FORMATS:
+        raise ConfigError(f"{key}: got {evicted!r}; allowed for a low-precision tier: one of {', '.join(FORMATS)} ('drop' evicts)")
+    if opts["policy"] == "duo":
+        raise ConfigError(f"{key}: got {evicted!r} with policy 'duo'; allowed: 'drop' (DuoAttention's head split and MiKV's tiers do not combine)")
+    if opts.get("decode_budget"):
+        raise ConfigError(f"{key}: got {evicted!r} with decode_budget {opts['decode_budget']}; allowed: 'drop' (MiKV and SCOPE budgets do not combine)")
+    if cache.heads is not None or cache.companion is not None:
+        raise ConfigError(f"{key}: got {evicted!r} for a site whose store is already split; allowed: 'drop'")
+    fmt = get_format(evicted)
+    why = fmt.unsupported_reason(cache.head_dim // channel_groups(fmt, cache.head_dim))
+    if why:
+        raise ConfigError(f"{key}: got {evicted!r}; {why}; allowed: a format whose packing divides head_dim, e.g. 'int8'")
+    return fmt
+
+
+def _mikv_tiers(store, index: int, fmt, budget: int):
+    """Site `index`'s tiers (a MiKVCache): those another graph of this model (prefill /
+    decode) set up already, else a fresh high tier of `budget` slots and low tier of the
+    site's capacity."""
+    from slimfx.passes.kv_eviction.mikv_op import MiKVCache, low_tier
+    from slimfx.runtime.kv_store import SiteCache
+
+    cache = store.sites[index]
+    if isinstance(cache, MiKVCache) and cache.low.fmt == fmt.name and cache.capacity == budget:
+        return cache
+    low = low_tier(cache, fmt.name)
+    high = store.resize_site(index, budget)
+    tiers = MiKVCache(**{f.name: getattr(high, f.name) for f in dataclasses.fields(SiteCache)}, low=low)
+    store.sites[index] = tiers  # the store resets and counts the site through this object
+    return tiers
+
+
+def rewrite_mikv(gm, node, store, index: int, opts: dict) -> int:
+    """Replace site `index`'s slimfx::attention node by slimfx::attention_mikv: a high tier of
+    `budget` slots and a low tier of the site's capacity. Returns bytes saved (both tiers counted)."""
+    from slimfx.passes._graph import bind_tensor
+    from slimfx.passes.kv_eviction.mikv_op import LOW_FIELDS  # the import registers torch.ops.slimfx.attention_mikv
+
+    fmt = _mikv_format(store.sites[index], index, opts)  # before anything changes
+    before = store.sites[index].nbytes()
+    tiers = _mikv_tiers(store, index, fmt, opts["budget"])
+    _bind_site(gm, f"_slimfx_kv{index}", tiers)
+    q, k, v, pos, kc, vc, sp, sc, scale = node.args[:9]
+    for attr, field in ((kc, "k"), (vc, "v"), (sp, "slot_pos"), (sc, "scores")):
+        attr.meta["example_value"] = getattr(tiers, field)
+    lo_nodes = [bind_tensor(gm, f"_slimfx_mikv{index}_{f}", getattr(tiers.low, f), node) for f in LOW_FIELDS]
+    _replace(gm, node, torch.ops.slimfx.attention_mikv.default,
+             (q, k, v, pos, kc, vc, sp, sc, *lo_nodes, float(scale), opts["policy"], opts["n_sink"], opts["window"], _policy_param(opts), fmt.name))
+    return before - tiers.nbytes()
+
+
 def _duo_retrieval_heads(ctx: PassContext, cfg, store) -> dict[int, list[int]]:
     """Site index -> its retrieval kv heads, from the calibration artifact."""
-    from slimfx.runtime.duo_heads import load, select_retrieval
+    from slimfx.passes.kv_eviction.retrieval_heads import load, select_retrieval
 
     key = cfg.options["duo_heads"]
     sites = sorted(store.sites)
@@ -200,8 +260,6 @@ def _rewrite_site(gm, node, store, ctx, cfg, index: int, opts: dict, duo_heads) 
     if opts["budget"] + opts["decode_budget"] > cache.capacity:
         return 0, f"site {index}: budget {opts['budget'] + opts['decode_budget']} > store capacity {cache.capacity}, nothing to evict"
     if opts["evicted"] != "drop":
-        from slimfx.runtime.mikv_op import rewrite_site as rewrite_mikv
-
         return rewrite_mikv(gm, node, store, index, opts), None
     if opts["policy"] == "duo":
         retrieval = duo_heads(index)
@@ -213,7 +271,7 @@ def _rewrite_site(gm, node, store, ctx, cfg, index: int, opts: dict, duo_heads) 
 
 
 def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
-    import slimfx.runtime.eviction_op  # noqa: F401  registers torch.ops.slimfx.attention_evict
+    import slimfx.passes.kv_eviction.eviction_op  # noqa: F401  registers torch.ops.slimfx.attention_evict
     from slimfx.runtime.kv_store import get_store
 
     target = getattr(getattr(torch.ops, "slimfx", None), "attention", None)

@@ -16,7 +16,7 @@ accumulated mass before adding the current step's (scores = decay * scores + mas
 | keyformer   | accumulated Gumbel-regularised mass               | 1.0    |
 | snapkv      | observation-window attention pooled over keys     | prefill|
 | duo         | streaming heads: its position; retrieval heads    | -      |
-|             | keep everything (runtime/duo_op.py)               |        |
+|             | keep everything (duo_op.py)                       |        |
 
 Layouts (those of runtime/kv_store.py's SiteCache): priority, scores and slot_pos
 are [B, Hkv, C]; `seen` is [B] (tokens seen so far per sequence). Everything here is
@@ -198,7 +198,7 @@ class SnapKV(EvictionPolicy):
 class DuoAttention(EvictionPolicy):
     """DuoAttention's streaming heads: sinks + recent window, like StreamingLLM. The
     retrieval heads (calibrated by `slimfx calibrate duo-heads`) keep a full store of
-    their own; runtime/duo_op.py runs the two head groups of a site side by side."""
+    their own; duo_op.py runs the two head groups of a site side by side."""
 
     def __init__(self, budget, n_sink=4, window=64, **_):
         super().__init__(budget, n_sink, window, "duo", None)

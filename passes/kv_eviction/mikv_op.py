@@ -8,7 +8,7 @@
 Two tiers per attention site; every token the site has seen is in exactly one of them:
 
     high tier  k_cache, v_cache [B, Hkv, budget, D] (model dtype), slot_pos, scores:
-               the store of `slimfx::attention_evict` (runtime/eviction_op.py), managed by
+               the store of `slimfx::attention_evict` (eviction_op.py), managed by
                the same policy (sinks, recent window, then the policy's ranking)
     low tier   lo_k, lo_v [B, Hkv, C, Dp] quantized (fmt int8 / int4 / int2), lo_pos [B, Hkv, C]
                int32 (-1 empty), slot = position % C with C the site's original capacity;
@@ -43,7 +43,6 @@ fused kernel; this path has not been run on a GPU yet), elsewhere the references
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -51,9 +50,8 @@ import torch
 
 from slimfx.codegen.kernels.decode_attention import decode_attention_ref
 from slimfx.codegen.kernels.prefill_attention import prefill_attention_ref
-from slimfx.compiler.config import ConfigError
-from slimfx.runtime.eviction import EvictionPolicy, snapkv_scores
-from slimfx.runtime.eviction_op import _policy, _scatter_heads, prefill_key_mass
+from slimfx.passes.kv_eviction.eviction_op import _policy, _scatter_heads, prefill_key_mass
+from slimfx.passes.kv_eviction.policies import EvictionPolicy, snapkv_scores
 from slimfx.runtime.kv_quant import KVFormat, dequantize_tokens, get_format, quantize_tokens
 from slimfx.runtime.kv_store import SiteCache
 
@@ -304,56 +302,3 @@ def attention_mikv_ref(q, k, v, positions, high: SiteCache, low: LowTier, scale=
     hi = (high.k, high.v, high.slot_pos, high.scores)
     return _run(q, k, v, positions, hi, low.buffers(), scale, policy, n_sink, window, param, low.fmt)
 
-
-# ----------------------------------------------------------------------------- the graph rewrite
-
-
-def _check(cache: SiteCache, index: int, opts: dict) -> KVFormat:
-    """The site's low-tier format, or ConfigError naming the key and what is allowed."""
-    key = f"passes.kv_eviction.evicted (layer {index})"
-    evicted = opts["evicted"]
-    if evicted not in FORMATS:
-        raise ConfigError(f"{key}: got {evicted!r}; allowed for a low-precision tier: one of {', '.join(FORMATS)} ('drop' evicts)")
-    if opts["policy"] == "duo":
-        raise ConfigError(f"{key}: got {evicted!r} with policy 'duo'; allowed: 'drop' (DuoAttention's head split and MiKV's tiers do not combine)")
-    if opts.get("decode_budget"):
-        raise ConfigError(f"{key}: got {evicted!r} with decode_budget {opts['decode_budget']}; allowed: 'drop' (MiKV and SCOPE budgets do not combine)")
-    if cache.heads is not None or cache.companion is not None:
-        raise ConfigError(f"{key}: got {evicted!r} for a site whose store is already split; allowed: 'drop'")
-    fmt = get_format(evicted)
-    why = fmt.unsupported_reason(cache.head_dim // channel_groups(fmt, cache.head_dim))
-    if why:
-        raise ConfigError(f"{key}: got {evicted!r}; {why}; allowed: a format whose packing divides head_dim, e.g. 'int8'")
-    return fmt
-
-
-def _tiers(store, index: int, fmt: KVFormat, budget: int) -> MiKVCache:
-    """Site `index`'s tiers: those another graph of this model (prefill / decode) set up
-    already, else a fresh high tier of `budget` slots and low tier of the site's capacity."""
-    cache = store.sites[index]
-    if isinstance(cache, MiKVCache) and cache.low.fmt == fmt.name and cache.capacity == budget:
-        return cache
-    low = low_tier(cache, fmt.name)
-    high = store.resize_site(index, budget)
-    tiers = MiKVCache(**{f.name: getattr(high, f.name) for f in dataclasses.fields(SiteCache)}, low=low)
-    store.sites[index] = tiers  # the store resets and counts the site through this object
-    return tiers
-
-
-def rewrite_site(gm, node, store, index: int, opts: dict) -> int:
-    """Replace site `index`'s slimfx::attention node by slimfx::attention_mikv: a high tier of
-    `budget` slots and a low tier of the site's capacity. Returns bytes saved (both tiers counted)."""
-    from slimfx.passes._graph import bind_tensor
-    from slimfx.passes.kv_eviction import _bind_site, _policy_param, _replace
-
-    fmt = _check(store.sites[index], index, opts)  # before anything changes
-    before = store.sites[index].nbytes()
-    tiers = _tiers(store, index, fmt, opts["budget"])
-    _bind_site(gm, f"_slimfx_kv{index}", tiers)
-    q, k, v, pos, kc, vc, sp, sc, scale = node.args[:9]
-    for attr, field in ((kc, "k"), (vc, "v"), (sp, "slot_pos"), (sc, "scores")):
-        attr.meta["example_value"] = getattr(tiers, field)
-    lo_nodes = [bind_tensor(gm, f"_slimfx_mikv{index}_{f}", getattr(tiers.low, f), node) for f in LOW_FIELDS]
-    _replace(gm, node, torch.ops.slimfx.attention_mikv.default,
-             (q, k, v, pos, kc, vc, sp, sc, *lo_nodes, float(scale), opts["policy"], opts["n_sink"], opts["window"], _policy_param(opts), fmt.name))
-    return before - tiers.nbytes()

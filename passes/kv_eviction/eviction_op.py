@@ -1,11 +1,11 @@
 """`torch.ops.slimfx.attention_evict`: the attention op of a site whose store holds a
-fixed budget of tokens chosen by an eviction policy (runtime/eviction.py).
+fixed budget of tokens chosen by an eviction policy (policies.py).
 
     out = torch.ops.slimfx.attention_evict(q, k, v, positions, k_cache, v_cache, slot_pos, scores,
                                            scale, policy, n_sink, window, param)
 
 Same tensors as `slimfx::attention` (runtime/attention_op.py); the capacity C of the
-site's buffers *is* the budget. `policy` names a policy of runtime/eviction.py,
+site's buffers *is* the budget. `policy` names a policy of policies.py,
 `param` its one parameter (A2SF's alpha, Keyformer's tau, SnapKV's observation window).
 `prefill_slots` > 0 splits the store (SCOPE): the prompt keeps that many slots, chosen at
 prefill and then frozen, and generated tokens take turns in the remaining C - prefill_slots.
@@ -33,7 +33,7 @@ import torch
 
 from slimfx.codegen.kernels.decode_attention import decode_attention_ref
 from slimfx.codegen.kernels.prefill_attention import prefill_attention_ref
-from slimfx.runtime.eviction import EvictionPolicy, make_policy, snapkv_scores
+from slimfx.passes.kv_eviction.policies import EvictionPolicy, make_policy, snapkv_scores
 
 
 @lru_cache(maxsize=None)

@@ -10,7 +10,7 @@ groups with stores of different sizes (DuoAttention; per-head budgets with real 
   full-capacity store and attend like `slimfx::attention` (runtime/attention_op.py);
 - streaming heads (`streaming_heads`) keep only the first `n_sink` tokens and a recent
   window in a store whose capacity is the site's budget, with the StreamingLLM rule of
-  `slimfx::attention_evict` (runtime/eviction_op.py).
+  `slimfx::attention_evict` (eviction_op.py).
 Each group's query heads are its kv heads' GQA groups; the two outputs are written back
 in head order, so the op is a drop-in for the site's attention. The two stores are
 separate tensors of their own capacity: a streaming head holds `budget` slots, not a
@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
+import slimfx.passes.kv_eviction.eviction_op as eviction_op
 from slimfx.codegen.kernels import use_attention_kernels
-from slimfx.runtime import attention_op, eviction_op
+from slimfx.runtime import attention_op
 
 
 def query_heads(kv_heads: torch.Tensor, group: int) -> torch.Tensor:
