@@ -127,13 +127,19 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
             notes.append(why)
         else:
             rewritten += 1
-    if not anatomy.attention_sites or rewritten != len(anatomy.attention_sites):
+    sites = anatomy.attention_sites
+    if not rewritten and sites and all(site.cache.kind != "none" for site in sites):
+        # The model keeps its own cache (HF generate's DynamicCache / StaticCache): exact as it is.
+        return PassResult(NAME, applied=False, sites_matched=len(sites), notes=_unique(notes))
+    if not sites and anatomy.lm_head is None:
+        return PassResult.skipped(NAME, "no attention sites in this graph (a piece of a model split by graph breaks)")
+    if rewritten != len(sites):
         # The runtime calls the model without its own cache: an unbound site would
         # attend to the current step's tokens only, and a half-bound model over two
         # different caches. Either gives wrong tokens, so refuse.
         raise UsageError(
             f"the slimfx runtime cannot run this model exactly: it bound {rewritten} of "
-            f"{len(anatomy.attention_sites)} attention sites ({'; '.join(_unique(notes)) or 'the anatomy found no attention sites'}); "
+            f"{len(sites)} attention sites ({'; '.join(_unique(notes)) or 'the anatomy found no attention sites'}); "
             f"allowed: models whose attention is SDPA over nn.Linear projections, or plain torch.compile(model, backend='slimfx') with model.generate"
         )
     gm.graph.eliminate_dead_code()
