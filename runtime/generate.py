@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from slimfx.runtime.exactness import check_exact
 from slimfx.runtime.kv_store import KVStore
 
 
@@ -326,6 +327,7 @@ def generate(
         capacity = -(-(padded + max_new_tokens) // 256) * 256  # rounded so nearby calls share a store
     elif not isinstance(capacity, int) or capacity < 1:
         raise GenerateError(f"capacity: got {capacity!r}; allowed: an integer >= 1")
+    check_exact(model, int(lengths.max()) + max_new_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     if config is not None:
