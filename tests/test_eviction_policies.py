@@ -146,3 +146,62 @@ def test_snapkv_scores_prefer_attended_keys():
     s = snapkv_scores(q, k, obs_window=8, pool=3)
     assert s.shape == (B, Hkv, T)
     assert (s[..., 8:11].amax(-1) >= s[..., :8].amax(-1)).all()
+
+
+def _one_query_at_a_time(q, keys, q_pos, k_pos, scores, scale, decay):
+    """The decode rule scores = decay * scores + mass, applied for each query in turn,
+    written out plainly: the reference a prefill chunk's scores must equal."""
+    B, Hq, T, D = q.shape
+    Hkv, N = keys.shape[1], keys.shape[2]
+    out = torch.cat([scores, torch.zeros(B, Hkv, N - scores.shape[2])], dim=2).double()
+    for t in range(T):
+        mass = torch.zeros(B, Hkv, N, dtype=torch.float64)
+        for b in range(B):
+            for h in range(Hq):
+                g = h // (Hq // Hkv)
+                visible = (k_pos[b, g] >= 0) & (k_pos[b, g] <= q_pos[b, t])
+                if not visible.any():
+                    continue
+                logits = (keys[b, g].double() @ q[b, h, t].double()) * scale
+                mass[b, g] += torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)
+        out = decay * out + mass
+    return out
+
+
+@pytest.mark.parametrize("name", ["h2o", "a2sf", "tova", "keyformer"])
+@settings(max_examples=15, deadline=None)
+@given(T=st.integers(1, 6), old=st.integers(0, 5), hkv=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_prefill_scores_equal_feeding_the_chunk_token_by_token(name, T, old, hkv, seed):
+    """At prefill every accumulating policy ranks by its paper's decode rule applied
+    to each prompt query in turn: H2O's plain sum, A2SF's forgetting factor, TOVA's last
+    query alone (decay 0)."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, D = 2, 2 * hkv, 8
+    q = torch.randn(B, Hq, T, D, generator=g)
+    keys = torch.randn(B, hkv, old + T, D, generator=g)
+    q_pos = torch.arange(old, old + T).expand(B, T).clone()
+    q_pos[1, : T // 2] = -1  # left padding in the second sequence
+    k_pos = torch.cat([torch.arange(old).expand(B, hkv, old), q_pos[:, None, :].expand(B, hkv, T)], dim=2).clone()
+    scores = torch.rand(B, hkv, old, generator=g)
+    policy = make_policy(name, 64, n_sink=0, window=0)
+    got = policy.prefill_scores(q, q_pos, keys, k_pos, scores, 0.35)
+    want = _one_query_at_a_time(q, keys, q_pos, k_pos, scores, 0.35, policy.decay)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_tova_keeps_what_the_last_prompt_token_attends_to():
+    """TOVA at the end of a prompt: the kept set is the top of the last query's
+    head-averaged attention, whatever earlier queries looked at."""
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, T, D = 1, 4, 2, 24, 16
+    q = torch.randn(B, Hq, T, D, generator=g)
+    keys = torch.randn(B, Hkv, T, D, generator=g)
+    pos = torch.arange(T).expand(B, T)
+    k_pos = pos[:, None, :].expand(B, Hkv, T)
+    policy = make_policy("tova", 8, n_sink=0, window=0)
+    scores = policy.prefill_scores(q, pos, keys, k_pos, torch.zeros(B, Hkv, 0), D**-0.5)
+    keep = policy.keep_mask(scores, k_pos, torch.tensor([T]))
+    last = torch.softmax((q[:, :, -1:] @ keys.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * D**-0.5, -1)[:, :, 0]
+    expected = last.mean(1).topk(8).indices.sort().values  # [B, 8], the same set for every head
+    for h in range(Hkv):
+        assert keep[0, h].nonzero().flatten().tolist() == expected[0].tolist()

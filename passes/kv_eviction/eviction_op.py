@@ -33,7 +33,7 @@ import torch
 
 from slimfx.codegen.kernels.decode_attention import decode_attention_ref
 from slimfx.codegen.kernels.prefill_attention import prefill_attention_ref
-from slimfx.passes.kv_eviction.policies import EvictionPolicy, make_policy, snapkv_scores
+from slimfx.passes.kv_eviction.policies import EvictionPolicy, make_policy
 
 
 @lru_cache(maxsize=None)
@@ -101,19 +101,6 @@ def _decode(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, polic
     return out.unsqueeze(2)
 
 
-def prefill_key_mass(q, q_pos, keys, k_pos, scale: float) -> torch.Tensor:
-    """Attention mass every key receives from the chunk's queries, summed over queries and
-    the GQA group: [B, Hkv, N]. (The same softmax as the prefill attention, recomputed:
-    prefill happens once per prompt, so the second pass costs far less than decoding.)"""
-    B, Hq, T, D = q.shape
-    Hkv, N = keys.shape[1], keys.shape[2]
-    qf = q.float().view(B, Hkv, Hq // Hkv, T, D)
-    logits = torch.einsum("bhgtd,bhnd->bhgtn", qf, keys.float()) * scale
-    visible = (k_pos.view(B, Hkv, 1, 1, N) >= 0) & (k_pos.view(B, Hkv, 1, 1, N) <= q_pos.view(B, 1, 1, T, 1))
-    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-    return probs.sum(dim=(2, 3))
-
-
 def _prefill(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, policy: EvictionPolicy, prefill_slots: int = 0):
     B, Hkv, T, _ = k.shape
     keys = torch.cat([k_cache, k.to(k_cache.dtype)], dim=2)
@@ -127,12 +114,7 @@ def _prefill(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, poli
         out = prefill_attention(qc, positions, keys, vals, kpos, scale=scale)
     else:
         out = prefill_attention_ref(qc, positions, keys, vals, kpos, scale=scale)
-    merged_scores = torch.cat([scores, torch.zeros(B, Hkv, T, dtype=scores.dtype, device=scores.device)], dim=2)
-    if policy.name == "snapkv":
-        merged_scores = snapkv_scores(q, keys, policy.obs_window, policy.pool, positions, kpos)
-        merged_scores = merged_scores.masked_fill(kpos < 0, 0.0)
-    elif policy.needs_scores:
-        merged_scores = merged_scores * policy.decay + prefill_key_mass(q, positions, keys, kpos, scale)
+    merged_scores = policy.prefill_scores(q, positions, keys, kpos, scores, scale)
     seen = positions.amax(dim=1) + 1
     # SCOPE: the prompt keeps `prefill_slots` slots; the rest stay empty for decoding.
     budget = prefill_slots if prefill_slots > 0 else k_cache.shape[2]

@@ -50,8 +50,8 @@ import torch
 
 from slimfx.codegen.kernels.decode_attention import decode_attention_ref
 from slimfx.codegen.kernels.prefill_attention import prefill_attention_ref
-from slimfx.passes.kv_eviction.eviction_op import _policy, _scatter_heads, prefill_key_mass
-from slimfx.passes.kv_eviction.policies import EvictionPolicy, snapkv_scores
+from slimfx.passes.kv_eviction.eviction_op import _policy, _scatter_heads
+from slimfx.passes.kv_eviction.policies import EvictionPolicy
 from slimfx.runtime.kv_quant import KVFormat, dequantize_tokens, get_format, quantize_tokens
 from slimfx.runtime.kv_store import SiteCache
 
@@ -227,13 +227,7 @@ def _decode(q, k, v, positions, hi: tuple, lo: tuple, scale: float, policy: Evic
 def _prefill_scores(q, positions, keys, kpos, hi_scores, n: int, scale: float, policy: EvictionPolicy):
     """The policy's scores of the first n keys (high tier + chunk), as attention_evict's prefill
     computes them, with the softmax normalised over every key (low tier included)."""
-    B, H = hi_scores.shape[:2]
-    if policy.name == "snapkv":
-        return snapkv_scores(q, keys, policy.obs_window, policy.pool, positions, kpos)[..., :n].masked_fill(kpos[..., :n] < 0, 0.0)
-    merged = torch.cat([hi_scores, hi_scores.new_zeros(B, H, n - hi_scores.shape[2])], dim=2)
-    if policy.needs_scores:
-        merged = merged * policy.decay + prefill_key_mass(q, positions, keys, kpos, scale)[..., :n]
-    return merged
+    return policy.prefill_scores(q, positions, keys, kpos, hi_scores, scale)[..., :n]
 
 
 def _prefill(q, k, v, positions, hi: tuple, lo: tuple, scale: float, policy: EvictionPolicy, fmt: KVFormat):

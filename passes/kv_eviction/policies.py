@@ -65,6 +65,21 @@ class EvictionPolicy:
         """Rank of every slot, [B, Hkv, C] float: higher is kept first."""
         raise NotImplementedError
 
+    def prefill_scores(self, q, q_pos, keys, k_pos, scores, scale: float) -> torch.Tensor:
+        """The scores of every key after a prefill chunk, [B, Hkv, N]: the decode-time rule
+        scores = decay * scores + mass applied query by query over the chunk, so a prompt
+        ranks its tokens exactly as if it had been fed one token at a time (H2O sums every
+        query's mass, A2SF weights query t by alpha^(T-1-t), TOVA keeps only the last
+        query's). q [B, Hq, T, D]; keys [B, Hkv, N, D] (the store's slots, then the chunk);
+        q_pos [B, T] and k_pos [B, Hkv, N] true positions (negative: padding / empty);
+        scores [B, Hkv, C <= N], the slots' scores before the chunk."""
+        B, Hkv, N = k_pos.shape
+        merged = torch.cat([scores, scores.new_zeros(B, Hkv, N - scores.shape[2])], dim=2)
+        if not self.needs_scores:
+            return merged
+        T = q.shape[2]
+        return merged * self.decay**T + prefill_key_mass(q, q_pos, keys, k_pos, scale, self.decay).to(merged.dtype)
+
     # -- mechanics shared by every policy -----------------------------------
     def protected(self, slot_pos: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         """Slots that are always kept: sinks and the recent window, [B, Hkv, C] bool."""
@@ -194,6 +209,9 @@ class SnapKV(EvictionPolicy):
     def priority(self, scores, slot_pos, seen):
         return scores
 
+    def prefill_scores(self, q, q_pos, keys, k_pos, scores, scale: float) -> torch.Tensor:
+        return snapkv_scores(q, keys, self.obs_window, self.pool, q_pos, k_pos).masked_fill(k_pos < 0, 0.0)
+
 
 class DuoAttention(EvictionPolicy):
     """DuoAttention's streaming heads: sinks + recent window, like StreamingLLM. The
@@ -205,6 +223,21 @@ class DuoAttention(EvictionPolicy):
 
     def priority(self, scores, slot_pos, seen):
         return slot_pos.float()
+
+
+def prefill_key_mass(q, q_pos, keys, k_pos, scale: float, decay: float = 1.0) -> torch.Tensor:
+    """Attention mass every key receives from a chunk's queries, query t weighted by
+    decay^(T-1-t) (the last query by 1; decay 0 keeps only the last), summed over the GQA
+    group: [B, Hkv, N]. The same softmax as the prefill attention, recomputed: prefill
+    happens once per prompt, so the second pass costs far less than decoding."""
+    B, Hq, T, D = q.shape
+    Hkv, N = keys.shape[1], keys.shape[2]
+    qf = q.float().view(B, Hkv, Hq // Hkv, T, D)
+    logits = torch.einsum("bhgtd,bhnd->bhgtn", qf, keys.float()) * scale
+    visible = (k_pos.view(B, Hkv, 1, 1, N) >= 0) & (k_pos.view(B, Hkv, 1, 1, N) <= q_pos.view(B, 1, 1, T, 1))
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    weights = torch.pow(torch.full((T,), float(decay), device=q.device), torch.arange(T - 1, -1, -1, device=q.device, dtype=torch.float32))
+    return torch.einsum("bhgtn,t->bhn", probs, weights)
 
 
 def snapkv_scores(q: torch.Tensor, k: torch.Tensor, obs_window: int, pool: int, q_pos=None, k_pos=None) -> torch.Tensor:
