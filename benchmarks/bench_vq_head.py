@@ -62,10 +62,11 @@ def clustered_head(v: int, h: int, k: int, seed: int = 0):
 
 
 def head_rows(v: int, h: int) -> tuple[list[dict], dict]:
+    from slimfx.calibrate.vq_head import cluster_statistics
     from slimfx.runtime import vq_head as rt
 
     w, codes = clustered_head(v, h, K)
-    stats = rt.cluster_statistics(w, codes, K)
+    stats = cluster_statistics(w, codes, K)
     cb = stats["codebook"].to("cuda", torch.bfloat16)
     t2c = stats["token_to_code"].cuda()
     members = stats["members"].cuda()

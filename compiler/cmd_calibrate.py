@@ -78,8 +78,9 @@ def head_weight(model):
 
 def _vq_head_main(args) -> int:
     _check_vq_args(args)
+    from slimfx.calibrate.vq_head import build_artifact
     from slimfx.runtime.models import load_model, resolve_model_source
-    from slimfx.runtime.vq_head import build_artifact, save_artifact
+    from slimfx.runtime.vq_head import save_artifact
 
     source = resolve_model_source(args.model)  # a bad --model fails before anything loads
     model, _ = load_model(args.model)
@@ -100,9 +101,9 @@ register("vq-head", "cluster the LM head's rows into K codes (the VQ logits code
 
 
 def _register_bit_allocation() -> None:
-    from slimfx.runtime import bitalloc
+    from slimfx.calibrate import bits
 
-    register("bits", "per-linear weight format plan under a byte budget (sensitivity + exact knapsack)", bitalloc.add_arguments, bitalloc.main)
+    register("bits", "per-linear weight format plan under a byte budget (sensitivity + exact knapsack)", bits.add_arguments, bits.main)
 
 
 _register_bit_allocation()

@@ -50,8 +50,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"model: {name}")
     print(anatomy.table())
     if args.plan:
-        from slimfx.runtime import bitalloc
+        from slimfx.passes import quantize_plan
 
         print()
-        print(bitalloc.format_plan(bitalloc.read_plan(args.plan)))
+        print(quantize_plan.format_plan(quantize_plan.read_plan(args.plan)))
     return 0

@@ -91,7 +91,7 @@ def quantize_cached(w: torch.Tensor, spec, hqq: bool):
 
 def load_plan(path: Path) -> dict[str, str]:
     """A plan's {weight path: format spec}; ConfigError for a missing or malformed file."""
-    from slimfx.runtime.bitalloc import read_plan
+    from slimfx.passes.quantize_plan import read_plan
 
     try:
         return read_plan(path)["formats"]

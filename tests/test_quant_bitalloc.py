@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimfx.runtime import bitalloc as B
+from slimfx.calibrate import bits as B
+from slimfx.passes.quantize_plan import format_plan, read_plan
 
 
 def brute_force(costs, sizes, budget):
@@ -63,12 +64,12 @@ def test_read_plan_rejects_what_is_not_a_plan(tmp_path):
     p = tmp_path / "p.json"
     p.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        B.read_plan(p)
+        read_plan(p)
     p.write_text(json.dumps({"kind": "other"}))
     with pytest.raises(ValueError, match="not a slimfx.bit_allocation v1 file"):
-        B.read_plan(p)
+        read_plan(p)
     with pytest.raises(ValueError, match="not found"):
-        B.read_plan(tmp_path / "missing.json")
+        read_plan(tmp_path / "missing.json")
 
 
 def test_parse_bytes():
@@ -94,14 +95,14 @@ def test_calibrate_plan_holds_budget_and_prefers_int8_where_it_hurts_less(tmp_pa
     out = tmp_path / "plan.json"
     plan = B.calibrate_bit_allocation(model, _Tok(), out_path=out, bits=6.0, candidates=("none", "int8", "int4_g32"),
                                       text=text, tokens=96, kv_context=0)
-    assert B.read_plan(out)["formats"] == plan["formats"]
+    assert read_plan(out)["formats"] == plan["formats"]
     assert plan["totals"]["linear_bytes"] <= plan["budget"]["linear_bytes"]
     assert len(plan["formats"]) == 14  # every linear but the head
     for entry in plan["linears"].values():  # measured errors order as the formats' precision
         opts = entry["options"]
         assert opts["none"]["cost"] == 0.0 < opts["int8"]["cost"] < opts["int4_g32"]["cost"]
     assert "int4_g32" in plan["formats"].values()  # 6 bits a weight cannot all be int8 (8.5)
-    assert "output error" in B.format_plan(plan)
+    assert "output error" in format_plan(plan)
 
 
 def test_kl_metric_measures_each_linear_alone_and_restores_the_model(tmp_path):

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
+from slimfx.calibrate.kmeans import KMeansError, balanced_spherical_kmeans, cluster_capacity
+from slimfx.calibrate.vq_head import build_artifact
 from slimfx.compiler.config import ConfigError
 from slimfx.compiler.errors import UsageError
-from slimfx.runtime.kmeans import KMeansError, balanced_spherical_kmeans, cluster_capacity
-from slimfx.runtime.vq_head import build_artifact, load_artifact, save_artifact
+from slimfx.runtime.vq_head import load_artifact, save_artifact
 
 
 def _rows(v=300, h=16, seed=0):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimfx.calibrate.vq_head import build_artifact
 from slimfx.compiler.anatomy import is_linear
 from slimfx.runtime import vq_head as rt
 from slimfx.runtime.models import tiny_model
@@ -18,7 +19,7 @@ from slimfx.runtime.models import tiny_model
 
 def _artifact(model, k, tmp_path, name="head.safetensors"):
     w = model.get_output_embeddings().weight
-    return rt.save_artifact(rt.build_artifact(w, k, seed=0), tmp_path / name)
+    return rt.save_artifact(build_artifact(w, k, seed=0), tmp_path / name)
 
 
 def _compile(model, path, **opts):
@@ -112,7 +113,7 @@ def _clustered_head(v=400, h=32, k=20, spread=0.05, seed=0):
 @pytest.mark.parametrize("spread,probes", [(0.05, 1), (0.05, 3), (1.0, 2), (1.0, 19)])
 def test_exact_head_argmax_equals_full_head(spread, probes):
     w = _clustered_head(spread=spread)
-    art = rt.build_artifact(w, 20, seed=0)
+    art = build_artifact(w, 20, seed=0)
     members = art.members
     slack = rt.exact_slack(w, art.codebook, members)
     gen = torch.Generator().manual_seed(1)
@@ -135,7 +136,7 @@ def test_exact_head_argmax_equals_full_head(spread, probes):
 
 def test_exact_op_counts_routes(tmp_path):
     w = _clustered_head()
-    art = rt.build_artifact(w, 20)
+    art = build_artifact(w, 20)
     counters = rt.new_counters("test_counts", "cpu")
     h = torch.cat([4 * w[:3], torch.randn(2, 32)])
     slack = rt.exact_slack(w, art.codebook, art.members)
@@ -155,7 +156,7 @@ def test_exact_mode_greedy_tokens_identical_on_default_model(default_model, tmp_
 
     model, tok = default_model
     # K=256 with 3 k-means iterations keeps the test short; exactness must not depend on K.
-    path = rt.save_artifact(rt.build_artifact(head_weight(model), 256, seed=0, iters=3), tmp_path / "smol.safetensors")
+    path = rt.save_artifact(build_artifact(head_weight(model), 256, seed=0, iters=3), tmp_path / "smol.safetensors")
     cfg = {"compile": {"pipeline": "vq"}, "pipelines": {"vq": ["vq_logits"]},
            "passes": {"vq_logits": {"mode": "exact", "probes": 8}}, "artifacts": {"vq_head": str(path)}}
     rt.reset_counts()

@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slimfx.calibrate.vq_head import build_artifact
 from slimfx.compiler.config import ConfigError
 from slimfx.runtime import vq_head as rt
 from slimfx.runtime.attention_op import attention_ref, write_tokens
@@ -163,7 +164,7 @@ def _config(path, **opts):
 def tiny(tmp_path_factory):
     model = _lively()
     path = tmp_path_factory.mktemp("vq") / "head.safetensors"
-    rt.save_artifact(rt.build_artifact(model.get_output_embeddings().weight.cpu(), 8, seed=0), path)
+    rt.save_artifact(build_artifact(model.get_output_embeddings().weight.cpu(), 8, seed=0), path)
     return model, path
 
 
@@ -223,7 +224,7 @@ def test_deferred_head_outside_the_loop_is_the_bound_route(tiny):
 def test_armed_op_emits_the_best_opened_member():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(60, 16, generator=gen)
-    art = rt.build_artifact(w, 6, seed=0)
+    art = build_artifact(w, 6, seed=0)
     slack = rt.exact_slack(w, art.codebook, art.members)
     h = torch.randn(5, 16, generator=gen)
     out, proved, token = rt.exact_head(h, w, art.codebook, slack, art.members, 2, open_by="score",
@@ -259,7 +260,7 @@ def test_verified_tokens_identical_on_default_model(default_model, tmp_path):
     from slimfx.runtime.models import chat_input_ids
 
     model, tok = default_model
-    path = rt.save_artifact(rt.build_artifact(head_weight(model), 256, seed=0, iters=3), tmp_path / "smol.safetensors")
+    path = rt.save_artifact(build_artifact(head_weight(model), 256, seed=0, iters=3), tmp_path / "smol.safetensors")
     ids = chat_input_ids(tok, "Explain how a bicycle works in two sentences.")
     ref = generate(model, ids, max_new_tokens=48).tokens
     rt.reset_counts()

@@ -1,6 +1,7 @@
 """Per-linear bit allocation (HAWQ-V3 style): sensitivity x candidate formats, then an
-exact multiple-choice knapsack under a byte budget. Produces a plan (JSON artifact)
-that the quantize pass reads (`[passes.quantize] plan = "KEY"`, `[artifacts] KEY = PATH`).
+exact multiple-choice knapsack under a byte budget. Produces a plan (JSON artifact;
+its format and reader: passes/quantize_plan.py) that the quantize pass reads
+(`[passes.quantize] plan = "KEY"`, `[artifacts] KEY = PATH`).
 
 Sensitivity of linear i in format f: the activation-weighted output error on
 calibration text,
@@ -34,9 +35,8 @@ from pathlib import Path
 import torch
 
 from slimfx.compiler.errors import UsageError
+from slimfx.passes.quantize_plan import PLAN_KIND, PLAN_VERSION, format_plan
 
-PLAN_KIND = "slimfx.bit_allocation"
-PLAN_VERSION = 1
 DEFAULT_CANDIDATES = ("none", "int8", "int4_g128", "int4_g64")
 
 
@@ -232,46 +232,6 @@ def allocate(items: list[dict], budget_bytes: int, *, max_cells: int = 200_000) 
     sizes = [[it["options"][n]["bytes"] for n in opts] for it, opts in zip(items, names)]
     sol = solve_mckp(costs, sizes, budget_bytes, max_cells=max_cells)
     return {it["weight"]: opts[j] for it, opts, j in zip(items, names, sol.choice)}, sol
-
-
-def read_plan(path) -> dict:
-    """Load and validate a plan JSON; ValueError (one line) when it is not one."""
-    from slimfx.runtime.quant_formats import parse_spec
-
-    path = Path(path)
-    try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"plan {str(path)!r}: not found; allowed: a JSON plan written by `slimfx calibrate`") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"plan {str(path)!r}: not valid JSON ({exc})") from None
-    if not isinstance(plan, dict) or plan.get("kind") != PLAN_KIND or plan.get("version") != PLAN_VERSION:
-        raise UsageError(f"plan {str(path)!r}: not a {PLAN_KIND} v{PLAN_VERSION} file")
-    formats = plan.get("formats")
-    if not isinstance(formats, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in formats.items()):
-        raise UsageError(f"plan {str(path)!r}: 'formats' must map weight paths to format specs")
-    for key, spec in formats.items():
-        parse_spec(spec, f"plan {path.name}: formats[{key!r}]")
-    return plan
-
-
-def format_plan(plan: dict) -> str:
-    """The plan as a text table: format and bytes per linear, then the totals."""
-    from slimfx.compiler.passmanager import format_bytes
-    from slimfx.compiler.tables import format_table
-
-    rows = []
-    for path, entry in plan.get("linears", {}).items():
-        opt = entry["options"][entry["format"]]
-        rows.append([entry.get("block", "-") if entry.get("block") is not None else "-", entry.get("role", "?"), path,
-                     entry["format"], format_bytes(opt["bytes"]), f"{opt['cost']:.2e}"])
-    table = format_table(["block", "role", "weight", "format", "bytes", "output error"], rows)
-    t = plan["totals"]
-    return table + (
-        f"\nlinears {format_bytes(t['linear_bytes'])} of {format_bytes(t['linear_bytes_unquantized'])} unquantized; "
-        f"KV {format_bytes(t['kv_bytes'])}; budget {format_bytes(plan['budget']['bytes'])}; "
-        f"summed output error {t['cost']:.3e}; {'exact' if t['exact'] else 'sizes rounded to ' + str(t['unit_bytes']) + ' B'}"
-    )
 
 
 # ----------------------------------------------------------------------------- calibrate
