@@ -131,6 +131,11 @@ def tensor_inputs(node: Node) -> list[Node]:
 # ----------------------------------------------------------------------------- parameter names
 
 PATH_META = "slimfx_param_path"
+# Set by passes that remove decoder blocks (layer_skip): on each surviving attention
+# node its block number in the unmodified model; on the GraphModule the removed ones.
+BLOCK_META = "slimfx_block"
+REMOVED_BLOCKS_META = "slimfx_removed_blocks"
+REMOVED_MLPS_META = "slimfx_removed_mlps"
 # Attributes dynamo walks through on the way to a tensor: containers, not names.
 _CONTAINERS = {"_modules", "_parameters", "_buffers"}
 
@@ -286,7 +291,7 @@ class MLPInfo:
 @dataclass
 class Block:
     index: int
-    attention: int | None  # index into attention_sites
+    attention: int | None  # its attention site's index (AttentionSite.index)
     mlp: MLPInfo | None
     residual_adds: list[str] = field(default_factory=list)
     input_norm: str | None = None  # rms_norm | layer_norm | None
@@ -304,6 +309,13 @@ class Anatomy:
     lm_head: LinearInfo | None = None
     tied_head: bool | None = None
     unrecognised: list[str] = field(default_factory=list)
+    removed_blocks: list[int] = field(default_factory=list)  # blocks of the unmodified model a pass removed
+    removed_mlps: list[int] = field(default_factory=list)  # blocks whose MLP a pass removed
+
+    @property
+    def model_blocks(self) -> int:
+        """Blocks of the unmodified model: those present plus those a pass removed."""
+        return len(self.blocks) + len(self.removed_blocks)
 
     def linear(self, node_name: str) -> LinearInfo | None:
         return next((l for l in self.linears if l.node == node_name), None)
@@ -338,6 +350,8 @@ class Anatomy:
             f"LM head {'tied to embedding' if self.tied_head else 'untied' if self.lm_head else 'not found'}",
             "",
         ]
+        if self.removed_blocks or self.removed_mlps:
+            lines[1:1] = [f"removed by a pass: blocks {self.removed_blocks or '-'}, MLPs of blocks {self.removed_mlps or '-'}"]
         rows = []
         for s in self.attention_sites:
             proj = "qkv fused" if s.fused_qkv else "q,k,v"
@@ -450,6 +464,7 @@ class _Analyzer:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.unrecognised: list[str] = []
         self.linears: dict[Node, LinearInfo] = {}
+        self.removed_mlps = set(gm.meta.get(REMOVED_MLPS_META, ()))
 
     # -- linears -------------------------------------------------------------
     def find_linears(self) -> None:
@@ -485,8 +500,12 @@ class _Analyzer:
                 site = self._handwritten_site(node)
                 if site is not None:
                     sites.append(site)
+        # A pass that removed blocks labels each surviving attention node with its block
+        # number in the unmodified model (BLOCK_META): sites and blocks keep that number,
+        # so KV-store sites, per-layer overrides and plans still mean the same layer.
+        by_name = {n.name: n for n in self.nodes}
         for i, s in enumerate(sites):
-            s.index = i
+            s.index = by_name[s.node].meta.get(BLOCK_META, i)
         return sites
 
     def _handwritten_site(self, softmax: Node) -> AttentionSite | None:
@@ -604,11 +623,11 @@ class _Analyzer:
             mlp, mlp_add = self._mlp(attn_add, next_start) if attn_add is not None else (None, None)
             adds = [n.name for n in (attn_add, mlp_add) if n is not None]
             if attn_add is None:
-                self.unrecognised.append(f"block {i}: no residual add after the attention output projection")
-            elif mlp is None:
-                self.unrecognised.append(f"block {i}: no MLP found between this attention and the next")
-            blocks.append(Block(i, site.index, mlp, adds, self._norm_kind(by_name.get(site.q_proj))))
-            self._label_attention(site, i)
+                self.unrecognised.append(f"block {site.index}: no residual add after the attention output projection")
+            elif mlp is None and site.index not in self.removed_mlps:
+                self.unrecognised.append(f"block {site.index}: no MLP found between this attention and the next")
+            blocks.append(Block(site.index, site.index, mlp, adds, self._norm_kind(by_name.get(site.q_proj))))
+            self._label_attention(site, site.index)
             extra.setdefault("last_add", None)
             extra["last_add"] = mlp_add or attn_add or extra["last_add"]
         return blocks, extra
@@ -791,6 +810,8 @@ def analyze(gm: torch.fx.GraphModule) -> Anatomy:
         lm_head=head,
         tied_head=tied,
         unrecognised=a.unrecognised,
+        removed_blocks=sorted(gm.meta.get(REMOVED_BLOCKS_META, ())),
+        removed_mlps=sorted(a.removed_mlps),
     )
 
 

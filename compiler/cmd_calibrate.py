@@ -116,3 +116,12 @@ def _register_duo_heads() -> None:
 
 
 _register_duo_heads()
+
+
+def _register_layer_skip() -> None:
+    from slimfx.calibrate import layer_skip
+
+    register("skip", "which decoder blocks or MLPs to skip (Block Influence or SLEB on calibration text)", layer_skip.add_arguments, layer_skip.main)
+
+
+_register_layer_skip()

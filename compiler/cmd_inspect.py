@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="a local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--tiny", metavar="ARCH", help="inspect a tiny random-weight model instead: llama_mha, llama_gqa, llama_untied, qwen2, mistral, phi3, gptfast")
     p.add_argument("--tokens", type=int, default=8, help="length of the probe input (default 8)")
-    p.add_argument("--plan", metavar="PATH", help="also print a bit-allocation plan (slimfx calibrate bits): format and bytes per linear")
+    p.add_argument("--plan", metavar="PATH", help="also print a plan: bit allocation (slimfx calibrate bits: format and bytes per linear) "
+                                                 "or layer skipping (slimfx calibrate skip: which blocks it removes)")
 
 
 def _tiny(arch: str):
@@ -50,8 +51,30 @@ def main(args: argparse.Namespace) -> int:
     print(f"model: {name}")
     print(anatomy.table())
     if args.plan:
+        print()
+        print(_format_plan(args.plan, model, anatomy))
+    return 0
+
+
+def _format_plan(path: str, model, anatomy) -> str:
+    """A bit-allocation or layer-skip plan as text, by the kind the file declares; a
+    layer-skip plan made for another model is refused."""
+    import json
+    from pathlib import Path
+
+    from slimfx.passes import layer_skip
+
+    try:
+        kind = json.loads(Path(path).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None  # quantize_plan.read_plan says what is wrong with the file
+    if kind != layer_skip.PLAN_KIND:
         from slimfx.passes import quantize_plan
 
-        print()
-        print(quantize_plan.format_plan(quantize_plan.read_plan(args.plan)))
-    return 0
+        return quantize_plan.format_plan(quantize_plan.read_plan(path))
+    try:
+        plan = layer_skip.read_plan(path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    layer_skip.check_plan_model(plan, layer_skip.identity_of_model(model, anatomy), f"--plan {path}")
+    return layer_skip.format_plan(plan)

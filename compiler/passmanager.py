@@ -86,6 +86,28 @@ class PassContext:
         return self.anatomy
 
 
+def ordered(pipeline: list[str], passes: dict) -> list[str]:
+    """`pipeline` in an order every pass accepts: after the passes its RUNS_AFTER names and
+    before those its RUNS_BEFORE names (where they are in the pipeline). A stable
+    topological order: each step takes the earliest pass whose predecessors have run, so
+    a pipeline that already satisfies every declaration is returned unchanged."""
+    before: dict[str, set] = {name: set() for name in pipeline}  # pass -> passes that must run first
+    for name in pipeline:
+        before[name] |= {p for p in getattr(passes[name], "RUNS_AFTER", ()) if p in before}
+        for later in getattr(passes[name], "RUNS_BEFORE", ()):
+            if later in before:
+                before[later].add(name)
+    done: list[str] = []
+    left = list(pipeline)
+    while left:
+        ready = next((p for p in left if before[p] <= set(done)), None)
+        if ready is None:
+            raise PassFailure(f"pipeline {pipeline}: RUNS_AFTER / RUNS_BEFORE of {', '.join(sorted(set(left)))} contradict each other")
+        done.append(ready)
+        left.remove(ready)
+    return done
+
+
 class PassManager:
     """Runs `pipeline` (pass names) over a graph with the options in `config`."""
 
@@ -94,10 +116,11 @@ class PassManager:
 
         self.config = config
         self.passes = registered_passes()
-        self.pipeline = list(config.pipeline if pipeline is None else pipeline)
-        unknown = [p for p in self.pipeline if p not in self.passes]
+        steps = list(config.pipeline if pipeline is None else pipeline)
+        unknown = [p for p in steps if p not in self.passes]
         if unknown:
             raise PassFailure(f"unknown passes in pipeline: {', '.join(unknown)}; allowed: {', '.join(self.passes)}")
+        self.pipeline = ordered(steps, self.passes)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> list[PassResult]:
         results: list[PassResult] = []
@@ -137,7 +160,8 @@ class PassManager:
 def _check_layer_overrides(name: str, pass_cfg: PassConfig, anatomy) -> None:
     """Per-layer overrides must name blocks the model has: an override for a layer that
     does not exist would otherwise be dropped without a word."""
-    blocks = len(anatomy.blocks) if anatomy is not None else 0
+    # Blocks a pass removed (layer_skip) keep their numbers, so overrides count the unmodified model's blocks.
+    blocks = anatomy.model_blocks if anatomy is not None else 0
     if not blocks or anatomy.lm_head is None:
         return  # not a whole-model graph (graph breaks, or a graph slimfx does not understand)
     for selector in pass_cfg.layer_overrides:

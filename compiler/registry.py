@@ -8,7 +8,8 @@ Every pass module defines
     OPTIONS: dict[str, slimfx.compiler.config.Option]
     def run(gm, cfg: PassConfig, ctx: PassContext) -> PassResult
 
-and optionally RUNS_AFTER (pass names it works on the output of) and
+and optionally RUNS_AFTER / RUNS_BEFORE (pass names it must run after / before: the
+pass manager orders a pipeline by them) and
 `specialise(options, prompt_tokens)` (compiler/pipeline.py). See passes/README.md.
 
 The compiler's core names the passes here but imports none of them statically: pass
@@ -28,6 +29,7 @@ PASS_MODULES = (
     "slimfx.passes.kv_quantize",
     "slimfx.passes.quantize",
     "slimfx.passes.vq_logits",
+    "slimfx.passes.layer_skip",
 )
 
 
