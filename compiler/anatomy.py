@@ -132,10 +132,10 @@ def tensor_inputs(node: Node) -> list[Node]:
 
 PATH_META = "slimfx_param_path"
 # Set by passes that remove decoder blocks (layer_skip): on each surviving attention
-# node its block number in the unmodified model; on the GraphModule the removed ones.
+# node its block number in the unmodified model; on the GraphModule what was removed,
+# {"blocks": [...], "mlps": [...] (blocks whose MLP went), "weights": [weight paths]}.
 BLOCK_META = "slimfx_block"
-REMOVED_BLOCKS_META = "slimfx_removed_blocks"
-REMOVED_MLPS_META = "slimfx_removed_mlps"
+REMOVED_META = "slimfx_removed"
 # Attributes dynamo walks through on the way to a tensor: containers, not names.
 _CONTAINERS = {"_modules", "_parameters", "_buffers"}
 
@@ -311,6 +311,7 @@ class Anatomy:
     unrecognised: list[str] = field(default_factory=list)
     removed_blocks: list[int] = field(default_factory=list)  # blocks of the unmodified model a pass removed
     removed_mlps: list[int] = field(default_factory=list)  # blocks whose MLP a pass removed
+    removed_weights: list[str] = field(default_factory=list)  # paths of the linears' weights a pass removed
 
     @property
     def model_blocks(self) -> int:
@@ -464,7 +465,7 @@ class _Analyzer:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.unrecognised: list[str] = []
         self.linears: dict[Node, LinearInfo] = {}
-        self.removed_mlps = set(gm.meta.get(REMOVED_MLPS_META, ()))
+        self.removed = gm.meta.get(REMOVED_META, {})
 
     # -- linears -------------------------------------------------------------
     def find_linears(self) -> None:
@@ -624,7 +625,7 @@ class _Analyzer:
             adds = [n.name for n in (attn_add, mlp_add) if n is not None]
             if attn_add is None:
                 self.unrecognised.append(f"block {site.index}: no residual add after the attention output projection")
-            elif mlp is None and site.index not in self.removed_mlps:
+            elif mlp is None and site.index not in self.removed.get("mlps", ()):
                 self.unrecognised.append(f"block {site.index}: no MLP found between this attention and the next")
             blocks.append(Block(site.index, site.index, mlp, adds, self._norm_kind(by_name.get(site.q_proj))))
             self._label_attention(site, site.index)
@@ -810,8 +811,9 @@ def analyze(gm: torch.fx.GraphModule) -> Anatomy:
         lm_head=head,
         tied_head=tied,
         unrecognised=a.unrecognised,
-        removed_blocks=sorted(gm.meta.get(REMOVED_BLOCKS_META, ())),
-        removed_mlps=sorted(a.removed_mlps),
+        removed_blocks=sorted(a.removed.get("blocks", ())),
+        removed_mlps=sorted(a.removed.get("mlps", ())),
+        removed_weights=sorted(a.removed.get("weights", ())),
     )
 
 

@@ -36,8 +36,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from slimfx.compiler.anatomy import (BLOCK_META, REMOVED_BLOCKS_META, REMOVED_MLPS_META, Anatomy, Block, meta,
-                                     param_path)
+from slimfx.compiler.anatomy import BLOCK_META, REMOVED_META, Anatomy, Block, meta, param_path
 from slimfx.compiler.config import ConfigError, Option
 from slimfx.compiler.passmanager import PassContext, PassResult
 from slimfx.passes._graph import graph_input_value
@@ -311,8 +310,9 @@ def _kv_bytes_per_token(gm, anatomy: Anatomy, blocks: list[int]) -> int:
     return total
 
 
-def remove(gm: torch.fx.GraphModule, anatomy: Anatomy, pairs: dict[int, tuple], mlp_only: bool) -> None:
-    """Bypass every block of `pairs` ({block: (in, out)}), then drop the dead code.
+def remove(gm: torch.fx.GraphModule, anatomy: Anatomy, pairs: dict[int, tuple], mlp_only: bool) -> list[str]:
+    """Bypass every block of `pairs` ({block: (in, out)}), drop the dead code, record what
+    went in gm.meta[REMOVED_META]; returns the weight paths no linear reads any more.
     Later blocks first: a block's input may be an earlier removed block's output."""
     for b in sorted(pairs, reverse=True):
         stream_in, out = pairs[b]
@@ -321,10 +321,14 @@ def remove(gm: torch.fx.GraphModule, anatomy: Anatomy, pairs: dict[int, tuple], 
     for site in anatomy.attention_sites:
         if site.node in by_name:
             by_name[site.node].meta[BLOCK_META] = site.index
-    key = REMOVED_MLPS_META if mlp_only else REMOVED_BLOCKS_META
-    gm.meta[key] = sorted(set(gm.meta.get(key, ())) | set(pairs))
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    left = {n.name for n in gm.graph.nodes}
+    gone = {l.weight for l in anatomy.linears} - {l.weight for l in anatomy.linears if l.node in left}
+    removed = gm.meta.setdefault(REMOVED_META, {})
+    for key, new in (("mlps" if mlp_only else "blocks", pairs), ("weights", gone)):
+        removed[key] = sorted(set(removed.get(key, ())) | set(new))
+    return sorted(gone)
 
 
 def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
@@ -344,14 +348,14 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
         return PassResult.skipped(NAME, "; ".join(problems[:3]))
     sizes = _linear_bytes(gm, anatomy)
     kv_saved = 0 if mlp_only else _kv_bytes_per_token(gm, anatomy, chosen)
-    remove(gm, anatomy, found, mlp_only)
+    gone = remove(gm, anatomy, found, mlp_only)
     after = ctx.refresh_anatomy(gm)
-    return _result(anatomy, after, sizes, chosen, mlp_only, how, kv_saved)
+    return _result(anatomy, after, sizes, gone, chosen, mlp_only, how, kv_saved)
 
 
-def _result(before: Anatomy, after: Anatomy, sizes: dict, chosen: list[int], mlp_only: bool, how: str, kv_saved: int) -> PassResult:
+def _result(before: Anatomy, after: Anatomy, sizes: dict, gone: list[str], chosen: list[int], mlp_only: bool, how: str,
+            kv_saved: int) -> PassResult:
     left = {l.weight for l in after.linears}
-    gone = sorted(set(sizes) - left)
     kept = sorted(l.weight for l in before.linears if l.block in chosen and l.weight in left and
                   (not mlp_only or l.role not in ("q", "k", "v", "qkv", "o")))
     what = f"MLPs of blocks {chosen}" if mlp_only else f"blocks {chosen}"

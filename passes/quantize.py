@@ -128,7 +128,7 @@ def check_plan_matches(plan: dict[str, str], anatomy, where: str) -> None:
     no-op. A graph without an LM head is a piece of a model split by graph breaks: there
     only a plan matching none of its linears is refused."""
     have = {info.weight for info in anatomy.linears}
-    missing = sorted(set(plan) - have)
+    missing = sorted(set(plan) - have - set(anatomy.removed_weights))  # a removed block's linears are not missing
     whole_model = anatomy.lm_head is not None
     if missing and (whole_model or len(missing) == len(plan)):
         examples = ", ".join(sorted(have)[:3]) + (", ..." if len(have) > 3 else "")

@@ -50,19 +50,21 @@ def ids():
     return torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(1))
 
 
-def _config(options: dict, artifacts: dict | None = None) -> dict:
-    cfg = {"pipelines": {"s": ["layer_skip"]}, "compile": {"pipeline": "s"}, "passes": {"layer_skip": options}}
+def _config(options: dict, artifacts: dict | None = None, others: dict | None = None) -> dict:
+    """layer_skip with `options`, plus the passes in `others` ({name: options}) listed before it."""
+    cfg = {"pipelines": {"s": [*(others or {}), "layer_skip"]}, "compile": {"pipeline": "s"},
+           "passes": {**(others or {}), "layer_skip": options}}
     if artifacts:
         cfg["artifacts"] = artifacts
     return cfg
 
 
-def compile_skip(model, options: dict, ids, artifacts=None):
-    """(logits, the layer_skip PassResult, the rewritten graph) of one compiled forward."""
+def compile_skip(model, options: dict, ids, artifacts=None, others=None):
+    """(logits, the first PassResult (layer_skip's), the rewritten graph) of one compiled forward."""
     graphs = []
 
     def grab(gm, example_inputs, **_):
-        forward = slimfx_backend(gm, example_inputs, options={"config": _config(options, artifacts)})
+        forward = slimfx_backend(gm, example_inputs, options={"config": _config(options, artifacts, others)})
         graphs.append(gm)
         return forward
 
@@ -188,6 +190,20 @@ def test_runtime_never_allocates_removed_sites_and_overrides_keep_block_numbers(
     assert {i: c.capacity for i, c in store.sites.items()} == {0: 64, 2: 16, 3: 24}
     per_slot = 2 * 2 * (2 * 16 * 4 + 4 + 4)  # batch x kv heads x (K and V fp32 + slot position + score)
     assert stats["kv_bytes"] == ref_stats["kv_bytes"] == per_slot * (64 + 16 + 24)  # no bytes for block 1
+
+
+def test_quantize_runs_after_it_and_accepts_a_plan_naming_removed_linears(model, ids, tmp_path):
+    """A bit-allocation plan names every linear, the removed block's too; quantize, listed
+    first, runs after layer_skip, quantizes what is left and does not call the rest missing."""
+    formats = {n: "int8" for n, p in model.named_parameters() if p.dim() == 2 and _block_of(n) is not None}
+    (tmp_path / "bits.json").write_text(json.dumps({"kind": "slimfx.bit_allocation", "version": 1, "formats": formats}))
+    logits, result, _ = compile_skip(model, {"blocks": [2]}, ids, {"bits": str(tmp_path / "bits.json")},
+                                     others={"quantize": {"plan": "bits"}})
+    assert [r.name for r in last_report().passes] == ["layer_skip", "quantize"]
+    quantized = set(last_report().passes[1].details["linears"])
+    assert quantized == {w for w in formats if _block_of(w) != 2} and result.details["removed_linears"] == sorted(set(formats) - quantized)
+    error = lambda ref: ((logits - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert error(eager_logits(without(model, [2]), ids)) < min(0.1, error(eager_logits(model, ids)) / 3)  # int8 error only
 
 
 # ----------------------------------------------------------------------------- unified skipping
