@@ -361,7 +361,8 @@ def _result(before: Anatomy, after: Anatomy, sizes: dict, gone: list[str], chose
     what = f"MLPs of blocks {chosen}" if mlp_only else f"blocks {chosen}"
     notes = [f"lossy: removed {what} ({how})"]
     if kv_saved:
-        notes.append(f"KV cache: {len(chosen)} of {before.model_blocks} sites never bound ({kv_saved} B per token less)")
+        notes.append(f"KV cache: {len(chosen)} of {before.model_blocks} attention sites gone "
+                     f"({kv_saved} B per token less in the runtime's store)")
     if kept:
         notes.append(f"{len(kept)} linears of removed blocks still computed: they feed the model's own cache "
                      f"(slimfx.runtime.generate drops them), e.g. {kept[0]}")
