@@ -20,6 +20,10 @@ def __getattr__(name):
         from slimfx.compiler import config
 
         return getattr(config, name)
+    if name == "last_generate_stats":
+        from slimfx.compiler.hf_generate import last_generate_stats
+
+        return last_generate_stats
     if name in {"slimfx_backend", "compile"}:
         from slimfx.compiler import backend
 

@@ -16,6 +16,8 @@ import torch
 import torch.fx
 
 from slimfx.compiler.config import ConfigError, load_config
+from slimfx.compiler.generate_hook import bind_generate
+from slimfx.compiler.generate_hook import install as install_generate_hook
 from slimfx.compiler.pipeline import run_pipeline
 
 _OPTION_KEYS = ("config",)
@@ -64,16 +66,29 @@ def _lower(gm: torch.fx.GraphModule, example_inputs, codegen: str):
     return gm.forward, "eager"
 
 
+def check_settings(settings: dict):
+    """The Config that torch.compile's arguments for this backend (`{"options": ...}`)
+    select, or the ConfigError the backend raises for them."""
+    extra = sorted(k for k in settings if k != "options")
+    if extra:
+        raise ConfigError(f"slimfx backend: unexpected arguments {extra}; pass settings as options={{'config': ...}}")
+    return _config_from_options(settings.get("options"))
+
+
 def slimfx_backend(gm: torch.fx.GraphModule, example_inputs, options=None, **kwargs):
     """Dynamo backend entry: returns a callable equivalent to `gm` after the configured passes."""
-    if kwargs:
-        raise ConfigError(f"slimfx backend: unexpected arguments {sorted(kwargs)}; pass settings as options={{'config': ...}}")
     start = time.perf_counter()
-    return run_pipeline(gm, example_inputs, _config_from_options(options), _lower, start=start)
+    return run_pipeline(gm, example_inputs, check_settings({"options": options, **kwargs}), _lower, start=start)
 
 
 def compile(model, config=None, **torch_compile_kwargs):
     """`torch.compile(model, backend="slimfx", options={"config": config})`, with the
-    configuration validated now (a ConfigError here, not at the first call)."""
+    configuration validated now (a ConfigError here, not at the first call). An HF model's
+    `generate` runs through slimfx's runtime (compiler/generate_hook.py)."""
     config = load_config(config)
-    return torch.compile(model, backend="slimfx", options={"config": config}, **torch_compile_kwargs)
+    return bind_generate(torch.compile(model, backend="slimfx", options={"config": config}, **torch_compile_kwargs), config)
+
+
+# HF generate on models compiled with this backend goes to slimfx's runtime; installed
+# here because torch.compile(backend="slimfx") imports this module.
+install_generate_hook(slimfx_backend, check_settings)

@@ -212,6 +212,7 @@ class Generator:
         self.finished = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.step_idx = torch.zeros(1, dtype=torch.int64, device=dev)
         self.out: torch.Tensor | None = None
+        self.min_new_tokens = 0  # set per generate() call
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, chunk: int) -> torch.Tensor:
         """Run the (left-padded) prompts through the model chunk by chunk; logits [B, V] of the last token."""
@@ -236,8 +237,16 @@ class Generator:
         positions = self.store.step_positions(1)
         positions.copy_(self.store.seen[:, None])
         logits = self.step_fn(self.model, self.cur_tok, positions)
-        self._emit(sample_next(logits, *sampling), eos, pad_id)
+        self._emit(sample_next(self.hold_eos(logits, eos), *sampling), eos, pad_id)
         self.store.seen.add_(1)
+
+    def hold_eos(self, logits: torch.Tensor, eos: torch.Tensor | None) -> torch.Tensor:
+        """logits [B, V] with EOS made impossible while fewer than `min_new_tokens` tokens
+        are out (HF's min_new_tokens rule); the step index is a device tensor, so no sync."""
+        if not self.min_new_tokens or eos is None:
+            return logits
+        is_eos = torch.isin(torch.arange(logits.shape[-1], device=logits.device), eos)
+        return logits.masked_fill(is_eos & (self.step_idx < self.min_new_tokens), float("-inf"))
 
     def _emit(self, nxt: torch.Tensor, eos: torch.Tensor | None, pad_id: int) -> None:
         nxt = torch.where(self.finished, torch.full_like(nxt, pad_id), nxt)
@@ -276,6 +285,7 @@ def generate(
     input_ids: torch.Tensor,
     *,
     max_new_tokens: int = 128,
+    min_new_tokens: int = 0,
     attention_mask: torch.Tensor | None = None,
     capacity: int | None = None,
     capacities: dict | None = None,
@@ -301,6 +311,7 @@ def generate(
     temperature 0 = greedy; top_k (0 = off), top_p (1 = off) restrict sampling.
     eos_token_id: stop a sequence there (later tokens are pad_token_id); the loop ends
       early when all sequences have finished (checked every `stream_interval` steps).
+    min_new_tokens: EOS cannot be chosen before this many new tokens.
     callback(tokens [B, k] CPU int64, first_index): called with each new run of tokens,
       every `stream_interval` steps (the only host syncs of the loop) and at the end.
     cuda_graph: capture the decode step in a CUDA graph (default: on for CUDA models).
@@ -315,6 +326,8 @@ def generate(
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens: got {max_new_tokens!r}; allowed: an integer >= 1")
+    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise GenerateError(f"min_new_tokens: got {min_new_tokens!r}; allowed: an integer >= 0")
     if not isinstance(prefill_chunk, int) or prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
         raise GenerateError(f"prefill_chunk: got {prefill_chunk!r}; allowed: a power of two >= 16")
     if not isinstance(stream_interval, int) or stream_interval < 1:
@@ -349,10 +362,11 @@ def generate(
         gen.out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.int64, device=device)
         gen.finished.zero_()
         gen.step_idx.zero_()
+        gen.min_new_tokens = min_new_tokens
         sync_device(device)
         t0 = time.perf_counter()
         logits = gen.prefill(input_ids, lengths, prefill_chunk)
-        gen._emit(sample_next(logits, *sampling), eos, pad_token_id)
+        gen._emit(sample_next(gen.hold_eos(logits, eos), *sampling), eos, pad_token_id)
         sync_device(device)
         t_prefill = time.perf_counter() - t0
         loop = _DecodeLoop(gen, sampling, eos, pad_token_id, use_graph, callback, stream_interval)

@@ -33,6 +33,8 @@ LAYERS = {
     "slimfx.calibrate": TOOLS,
     "slimfx.measure": TOOLS,
     "slimfx.compiler.backend": ENTRY,
+    "slimfx.compiler.generate_hook": ENTRY,  # HF generate on slimfx-compiled models -> the runtime
+    "slimfx.compiler.hf_generate": ENTRY,
     "slimfx.compiler.cli": ENTRY,
     "slimfx.compiler.cmd_*": ENTRY,  # the CLI's subcommands
     "slimfx.__main__": ENTRY,
