@@ -177,7 +177,8 @@ def test_generate_rejects_right_padding(tiny):
 
 
 def test_hf_generate_works_on_a_slimfx_compiled_model(tiny):
-    """HF's own generate (DynamicCache) keeps working: the runtime pass leaves cached sites alone."""
+    """`model.generate` on a model whose forward is compiled with slimfx (routed to the
+    runtime) gives HF's own greedy tokens with passes off."""
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(7)).to(DEVICE)
     ref = tiny.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
     torch._dynamo.reset()
