@@ -41,15 +41,25 @@ def _available() -> dict:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser lists every command from COMMAND_MODULES' help texts; only `command`'s
+    module is imported (to add its arguments), because the command modules import torch
+    and `slimfx --help` should answer at once."""
     parser = argparse.ArgumentParser(prog="slimfx", description="slimfx: a torch.compile backend that makes LLM inference cheaper")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _available().items():
-        cmd = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.add_arguments(p)
-        p.set_defaults(_main=cmd.main)
+        if name == command:
+            cmd = importlib.import_module(module)
+            cmd.add_arguments(p)
+            p.set_defaults(_main=cmd.main)
     return parser
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    # The top-level parser takes no option with a value, so the first word that is
+    # not an option names the command.
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def _run_unwrapped(args) -> int:
@@ -67,7 +77,8 @@ def _run_unwrapped(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_chosen_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -54,3 +54,26 @@ def test_config_schema_lists_every_pass(capsys):
     for name in registered_passes():
         if registered_passes()[name].OPTIONS:
             assert f"[passes.{name}]" in out
+
+
+def test_top_level_help_imports_no_torch():
+    # The command modules import torch (seconds of start-up); `slimfx --help` lists
+    # them from their help texts alone.
+    code = (
+        "import sys\n"
+        "from slimfx.compiler.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'slimfx --help imported torch'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "run " in proc.stdout and "calibrate" in proc.stdout and proc.stdout.rstrip().endswith("ok")
+
+
+def test_subcommand_help_shows_its_options():
+    proc = subprocess.run([sys.executable, "-m", "slimfx", "run", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--max-new-tokens" in proc.stdout
