@@ -1,12 +1,12 @@
 """Benchmark + on-device check of slimfx code generation (issue 5).
 
-    python benchmarks/bench_codegen.py [--shapes Llama-3.2-1B SmolLM2-135M] [--context 1024]
+    python benchmarks/bench_codegen.py [--shapes llama-3.2-1b smollm2-135m] [--context 1024]
                                        [--steps 32] [--budget-s 200] [--out results/bench_codegen.json]
                                        [--prefill 2048,8192]   (prefill timing instead of decode)
 
 On one GPU, in the same run:
   * correctness of the compiled kernels on CUDA: random pointwise/reduction programs
-    (tests/test_codegen_pointwise.py's generator) and a tiny HF Llama, vs eager;
+    (slimfx.measure.pointwise_programs, as the property test draws them) and a tiny HF Llama, vs eager;
   * decode at batch 1, bf16, random weights, HF StaticCache at `--context` tokens:
     the decode step compiled with codegen=slimfx (our kernels + our CUDA graph),
     inductor default and inductor reduce-overhead; ms/step, first-call (compile) seconds,
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -32,10 +31,9 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "SmolLM2-135M": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
-    "Llama-3.2-1B": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-}
+from slimfx.measure.shapes import SHAPES, build
+from slimfx.measure.timing import loop_ms
+
 SLIMFX_OPTIONS = {"config": {"compile": {"codegen": "slimfx", "pipeline": "off"}}}
 START = time.perf_counter()
 
@@ -54,57 +52,21 @@ def elapsed() -> float:
 # ----------------------------------------------------------------------------- correctness on CUDA
 
 
-def _test_module():
-    """tests/test_codegen_pointwise.py (its op tables); a stub hypothesis if none is installed."""
-    import types
-
-    try:
-        import hypothesis  # noqa: F401
-    except ImportError:  # the GPU machine may lack test extras: the tables do not need it
-        stub = types.ModuleType("hypothesis")
-        stub.HealthCheck = types.SimpleNamespace(function_scoped_fixture=None, too_slow=None)
-        stub.given = stub.settings = lambda *a, **k: (lambda f: f)
-        stub.strategies = types.SimpleNamespace(composite=lambda f: f, integers=None, sampled_from=None)
-        sys.modules["hypothesis"] = stub
-        sys.modules["hypothesis.strategies"] = stub.strategies
-    path = Path(__file__).resolve().parent.parent / "tests" / "test_codegen_pointwise.py"
-    spec = importlib.util.spec_from_file_location("codegen_programs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def random_case(tm, rng):
-    """One random program, drawn like the test's hypothesis strategy."""
-    ndim = rng.randint(1, 3)
-    shape = tuple(rng.randint(1, 5) for _ in range(ndim - 1)) + (rng.randint(2, 33),)
-    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
-    input_shapes = [shape, shape[-1:], shape[:-1] + (1,)][: rng.randint(1, 3)]
-    program, n = [], len(input_shapes)
-    for _ in range(rng.randint(2, 7)):
-        kind = rng.choice(["unary", "binary", "reduce"])
-        names = {"unary": tm.UNARY, "binary": tm.BINARY, "reduce": tm.REDUCE}[kind]
-        args = tuple(rng.randint(0, n - 1) for _ in range(2 if kind == "binary" else 1))
-        program.append((kind, rng.choice(sorted(names)), args))
-        n += 1
-    return dtype, input_shapes, program
-
-
 def check_random_programs(n: int = 12) -> dict:
     import random
 
     from slimfx.codegen import compile_graph
+    from slimfx.measure.pointwise_programs import TOL, draw_program, program_fn, trace_program
 
-    tm = _test_module()
     rng = random.Random(0)
     worst: dict = {}
     for _ in range(n):
-        dtype, input_shapes, program = random_case(tm, rng)
+        _, dtype, input_shapes, program = draw_program(rng.randint, rng.choice)
         inputs = [torch.randn(s, device="cuda").to(dtype) for s in input_shapes]
-        fn = tm.program_fn(program, len(inputs))
-        compiled = compile_graph(tm._trace(fn, len(inputs)), inputs, cudagraphs=False)
+        fn = program_fn(program, len(inputs))
+        compiled = compile_graph(trace_program(fn, len(inputs)), inputs, cudagraphs=False)
         for e, g in zip(fn(*inputs), compiled(*inputs)):
-            torch.testing.assert_close(g.float(), e.float(), atol=tm.TOL[dtype], rtol=tm.TOL[dtype])
+            torch.testing.assert_close(g.float(), e.float(), atol=TOL[dtype], rtol=TOL[dtype])
             err = (g.float() - e.float()).abs().max().item()
             worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
         assert all(grp.source is not None for grp in compiled.slimfx_codegen.groups)
@@ -160,26 +122,6 @@ def check_tiny_llama_decode(steps: int = 4) -> dict:
 # ----------------------------------------------------------------------------- decode timing
 
 
-def build_model(shape: str):
-    import transformers as tf
-
-    cfg = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=32768, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    model.config._attn_implementation = "sdpa"
-    return model
-
-
-def time_loop(step, n: int) -> float:
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e3 / n
-
-
 class DecodeRun:
     """HF StaticCache decode after a `context`-token eager prefill; `compile_fn` wraps the step."""
 
@@ -209,11 +151,11 @@ class DecodeRun:
         first_s = time.perf_counter() - t
         for _ in range(2):
             step()  # slimfx: capture; reduce-overhead: its own warm-up/capture
-        return {"first_call_s": round(first_s, 2), "ms_per_step": round(time_loop(step, self.steps), 4)}
+        return {"first_call_s": round(first_s, 2), "ms_per_step": round(loop_ms(step, self.steps), 4)}
 
 
 def bench_shape(shape: str, context: int, steps: int, budget_s: float) -> dict:
-    model = build_model(shape)
+    model = build(shape, torch.bfloat16, "cuda")
     out: dict = {"shape": shape, "context": context, "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     def slimfx(fwd):
         return torch.compile(fwd, backend=_slimfx_backend(), options=SLIMFX_OPTIONS, fullgraph=True)
@@ -346,7 +288,7 @@ PREFILL_BACKENDS = {
 
 
 def bench_prefill(shape: str, tokens: list, budget_s: float, backends: list) -> dict:
-    model = build_model(shape)
+    model = build(shape, torch.bfloat16, "cuda")
     out: dict = {"shape": shape}
     for n in tokens:
         for name in backends:
@@ -370,7 +312,7 @@ def bench_prefill(shape: str, tokens: list, budget_s: float, backends: list) -> 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=["Llama-3.2-1B"], choices=sorted(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["llama-3.2-1b"], choices=sorted(SHAPES))
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--budget-s", type=float, default=200.0)

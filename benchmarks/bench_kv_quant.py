@@ -14,8 +14,8 @@ Shape: Llama-3.2-1B-like (32 q heads, 8 kv heads, head_dim 64), batch 1, context
 
 Timings ("graph_us") are CUDA-graph replays cycling over enough store copies that they do
 not fit in L2 together, so the KV bytes come from HBM and no Python launch cost is counted
-(what a captured decode step pays); "eager_us" are triton.testing.do_bench medians of one
-Python call (L2 flushed, launch overhead included). Correctness of the compiled kernels against the
+(what a captured decode step pays); "eager_us" are medians of Python calls over the same
+copies (launch overhead included); both from slimfx.measure.timing. Correctness of the compiled kernels against the
 references is checked first (max abs error recorded). Writes JSON with device, date,
 versions and every number measured.
 """
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
 
 from slimfx.codegen.kernels.decode_attention import decode_attention, decode_attention_ref
 from slimfx.codegen.kernels.decode_attention_kvq import decode_attention_kvq, decode_attention_kvq_ref
+from slimfx.measure.timing import time_ms
 from slimfx.runtime import kv_quant as kq
 
 HQ, HKV, D = 32, 8, 64
@@ -125,30 +125,14 @@ def copies_for(nbytes: int) -> int:
 
 def graph_us(fns, reps: int = 10) -> float:
     """Microseconds per call: `fns` (one per store copy) captured `reps` times in one CUDA
-    graph, replayed; median of 5 replays. No Python launch cost, KV read from HBM."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for fn in fns:
-                fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (reps * len(fns)))
-    return sorted(times)[len(times) // 2]
+    graph and replayed. No Python launch cost, KV read from HBM."""
+    return 1e3 * time_ms(lambda: [fn() for fn in fns], graph=True, calls=reps, repeats=5) / len(fns)
+
+
+def eager_us(fns) -> float:
+    """Microseconds per Python call, cycling over the store copies (KV read from HBM,
+    launch cost included)."""
+    return 1e3 * time_ms(lambda: [fn() for fn in fns], repeats=20) / len(fns)
 
 
 def bench(gen) -> list[dict]:
@@ -162,8 +146,8 @@ def bench(gen) -> list[dict]:
         q4 = q[:, :, None, :]
         sdpa = [lambda f=f: torch.nn.functional.scaled_dot_product_attention(q4, f["k"], f["v"], enable_gqa=True) for f in fulls]
         bf16 = [lambda f=f: decode_attention(q, f["k"], f["v"], f["slot_pos"], q_pos) for f in fulls]
-        graph["sdpa"], eager["sdpa"] = graph_us(sdpa), 1e3 * do_bench(sdpa[0], return_mode="median")
-        graph["bf16"], eager["bf16"] = graph_us(bf16), 1e3 * do_bench(bf16[0], return_mode="median")
+        graph["sdpa"], eager["sdpa"] = graph_us(sdpa), eager_us(sdpa)
+        graph["bf16"], eager["bf16"] = graph_us(bf16), eager_us(bf16)
         del fulls, sdpa, bf16
         for fmt in ("int8", "fp8"):
             if fmt == "fp8" and not kq.has_fp8():
@@ -171,7 +155,7 @@ def bench(gen) -> list[dict]:
             kv_bytes[fmt] = 2 * HKV * ctx * (D + 4) + 2 * HKV * (N_SINK + RESIDUAL) * D * 2
             stores = [make_store(ctx, fmt, gen) for _ in range(copies_for(kv_bytes[fmt]))]
             fns = [lambda a=kvq_args(q, s, ctx): decode_attention_kvq(*a, n_sink=N_SINK) for s in stores]
-            graph[fmt], eager[fmt] = graph_us(fns), 1e3 * do_bench(fns[0], return_mode="median")
+            graph[fmt], eager[fmt] = graph_us(fns), eager_us(fns)
             del stores, fns
         graph.update(bench_op_step(ctx, gen))
         row = {"ctx": ctx, "batch": 1, "q_heads": HQ, "kv_heads": HKV, "head_dim": D,

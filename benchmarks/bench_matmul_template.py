@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from slimfx.measure.timing import copy_bandwidth, time_ms
+
 DEFAULT_SHAPES = ["576x576", "1536x576", "2048x8192", "8192x2048", "4096x4096"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.bfloat16: 6e-2, torch.float16: 1e-2, torch.float32: 1e-4}
@@ -50,38 +52,9 @@ def program(epilogue: str):
     return fn
 
 
-def graph_time_us(call, replays: int = 20) -> float:
+def graph_time_us(call) -> float:
     """Median GPU microseconds per `call()`, from a CUDA graph of CALLS_PER_GRAPH calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            call()  # warm: compiles, cuBLAS workspaces
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS_PER_GRAPH)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def copy_bandwidth_gbs() -> float:
-    src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    us = graph_time_us(lambda: dst.copy_(src), replays=10)
-    return 2 * src.numel() / (us * 1e-6) / 1e9  # read + write
+    return 1e3 * time_ms(call, graph=True, calls=CALLS_PER_GRAPH, repeats=20)
 
 
 def wide_gemv_space(m: int, n: int, k: int) -> list[dict]:
@@ -206,7 +179,7 @@ def main(argv=None) -> int:
                      "cuda": torch.version.cuda},
         "args": vars(args),
         "timing": f"median of 20 replays of a CUDA graph of {CALLS_PER_GRAPH} calls, per call",
-        "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1),
+        "copy_bandwidth_gbs": round(copy_bandwidth(), 1),
         "rows": [],
     }
     out_path = Path(args.output)

@@ -4,7 +4,7 @@ what torchao's int4 weight-only uses) in the same run.
 
     python benchmarks/bench_quant_gemv.py --out results/quant_gemv_h100.json
 
-Timing: triton.testing.do_bench medians ("eager", Python launch included) and CUDA-graph
+Timing (slimfx.measure.timing): medians of Python calls ("eager", launch included) and CUDA-graph
 replays of the same calls ("graph", what a captured decode step pays). Each timed call
 cycles over enough weight copies that they do not fit in L2 (the 4096x4096 int4 weight
 is 8 MiB, L2 is 50 MiB), so every call reads its weight from HBM.
@@ -26,14 +26,21 @@ import torch.nn.functional as F
 
 from slimfx.codegen.kernels.gemv_int4 import gemv_int4, gemv_int4_ref
 from slimfx.codegen.kernels.gemv_int8 import gemv_int8, gemv_int8_ref
+from slimfx.measure.shapes import SHAPES
+from slimfx.measure.timing import time_ms
 from slimfx.runtime import quant_formats as qf
 
 MAIN_SHAPES = [(28672, 4096), (4096, 4096)]  # (N, K)
-# Linears of one decoder layer (count per layer) and the head, for a linear-only decode sum.
-MODEL_SHAPES = {
-    "Llama-3.2-1B": {"layers": 16, "per_layer": [((2048, 2048), 2), ((512, 2048), 2), ((8192, 2048), 2), ((2048, 8192), 1)], "head": (128256, 2048)},
-    "Llama-3.1-8B": {"layers": 32, "per_layer": [((4096, 4096), 2), ((1024, 4096), 2), ((14336, 4096), 2), ((4096, 14336), 1)], "head": (128256, 4096)},
-}
+DECODE_SUM_SHAPES = ["llama-3.2-1b", "llama-3.1-8b"]
+
+
+def linear_shapes(shape: str) -> dict:
+    """The (N, K) of one decoder layer's linears with their count per layer, and the
+    head's, from slimfx.measure.shapes: for a linear-only decode sum."""
+    c = SHAPES[shape]
+    h, q, kv, i = c["hidden_size"], c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"], c["intermediate_size"]
+    return {"layers": c["num_hidden_layers"], "per_layer": [((q, h), 1), ((h, q), 1), ((kv, h), 2), ((i, h), 2), ((h, i), 1)],
+            "head": (c["vocab_size"], h)}
 
 
 def rel_err(out, ref) -> float:
@@ -135,21 +142,10 @@ def variants_for(n: int, k: int, device: str, l2: int, with_fp8: bool, m: int):
 
 
 def time_variant(v: Variant, x: torch.Tensor) -> dict:
-    from triton.testing import do_bench
-
     per = len(v.fns)
-    eager_ms = do_bench(lambda: v.call_all(x), warmup=10, rep=40, return_mode="median") / per
-    graph_ms = None
+    eager_ms = time_ms(lambda: v.call_all(x), warmup=10, repeats=40) / per
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            v.call_all(x)  # warm up outside the capture (allocator, autotune-free kernels)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            v.call_all(x)
-        graph_ms = do_bench(g.replay, warmup=10, rep=40, return_mode="median") / per
+        graph_ms = time_ms(lambda: v.call_all(x), graph=True, warmup=1, repeats=40) / per
     except Exception as exc:
         return {"eager_us": eager_ms * 1e3, "graph_us": None, "graph_error": str(exc)[:160]}
     return {"eager_us": eager_ms * 1e3, "graph_us": graph_ms * 1e3}
@@ -227,7 +223,8 @@ def decode_sums(dev, l2, with_fp8) -> dict:
     linears plus the head. Attention, norms and launches between ops are not included."""
     cache: dict = {}
     out = {}
-    for model, spec in MODEL_SHAPES.items():
+    for model in DECODE_SUM_SHAPES:
+        spec = linear_shapes(model)
         totals: dict = {}
         shapes = [(s, c * spec["layers"]) for s, c in spec["per_layer"]] + [(spec["head"], 1)]
         for (n, k), count in shapes:

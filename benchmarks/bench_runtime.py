@@ -25,35 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SHAPES = {
-    "SmolLM2-135M": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
-    "Llama-3.2-1B": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-}
+from slimfx.measure.shapes import SHAPES, build
+from slimfx.measure.timing import copy_bandwidth, loop_ms, time_ms
+
+DEFAULT_SHAPES = "smollm2-135m,llama-3.2-1b"
 KERNEL_HEADS = [(32, 8, 64), (9, 3, 64), (32, 8, 128)]
 KERNEL_CONTEXTS = [4096, 16384, 65536]
 TIMED_TOKENS = 64
-
-
-def bench(fn, warmup=25, rep=100) -> float:
-    """Median ms of fn (triton.testing.do_bench, CUDA events)."""
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-
-
-def bench_graph(fn, rep=50) -> float:
-    """Median ms of fn replayed from a CUDA graph: the launch cost on the host (Python
-    wrapper, allocations) is excluded, as it is in the generator's captured decode step."""
-    from triton.testing import do_bench_cudagraph
-
-    return float(do_bench_cudagraph(fn, rep=rep, return_mode="median"))
-
-
-def copy_bandwidth() -> float:
-    x = torch.randn(2**28, device="cuda", dtype=torch.bfloat16)  # 512 MiB
-    y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x))
-    return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -80,16 +58,16 @@ def kernel_rows(copy_gbs: float) -> list[dict]:
             def rotated(call):
                 return lambda: [call(k, v) for k, v in zip(ks, vs)]
 
-            sdpa_ms = bench_graph(rotated(lambda k, v: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True))) / n_sets
+            sdpa_ms = time_ms(rotated(lambda k, v: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)), graph=True) / n_sets
             ours = {}
             for split, bn in ((None, None), (16, 64), (32, 64), (32, 128), (64, 128)):
                 try:
-                    ours[(split, bn)] = bench_graph(rotated(lambda k, v: decode_attention(q, k, v, slot_pos, q_pos, splits=split, block_n=bn))) / n_sets
+                    ours[(split, bn)] = time_ms(rotated(lambda k, v: decode_attention(q, k, v, slot_pos, q_pos, splits=split, block_n=bn)), graph=True) / n_sets
                 except Exception as exc:  # a config that does not compile is skipped, and said
                     print(f"  config splits={split} block_n={bn}: {type(exc).__name__}: {exc}", file=sys.stderr)
             default_ms = ours[(None, None)]
             best_cfg = min(ours, key=ours.get)
-            track_ms = bench_graph(rotated(lambda k, v: decode_attention(q, k, v, slot_pos, q_pos, scores=scores, decay=1.0))) / n_sets
+            track_ms = time_ms(rotated(lambda k, v: decode_attention(q, k, v, slot_pos, q_pos, scores=scores, decay=1.0)), graph=True) / n_sets
             rows.append({
                 "heads": f"{hq}/{hkv}x{d}", "context": ctx, "kv_bytes": kv_bytes, "rotated_kv_sets": n_sets,
                 "sdpa_us": sdpa_ms * 1e3, "sdpa_frac_copy_bw": kv_bytes / (sdpa_ms * 1e-3) / 1e9 / copy_gbs,
@@ -107,31 +85,11 @@ def kernel_rows(copy_gbs: float) -> list[dict]:
 # ----------------------------------------------------------------------------- decode end to end
 
 
-def build_model(shape: str):
-    import transformers as tf
-
-    cfg = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=32768, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    model.config._attn_implementation = "sdpa"
-    return model
-
-
 def step_bytes(model, context: int) -> tuple[int, int]:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     c = model.config
     kv = c.num_hidden_layers * 2 * c.num_key_value_heads * context * c.head_dim * 2
     return weights, kv
-
-
-def time_loop(step, n: int) -> float:
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e3 / n
 
 
 @torch.inference_mode()
@@ -146,7 +104,7 @@ def hf_eager(model, ids) -> float:
 
     for _ in range(3):
         step()
-    return time_loop(step, TIMED_TOKENS)
+    return loop_ms(step, TIMED_TOKENS)
 
 
 def hf_inductor_reduce_overhead(model, ids) -> float:
@@ -173,7 +131,7 @@ def hf_inductor_reduce_overhead(model, ids) -> float:
         step()
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t
-    return time_loop(step, TIMED_TOKENS), compile_s
+    return loop_ms(step, TIMED_TOKENS), compile_s
 
 
 def slimfx_decode(model, ids) -> tuple[float, dict]:
@@ -191,7 +149,7 @@ def slimfx_decode(model, ids) -> tuple[float, dict]:
 def decode_rows(copy_gbs: float, shapes, contexts, methods) -> list[dict]:
     rows = []
     for shape in shapes:
-        model = build_model(shape)
+        model = build(shape, torch.bfloat16, "cuda")
         for ctx in contexts:
             ids = torch.randint(0, model.config.vocab_size, (1, ctx), device="cuda")
             w, kv = step_bytes(model, ctx)
@@ -223,7 +181,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", action="store_true", help="time the decode attention kernel vs SDPA")
     ap.add_argument("--decode", action="store_true", help="time end-to-end decode (HF eager, HF inductor, slimfx)")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of model shapes")
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma list of model shapes ({', '.join(SHAPES)})")
     ap.add_argument("--contexts", default="1024,16384", help="comma list of decode contexts")
     ap.add_argument("--methods", default="hf_eager,hf_inductor_reduce_overhead,slimfx")
     ap.add_argument("--out", default="results/bench_runtime.json")

@@ -3,7 +3,7 @@
     python benchmarks/bench_vq_head.py [--out results/bench_vq_head.json] [--no-e2e]
 
 On one GPU, in the same run, batch 1, bf16, every variant captured in a CUDA graph
-(so launch overhead is not what is timed), `triton.testing.do_bench` medians:
+(so launch overhead is not what is timed), slimfx.measure.timing medians:
   * the head alone for vocab 49152 x hidden 576 and 128256 x 2048, K = 1024 codes:
     plain bf16 head (F.linear = cuBLAS) with and without argmax; approx head (+argmax);
     exact head on the route where the bound proves, and on the full-head fallback route.
@@ -32,25 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SHAPES = [(49152, 576), (128256, 2048)]
+from slimfx.measure.shapes import SHAPES
+from slimfx.measure.timing import time_ms
+
+HEADS = [(SHAPES[name]["vocab_size"], SHAPES[name]["hidden_size"]) for name in ("smollm2-135m", "llama-3.2-1b")]  # (V, H)
 K = 1024
 PROBES = 8
-
-
-def bench_graph(fn, warmup=10, rep=200) -> float:
-    """Median us of fn replayed from a CUDA graph."""
-    from triton.testing import do_bench
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return 1e3 * float(do_bench(g.replay, warmup=warmup, rep=rep, return_mode="median"))
 
 
 def clustered_head(v: int, h: int, k: int, seed: int = 0):
@@ -86,13 +73,13 @@ def head_rows(v: int, h: int) -> tuple[list[dict], dict]:
         check[name] = {"proved": bool(proved.item()), "argmax_equal": bool(exact(x).argmax(-1).item() == full_tok.item()),
                        "token_equal": bool(token.item() == full_tok.item()) if proved.item() else None}
     times = {
-        "bf16 F.linear": bench_graph(lambda: F.linear(h_random, w)),
-        "bf16 F.linear + argmax": bench_graph(lambda: F.linear(h_random, w).argmax(-1)),
-        "approx + argmax": bench_graph(lambda: torch.ops.slimfx.vq_head_approx(h_random, cb, t2c, None).argmax(-1)),
-        "approx (no argmax)": bench_graph(lambda: torch.ops.slimfx.vq_head_approx(h_random, cb, t2c, None)),
-        "exact, bound proves (no argmax)": bench_graph(lambda: exact(h_proved)),
-        "exact, bound proves + argmax": bench_graph(lambda: exact(h_proved).argmax(-1)),
-        "exact, fallback + argmax": bench_graph(lambda: exact(h_random).argmax(-1)),
+        "bf16 F.linear": 1e3 * time_ms(lambda: F.linear(h_random, w), graph=True, repeats=200),
+        "bf16 F.linear + argmax": 1e3 * time_ms(lambda: F.linear(h_random, w).argmax(-1), graph=True, repeats=200),
+        "approx + argmax": 1e3 * time_ms(lambda: torch.ops.slimfx.vq_head_approx(h_random, cb, t2c, None).argmax(-1), graph=True, repeats=200),
+        "approx (no argmax)": 1e3 * time_ms(lambda: torch.ops.slimfx.vq_head_approx(h_random, cb, t2c, None), graph=True, repeats=200),
+        "exact, bound proves (no argmax)": 1e3 * time_ms(lambda: exact(h_proved), graph=True, repeats=200),
+        "exact, bound proves + argmax": 1e3 * time_ms(lambda: exact(h_proved).argmax(-1), graph=True, repeats=200),
+        "exact, fallback + argmax": 1e3 * time_ms(lambda: exact(h_random).argmax(-1), graph=True, repeats=200),
     }
     base = times["bf16 F.linear + argmax"]
     rows = [{"vocab": v, "hidden": h, "k": K, "probes": PROBES, "variant": n, "us": t, "speedup_vs_bf16_argmax": base / t}
@@ -141,7 +128,7 @@ def e2e_rows(head_state) -> list[dict]:
             with torch.no_grad():
                 return model(tok, pos).argmax(-1)
 
-        rows.append({"shape": "Llama-3.2-1B", "context": 1024, "head": name, "us_per_step": bench_graph(step, rep=100)})
+        rows.append({"shape": "Llama-3.2-1B", "context": 1024, "head": name, "us_per_step": 1e3 * time_ms(step, graph=True, repeats=100)})
     model.output = plain
     rt.reset_counts()
     with torch.no_grad():
@@ -171,7 +158,7 @@ def main() -> int:
               "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
               "heads": [], "checks": {}, "e2e": []}
     state = None
-    for v, h in SHAPES:
+    for v, h in HEADS:
         rows, state = head_rows(v, h)
         result["heads"] += rows
         result["checks"][f"{v}x{h}"] = state["check"]

@@ -16,20 +16,9 @@ import itertools
 import torch
 
 from slimfx.codegen.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from slimfx.measure.timing import time_ms
 
 CONFIGS = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))
-
-
-def time_ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:
@@ -59,7 +48,7 @@ def main() -> None:
                 return prefill_attention(q, pos, kc, vc, slots, extra=(k2, v2, pos), block_m=bm, block_n=bn, num_warps=w, num_stages=st)
             try:
                 err = (call().float() - ref).abs().max().item()
-                ms = time_ms(call)
+                ms = time_ms(call, warmup=1, calls=20, repeats=1)
             except Exception as exc:  # noqa: BLE001 - a config out of resources is reported, not fatal
                 print(f"p0={p0} BM={bm} BN={bn} w={w} s={st}: failed {type(exc).__name__}")
                 continue

@@ -15,10 +15,10 @@ import json
 import sys
 
 import torch
-from triton.testing import do_bench
 
 from slimfx.codegen.kernels.gemv_int4 import gemv_int4
 from slimfx.codegen.kernels.gemv_int8 import gemv_int8
+from slimfx.measure.timing import time_ms
 from slimfx.runtime import quant_formats as qf
 
 SHAPES = [(28672, 4096), (4096, 4096), (8192, 2048), (2048, 2048)]
@@ -27,14 +27,7 @@ COPY_BYTES = 150 * 2**20
 
 def graph_us(copies) -> float:
     """Median us per call of `copies` replayed back to back from one CUDA graph."""
-    def run_all():
-        for f in copies:
-            f()
-    run_all()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run_all()
-    return do_bench(g.replay, warmup=5, rep=25, return_mode="median") * 1e3 / len(copies)
+    return 1e3 * time_ms(lambda: [f() for f in copies], graph=True, warmup=1, repeats=25) / len(copies)
 
 
 def n_copies(nbytes: int) -> int:

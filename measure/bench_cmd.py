@@ -111,10 +111,11 @@ def run_bench(args, p: dict, on_model=None) -> dict:
     from slimfx.measure import bench_run
     from slimfx.measure.footprint import model_footprint
     from slimfx.measure.report import stamp
+    from slimfx.measure.timing import copy_bandwidth
 
     device, dtype = p["device"], getattr(torch, p["dtype"])
     settings = bench_run.BenchSettings(args.context, p["batches"], args.steps, args.warmup, args.config, args.seed, args.codegen)
-    copy_gbps = bench_run.copy_bandwidth(device)
+    copy_gbps = copy_bandwidth(device)
     models = []
     results = {
         "kind": "slimfx-bench",

@@ -12,7 +12,6 @@ middle of the timed block, K and V once each.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 
 from slimfx.measure.footprint import model_footprint
 from slimfx.measure.lm import cache_bytes
+from slimfx.measure.timing import Timer
 
 
 @dataclass
@@ -31,47 +31,6 @@ class BenchSettings:
     config: object = None  # slimfx config (dict or TOML path) for the slimfx backend
     seed: int = 0
     codegen: str = "auto"  # how slimfx lowers its graphs (runtime.generate's `codegen`)
-
-
-class Timer:
-    """Wall time of a region that ends with the device idle (events on CUDA)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.end.record()
-            torch.cuda.synchronize()
-            self.ms = self.start.elapsed_time(self.end)
-        else:
-            self.ms = 1e3 * (time.perf_counter() - self.t0)
-        self.wall_s = time.perf_counter() - self.t0
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Device-to-device (or host memcpy) bandwidth in GB/s, counting bytes read + written;
-    median of `reps` copies of a `nbytes` buffer."""
-    if device.type != "cuda":
-        nbytes = min(nbytes, 1 << 28)
-        reps = min(reps, 5)
-    src = torch.randn(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        with Timer(device) as t:
-            dst.copy_(src)
-        times.append(t.ms)
-    return 2 * nbytes / (statistics.median(times) / 1e3) / 1e9
 
 
 def bytes_per_step(model, batch: int, context: int) -> int:

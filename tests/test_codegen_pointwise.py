@@ -12,7 +12,6 @@ op implementations (exp, rsqrt, reduction order) still differ by an ulp or so:
 
 from __future__ import annotations
 
-import operator
 import os
 
 import pytest
@@ -22,71 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slimfx.codegen import compile_graph
-
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
-
-# Each op keeps values bounded (|v| <~ a few), so tolerances stay meaningful.
-UNARY = {
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "neg": torch.neg,
-    "abs": torch.abs,
-    "sin": torch.sin,
-    "relu": torch.relu,
-    "silu": torch.nn.functional.silu,
-    "rsqrt1": lambda v: torch.rsqrt(v * v + 1.0),
-    "expneg": lambda v: torch.exp(-torch.abs(v)),
-    "scale": lambda v: v * 0.5 + 0.25,
-    "square": lambda v: v.pow(2),
-    "f32_roundtrip": lambda v: v.float().to(v.dtype),
-}
-BINARY = {
-    "add": operator.add,
-    "sub": operator.sub,
-    "mul": operator.mul,
-    "max": torch.maximum,
-    # Continuous at the tie a == b (both branches give 0): a comparison of values that
-    # differ by an ulp may flip, and a jump there would exceed any tolerance.
-    "where": lambda a, b: torch.where(a > b, a - b, (b - a) * 0.5),
-}
-REDUCE = {
-    "sum": lambda v: v.sum(-1, keepdim=True) * 0.1,
-    "mean": lambda v: v.mean(-1, keepdim=True),
-    "amax": lambda v: v.amax(-1, keepdim=True),
-    "softmax": lambda v: torch.softmax(v, -1),
-    "rmsnorm": lambda v: v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6),
-}
-
-
-def program_fn(program: list, n_inputs: int):
-    """A function interpreting `program` ([(kind, name, operand indices)]) over its inputs."""
-
-    def fn(*inputs):
-        values = list(inputs)
-        for kind, name, args in program:
-            table = {"unary": UNARY, "binary": BINARY, "reduce": REDUCE}[kind]
-            values.append(table[name](*(values[i] for i in args)))
-        return tuple(values[n_inputs:][-2:])
-
-    return fn
+from slimfx.measure.pointwise_programs import TOL, draw_program, program_fn, trace_program
 
 
 @st.composite
 def programs(draw):
-    ndim = draw(st.integers(1, 3))
-    shape = tuple(draw(st.integers(1, 5)) for _ in range(ndim - 1)) + (draw(st.integers(2, 33)),)
-    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-    # Inputs: the full shape, the last dim only (a weight), a keepdim-reduced shape (broadcast).
-    input_shapes = [shape, shape[-1:], shape[:-1] + (1,)][: draw(st.integers(1, 3))]
-    program, n = [], len(input_shapes)
-    for _ in range(draw(st.integers(2, 7))):
-        kind = draw(st.sampled_from(["unary", "binary", "reduce"]))
-        names = {"unary": UNARY, "binary": BINARY, "reduce": REDUCE}[kind]
-        arity = 2 if kind == "binary" else 1
-        args = tuple(draw(st.integers(0, n - 1)) for _ in range(arity))
-        program.append((kind, draw(st.sampled_from(sorted(names))), args))
-        n += 1
-    return shape, dtype, input_shapes, program
+    return draw_program(lambda lo, hi: draw(st.integers(lo, hi)), lambda seq: draw(st.sampled_from(seq)))
 
 
 @pytest.fixture
@@ -102,7 +42,7 @@ def test_random_graphs_match_eager(interpreter, case, seed):
     gen = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(s, generator=gen).to(dtype) for s in input_shapes]
     fn = program_fn(program, len(inputs))
-    gm = _trace(fn, len(inputs))
+    gm = trace_program(fn, len(inputs))
     compiled = compile_graph(gm, inputs)
     expected = fn(*inputs)
     got = compiled(*inputs)
@@ -114,13 +54,6 @@ def test_random_graphs_match_eager(interpreter, case, seed):
     # The kernels ran (not the ATen fallback): every group has generated source.
     result = compiled.slimfx_codegen
     assert all(g.source is not None for g in result.groups), [g.error for g in result.groups]
-
-
-def _trace(fn, n_inputs):
-    names = [f"in{i}" for i in range(n_inputs)]
-    namespace = {"fn": fn}
-    exec(f"def entry({', '.join(names)}):\n    return fn({', '.join(names)})", namespace)
-    return torch.fx.symbolic_trace(namespace["entry"])
 
 
 def test_rmsnorm_and_softmax_become_one_row_kernel_each(interpreter):
