@@ -42,7 +42,7 @@ case "${1:-1}" in
   ;;
 4)
   python3 -m pytest -q -p no:cacheprovider tests/test_codegen_pointwise.py tests/test_codegen_matmul.py tests/test_kernels_evict_write.py -k "cuda or kernel_matches" 2>&1 | tail -2
-  python3 benchmarks/check_prefill_cudagraph.py
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_checks.py -k prefill_cudagraphs 2>&1 | tail -2
   bench --shape llama-3.2-1b --context 1024 --backends inductor,slimfx --output "$OUT/bench_h100_e2e_llama1b_1k_catfused"
   bench --shape smollm2-135m --context 1024 --backends inductor,slimfx --output "$OUT/bench_h100_e2e_smollm2_1k"
   ;;
@@ -57,7 +57,7 @@ case "${1:-1}" in
   ;;
 7)
   python3 -m pytest -q -p no:cacheprovider tests/test_codegen_pointwise.py tests/test_codegen_matmul.py tests/test_codegen_autotune.py tests/test_kernels_attention.py -k "cuda or cold_l2 or prefill" 2>&1 | tail -2
-  python3 benchmarks/check_prefill_cudagraph.py 2>&1 | grep -E "tokens|DIFF"
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_checks.py -k prefill_cudagraphs 2>&1 | tail -2
   bench --shape llama-3.2-1b --context 1024 --backends inductor,slimfx --output "$OUT/bench_h100_e2e_llama1b_1k_v4"
   bench --shape smollm2-135m --context 1024 --backends inductor,slimfx --output "$OUT/bench_h100_e2e_smollm2_1k_v4"
   python3 benchmarks/profile_runtime_prefill.py --shape llama-3.2-1b --context 1024 --decode-steps 32 2>&1 | grep -v -i warn | head -14

@@ -6,7 +6,7 @@
 set -u
 mkdir -p /tmp/p && ln -sfn "$PWD" /tmp/p/slimfx && export PYTHONPATH=/tmp/p PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
-python3 benchmarks/check_evict_cuda.py 2>&1 | tee "$OUT/check_evict_cuda.log"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda_checks.py -k "evict or duo" 2>&1 | tee "$OUT/check_evict_cuda.log"
 common="--shape llama-3.2-1b --context 16384 --batch 1 --steps 64 --warmup 3"
 python3 -m slimfx bench $common --backends inductor,slimfx --config benchmarks/configs/evict_h2o_1024.toml --output "$OUT/bench_h100_evict_h2o_1024" 2>&1 | grep -v Warning | tail -12
 python3 -m slimfx bench $common --backends slimfx --config benchmarks/configs/evict_streaming_1024.toml --output "$OUT/bench_h100_evict_streaming_1024" 2>&1 | tail -8
