@@ -165,13 +165,3 @@ def main(args: argparse.Namespace) -> int:
     print("\n" + p["paths"]["md"].read_text())
     print("wrote " + ", ".join(str(x) for x in p["paths"].values()), file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":  # python -m slimfx.measure.bench_cmd ...
-    parser = argparse.ArgumentParser(prog="slimfx bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    try:
-        sys.exit(main(parser.parse_args()))
-    except (UsageError, ValueError) as exc:
-        print(f"slimfx bench: error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -105,13 +105,3 @@ def main(args: argparse.Namespace) -> int:
     print("\n" + settings["paths"]["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in settings["paths"].values()), file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":  # python -m slimfx.measure.eval_cmd ...
-    parser = argparse.ArgumentParser(prog="slimfx eval", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    try:
-        sys.exit(main(parser.parse_args()))
-    except (UsageError, ValueError) as exc:
-        print(f"slimfx eval: error: {exc}", file=sys.stderr)
-        sys.exit(2)

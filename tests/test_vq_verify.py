@@ -25,6 +25,7 @@ from slimfx.runtime.generate import generate
 from slimfx.runtime.kv_store import KVStore, KVStoreError
 from slimfx.runtime.models import tiny_model
 from slimfx.runtime.vq_verify import generate_verified
+from tests.test_runtime_generate import lively_tiny
 
 HKV, D = 2, 4
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the loop tests run the Triton head kernels on a GPU
@@ -143,17 +144,6 @@ def test_rollback_rejects_bad_positions_scores_and_lost_tokens():
 # ----------------------------------------------------------------------------- the verification loop
 
 
-def _lively(arch="llama_gqa", seed=0):
-    """A tiny model whose greedy output is not one repeated token (default init is too flat)."""
-    model = tiny_model(arch, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model.to(DEVICE)
-
-
 def _config(path, **opts):
     vq = {"mode": "exact", "probes": 2, "verify": "deferred", "verify_every": 4, **opts}
     return {"compile": {"pipeline": "vq"}, "pipelines": {"vq": ["vq_logits"]},
@@ -162,7 +152,7 @@ def _config(path, **opts):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model = _lively()
+    model = lively_tiny()
     path = tmp_path_factory.mktemp("vq") / "head.safetensors"
     rt.save_artifact(build_artifact(model.get_output_embeddings().weight.cpu(), 8, seed=0), path)
     return model, path
