@@ -37,6 +37,7 @@ import torch
 import torch.fx
 
 from slimfx.compiler.anatomy import BLOCK_META, REMOVED_META, Anatomy, Block, meta, param_path
+from slimfx.compiler.artifacts import read_json_artifact
 from slimfx.compiler.config import ConfigError, Option
 from slimfx.compiler.passmanager import PassContext, PassResult
 from slimfx.passes._graph import graph_input_value
@@ -136,13 +137,7 @@ def validate_plan(plan, where: str) -> dict:
 
 def read_plan(path) -> dict:
     """Load and validate a plan JSON; ValueError (one line) when it is not one."""
-    path = Path(path)
-    try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"plan {str(path)!r}: not found; allowed: a JSON plan written by `slimfx calibrate skip`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"plan {str(path)!r}: not valid JSON ({exc})") from None
+    plan = read_json_artifact(path, "slimfx calibrate skip")
     return validate_plan(plan, f"plan {str(path)!r}")
 
 

@@ -11,9 +11,9 @@ with `[artifacts] KEY = PATH` applies it. A JSON object:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from slimfx.compiler.artifacts import read_json_artifact
 from slimfx.compiler.errors import UsageError
 
 PLAN_KIND = "slimfx.bit_allocation"
@@ -25,12 +25,7 @@ def read_plan(path) -> dict:
     from slimfx.runtime.quant_formats import parse_spec
 
     path = Path(path)
-    try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"plan {str(path)!r}: not found; allowed: a JSON plan written by `slimfx calibrate`") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"plan {str(path)!r}: not valid JSON ({exc})") from None
+    plan = read_json_artifact(path, "slimfx calibrate bits")
     if not isinstance(plan, dict) or plan.get("kind") != PLAN_KIND or plan.get("version") != PLAN_VERSION:
         raise UsageError(f"plan {str(path)!r}: not a {PLAN_KIND} v{PLAN_VERSION} file")
     formats = plan.get("formats")

@@ -26,6 +26,7 @@ LAYER_NAMES = ("errors and utilities", "compiler core", "codegen", "runtime", "p
 LAYERS = {
     "slimfx.compiler.errors": UTILS,
     "slimfx.compiler.tables": UTILS,
+    "slimfx.compiler.artifacts": UTILS,
     "slimfx.compiler": CORE,  # config, anatomy, the pass API (passmanager, report, registry, pipeline)
     "slimfx.codegen": CODEGEN,
     "slimfx.runtime": RUNTIME,
