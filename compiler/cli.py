@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from slimfx.compiler.config import ConfigError
-from slimfx.compiler.errors import UsageError
+from slimfx.compiler.errors import UsageError, user_errors
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 
@@ -65,15 +65,8 @@ def _chosen_command(argv: list[str]) -> str | None:
 def _run_unwrapped(args) -> int:
     """Run a command; a user error raised inside the backend (dynamo wraps it in
     BackendCompilerFailed) is re-raised as itself so it prints as one line."""
-    import torch._dynamo
-
-    try:
+    with user_errors():
         return int(args._main(args) or 0)
-    except torch._dynamo.exc.BackendCompilerFailed as exc:
-        inner = getattr(exc, "inner_exception", None)
-        if isinstance(inner, (ConfigError, UsageError)):
-            raise inner from None
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import torch.fx
 
 from slimfx.compiler.config import Config, ConfigError, PassConfig, parse_layer_selector
+from slimfx.compiler.errors import is_user_error
 
 
 @dataclass
@@ -140,9 +141,9 @@ class PassManager:
         start = time.perf_counter()
         try:
             result = module.run(gm, pass_cfg, ctx)
-        except ConfigError:
-            raise  # the configuration is at fault, and its message already names the key
         except Exception as exc:
+            if is_user_error(exc):
+                raise  # the configuration or the model is at fault, and the message names what
             raise PassFailure(f"pass {name!r} failed (passes that ran before it: {ran}): {type(exc).__name__}: {exc}") from exc
         if not isinstance(result, PassResult):
             raise PassFailure(f"pass {name!r} returned {type(result).__name__}, not a PassResult")

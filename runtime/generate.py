@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import time
 import types
 import weakref
@@ -31,6 +32,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from slimfx.compiler.errors import user_errors
 from slimfx.runtime.exactness import check_exact
 from slimfx.runtime.kv_store import KVStore
 
@@ -105,8 +107,8 @@ def _argmax_groups(v: int) -> int:
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise GenerateError(f"temperature: got {temperature!r}; allowed: a number >= 0 (0 = greedy)")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise GenerateError(f"temperature: got {temperature!r}; allowed: a finite number >= 0 (0 = greedy)")
     if not isinstance(top_k, int) or top_k < 0:
         raise GenerateError(f"top_k: got {top_k!r}; allowed: an integer >= 0 (0 = no top-k)")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
@@ -357,7 +359,7 @@ def generate(
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.int64, device=device)
     sampling = (float(temperature), int(top_k), float(top_p))
 
-    with torch.inference_mode():
+    with torch.inference_mode(), user_errors():
         gen.store.reset()
         gen.out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.int64, device=device)
         gen.finished.zero_()

@@ -43,7 +43,8 @@ def test_request_within_the_window_runs_exactly():
 
 def test_attention_the_store_cannot_bind_is_refused():
     """Eager matmul-softmax attention is not bound by the store: running it without a
-    cache would attend to each step's own token only."""
+    cache would attend to each step's own token only. The refusal reaches the caller as
+    itself, not wrapped in dynamo's BackendCompilerFailed."""
     model = tiny_model("llama_gqa", attn_implementation="eager")
-    with pytest.raises(Exception, match=r"cannot run this model exactly: it bound 0 of 2 attention sites \(sites 0,1: not an SDPA call"):
+    with pytest.raises(UsageError, match=r"cannot run this model exactly: it bound 0 of 2 attention sites \(sites 0,1: not an SDPA call"):
         generate(model, torch.randint(1, 128, (1, 5)), max_new_tokens=2)

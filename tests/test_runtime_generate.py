@@ -160,6 +160,9 @@ def test_sample_next_follows_the_distribution():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature: got nan; allowed: a finite number"),
+    (dict(temperature=float("inf")), "temperature: got inf"),
+    (dict(top_p=float("nan")), "top_p"),
     (dict(top_p=0.0), "top_p"),
     (dict(prefill_chunk=100), "prefill_chunk"),
     (dict(capacity=0), "capacity"),
