@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-BOUND_META = "slimfx_bound"  # set by passes._graph.bind_tensor on every tensor a pass binds
+from slimfx.compiler.anatomy import BOUND_META
 
 
 def has_bound_tensors(gm: torch.fx.GraphModule) -> bool:

@@ -136,6 +136,9 @@ PATH_META = "slimfx_param_path"
 # {"blocks": [...], "mlps": [...] (blocks whose MLP went), "weights": [weight paths]}.
 BLOCK_META = "slimfx_block"
 REMOVED_META = "slimfx_removed"
+# On get_attr nodes of tensors a pass bound (KV store, packed weights, codebooks): set by
+# passes._graph.bind_tensor, read by codegen.store_inputs to lift them into graph inputs.
+BOUND_META = "slimfx_bound"
 # Attributes dynamo walks through on the way to a tensor: containers, not names.
 _CONTAINERS = {"_modules", "_parameters", "_buffers"}
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-
-BOUND_META = "slimfx_bound"  # on get_attr nodes of tensors a pass bound (KV store, packed weights, codebooks)
+from slimfx.compiler.anatomy import BOUND_META
 
 
 def bind_tensor(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor, before: torch.fx.Node) -> torch.fx.Node:
