@@ -1,5 +1,6 @@
-"""Split-KV decode attention over a slot store, with a fused combine step that can
-also emit each slot's attention mass (the eviction policies' scores).
+"""Split-KV decode attention over one or two slot stores (tiers), each holding plain
+floats or int8/fp8 codes with per-slot scales, with a fused combine step that can also
+emit tier 0's per-slot attention mass (the eviction policies' scores).
 
 Triplet (DESIGN.md decision 5):
 
@@ -10,25 +11,51 @@ Triplet (DESIGN.md decision 5):
 Shapes (one query token per sequence):
 
     q          [B, Hq, D]        the new token's queries (RoPE already applied)
-    k_cache    [B, Hkv, C, D]    slot store, C = capacity; Hq % Hkv == 0 (MHA/GQA/MQA)
+    k_cache    [B, Hkv, C, D]    tier 0, C = capacity; Hq % Hkv == 0 (MHA/GQA/MQA)
     v_cache    [B, Hkv, C, D]
-    slot_pos   [B, Hkv, C] int32 token position held by each slot, -1 = empty
-    q_pos      [B] int           the query's position; a slot is visible iff 0 <= pos <= q_pos
-    scores     [B, Hkv, C] f32   optional, updated in place:
+    slot_pos   [B, Hkv, C] int   token position held by each slot, -1 = empty
+    q_pos      [B] int           the query's position
+    scores     [B, Hkv, C] f32   optional, tier 0 only, updated in place:
                                  scores = decay * scores + sum over the GQA group of p(slot)
+    k_scale,   [B, Hkv, C] f32   optional (both or neither): tier 0 holds int8 or
+    v_scale                      float8_e4m3fn codes, slot value ~ code * scale
+    second     optional tier 1: (k1, v1, pos1) or (k1, v1, pos1, k1_scale, v1_scale),
+               k1, v1 [B, Hkv, C1, D], pos1 [B, Hkv, C1] int, scales [B, Hkv, C1] f32
+    window     optional (lo: int, hi: [B] int): which tier serves which positions
 
-returns out [B, Hq, D] (q's dtype). A query that sees no slot gets zeros.
+Visibility: without `window`, a slot of either tier is visible iff 0 <= pos <= q_pos.
+With it, a tier 0 slot also needs lo <= pos < hi, and a tier 1 slot needs pos outside
+[lo, hi). The softmax runs over the visible slots of both tiers, so `scores` holds true
+probabilities. Returns out [B, Hq, D] (q's dtype); a query that sees no slot gets zeros.
+The dots run in q's dtype when a tier holds codes (codes are converted after the load),
+else in k_cache's, as plain stores are kept in the model's dtype.
+
+The two-tier stores served: the quantized KV store (runtime/kv_quant_op.py: int8/fp8
+codes in tier 0, attention sinks and the recent ring in full precision in tier 1, split
+by the window) and MiKV (passes/kv_eviction/mikv_op.py: the kept tokens in full
+precision in tier 0 with tracked scores, the evicted ones as codes in tier 1; the tiers
+hold disjoint positions, so no window).
 
 Why split-KV: at batch 1 there are only B*Hkv (3..8) heads, far fewer than the 132
 SMs of an H100, so each head's slots are cut into `splits` chunks that run in
 parallel; a second small kernel merges the partial softmaxes (flash-decoding).
+The grid is (B*Hkv, SPLITS0 + SPLITS1): columns below SPLITS0 walk tier 0, the rest
+tier 1, and the combine kernel merges every column's partial softmax.
 Each program serves all Hq/Hkv query heads of its KV head, so every K/V byte is
 read once (GQA packing). The attention mass needs the global max and sum of the
-softmax, which only the combine step knows: the split kernel writes its raw
+softmax, which only the combine step knows: the split kernel writes tier 0's raw
 logits (4 bytes per slot per query head, vs 2*D*2 bytes of K/V per slot per KV
 head), the combine step records max and 1/sum per head, and a small mass kernel
 (parallel over slots) normalises the logits into the scores; no second pass over
 the cache.
+
+Why the scales never touch the K/V tiles: with per-slot scales,
+q . (s_n k_n) = s_n (q . k_n) and sum_n p_n (s_n v_n) = sum_n (p_n s_n) v_n, so the loop
+multiplies the logits row and the probabilities row by the slots' scales (BLOCK_N values)
+instead of dequantising BLOCK_N x D elements. The K/V bytes read per slot drop from
+2 * 2D (bf16) to 2 * (D + 4): the point at batch 1, where decode is bandwidth bound.
+The flags that select tiers, codes and window are constexpr: a plain single-tier call
+compiles to the plain loop.
 """
 
 from __future__ import annotations
@@ -46,16 +73,65 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _tier_blocks(
+    q, qpos, lo, hi, m_i, l_i, acc,
+    K, V, POS, KS, VS, LG, g_ok,
+    stride_kc, stride_vc, start, end,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALED: tl.constexpr, TIER: tl.constexpr, WINDOW: tl.constexpr, TRACK: tl.constexpr,
+):
+    """The flash-decoding loop over slots start..end-1 of one tier of one KV head (K, V,
+    POS, KS, VS point at the head's rows; LG at its query heads' logits rows), in the
+    log2 domain, from the running (m_i, l_i, acc); returns them updated."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + offs_n
+        n_ok = n < end
+        pos = tl.load(POS + n, mask=n_ok, other=-1)
+        visible = (pos >= 0) & (pos <= qpos) & n_ok
+        if WINDOW:
+            if TIER == 0:
+                visible = visible & (pos >= lo) & (pos < hi)
+            else:
+                visible = visible & ((pos < lo) | (pos >= hi))
+        k = tl.load(K + n[:, None] * stride_kc + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32)  # [BLOCK_G, BLOCK_N]
+        if SCALED:
+            s = s * tl.load(KS + n, mask=n_ok, other=0.0)[None, :]
+        s = tl.where(visible[None, :], s, float("-inf"))
+        if TRACK:
+            tl.store(LG + n[None, :], s, mask=g_ok[:, None] & n_ok[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + n[:, None] * stride_vc + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if SCALED:
+            p = p * tl.load(VS + n, mask=n_ok, other=0.0)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), out_dtype=tl.float32)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, SLOT_POS, QPOS, O_PART, M_PART, L_PART, LOGITS,
-    qk_scale,
+    KS, VS, K1, V1, POS1, KS1, VS1, HI,
+    qk_scale, lo,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kc,
     stride_vb, stride_vh, stride_vc,
     stride_pb, stride_ph,
-    C, HKV, SPLITS, SLOTS_PER_SPLIT,
+    stride_sb, stride_sh,
+    stride_k1b, stride_k1h, stride_k1c,
+    stride_v1b, stride_v1h, stride_v1c,
+    stride_p1b, stride_p1h,
+    stride_s1b, stride_s1h,
+    C, C1, HKV, SPLITS, SPLITS0, SLOTS_PER_SPLIT, SLOTS_PER_SPLIT1,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRACK: tl.constexpr,
+    TRACK: tl.constexpr, SCALED0: tl.constexpr, SECOND: tl.constexpr, SCALED1: tl.constexpr, WINDOW: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -63,14 +139,20 @@ def _decode_split_kernel(
     hkv = bh % HKV
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     g_ok = offs_g < GROUP
     d_ok = offs_d < D
     hq = hkv * GROUP + offs_g
     q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    # Fold the softmax scale and log2(e) into q once: the loop then uses exp2.
-    q = (q.to(tl.float32) * qk_scale).to(K.dtype.element_ty)
+    # Fold the softmax scale and log2(e) into q once: the loop then uses exp2. The dots
+    # run in q's dtype when tier 0 holds codes, else in tier 0's (module doc).
+    if SCALED0:
+        q = (q.to(tl.float32) * qk_scale).to(Q.dtype.element_ty)
+    else:
+        q = (q.to(tl.float32) * qk_scale).to(K.dtype.element_ty)
     qpos = tl.load(QPOS + b)
+    hi = qpos
+    if WINDOW:
+        hi = tl.load(HI + b)
 
     m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -80,24 +162,23 @@ def _decode_split_kernel(
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
     p_base = SLOT_POS + b * stride_pb + hkv * stride_ph
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + offs_n
-        n_ok = n < end
-        pos = tl.load(p_base + n, mask=n_ok, other=-1)
-        visible = (pos >= 0) & (pos <= qpos) & n_ok
-        k = tl.load(k_base + n[:, None] * stride_kc + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32)  # [BLOCK_G, BLOCK_N], log2 domain
-        s = tl.where(visible[None, :], s, float("-inf"))
-        if TRACK:
-            lg = LOGITS + (b * HKV * GROUP + hq[:, None]) * C + n[None, :]
-            tl.store(lg, s, mask=g_ok[:, None] & n_ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + n[:, None] * stride_vc + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-        m_i = m_new
+    s_off = b * stride_sb + hkv * stride_sh
+    lg_base = LOGITS + (b * HKV * GROUP + hq[:, None]) * C
+    if SECOND:
+        if split >= SPLITS0:  # a tier 1 column
+            start1 = (split - SPLITS0) * SLOTS_PER_SPLIT1
+            end1 = tl.minimum(start1 + SLOTS_PER_SPLIT1, C1)
+            m_i, l_i, acc = _tier_blocks(
+                q, qpos, lo, hi, m_i, l_i, acc,
+                K1 + b * stride_k1b + hkv * stride_k1h, V1 + b * stride_v1b + hkv * stride_v1h, POS1 + b * stride_p1b + hkv * stride_p1h,
+                KS1 + b * stride_s1b + hkv * stride_s1h, VS1 + b * stride_s1b + hkv * stride_s1h, LOGITS, g_ok,
+                stride_k1c, stride_v1c, start1, end1,
+                BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, SCALED=SCALED1, TIER=1, WINDOW=WINDOW, TRACK=False,
+            )
+        else:
+            m_i, l_i, acc = _tier_blocks(q, qpos, lo, hi, m_i, l_i, acc, k_base, v_base, p_base, KS + s_off, VS + s_off, lg_base, g_ok, stride_kc, stride_vc, start, end, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, SCALED=SCALED0, TIER=0, WINDOW=WINDOW, TRACK=TRACK)
+    else:
+        m_i, l_i, acc = _tier_blocks(q, qpos, lo, hi, m_i, l_i, acc, k_base, v_base, p_base, KS + s_off, VS + s_off, lg_base, g_ok, stride_kc, stride_vc, start, end, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, SCALED=SCALED0, TIER=0, WINDOW=WINDOW, TRACK=TRACK)
     row = (b * HKV * GROUP + hq) * SPLITS + split
     tl.store(M_PART + row, m_i, mask=g_ok)
     tl.store(L_PART + row, l_i, mask=g_ok)
@@ -174,10 +255,38 @@ def _decode_mass_kernel(
 
 # ----------------------------------------------------------------------------- host side
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_CODES = tuple(t for t in (torch.int8, getattr(torch, "float8_e4m3fn", None)) if t is not None)
 
-def _check(q, k_cache, v_cache, slot_pos, q_pos, scores) -> tuple[int, int, int, int, int]:
+
+def _check_tier(names: tuple[str, str, str, str], k, v, pos, k_scale, v_scale, B: int, Hkv: int, D: int) -> int:
+    """The rules both tiers share; `names` = (k/v, positions, k scale, v scale) as the caller
+    spells them. Returns the tier's capacity."""
+    kv, pos_name, ks_name, vs_name = names
+    if k.dim() != 4 or v.shape != k.shape or tuple(k.shape[:2]) != (B, Hkv) or k.shape[3] != D:
+        raise ValueError(f"decode_attention: {kv} must both be [B, Hkv, C, D] = [{B}, {Hkv}, C, {D}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    C = k.shape[2]
+    if tuple(pos.shape) != (B, Hkv, C) or pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"decode_attention: {pos_name} must be int32/int64 [B, Hkv, C] = {(B, Hkv, C)}, got {pos.dtype} {tuple(pos.shape)}")
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError(f"decode_attention: {ks_name} and {vs_name} go together (a tier of codes needs both), got only {ks_name if v_scale is None else vs_name}")
+    coded = k_scale is not None
+    if k.dtype not in (_CODES if coded else _FLOATS) or v.dtype != k.dtype:
+        allowed = "both int8 or both float8_e4m3fn (codes, with scales)" if coded else f"both float16, bfloat16 or float32 (without {ks_name}/{vs_name})"
+        raise ValueError(f"decode_attention: {kv} dtype {k.dtype}/{v.dtype}; allowed: {allowed}")
+    for name, t in ((ks_name, k_scale), (vs_name, v_scale)):
+        if coded and (tuple(t.shape) != (B, Hkv, C) or t.dtype != torch.float32):
+            raise ValueError(f"decode_attention: {name} must be float32 [B, Hkv, C] = {(B, Hkv, C)}, got {t.dtype} {tuple(t.shape)}")
+    return C
+
+
+def _check(q, k_cache, v_cache, slot_pos, q_pos, scores, k_scale, v_scale, second, window):
+    """Validates every argument; returns (B, Hq, Hkv, C, D, tier1, window) with tier1 =
+    (k1, v1, pos1, k1_scale, v1_scale, C1) or None and window = (lo, hi) or None."""
     if q.dim() != 3:
         raise ValueError(f"decode_attention: q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    if q.dtype not in _FLOATS:
+        raise ValueError(f"decode_attention: q dtype {q.dtype}; allowed: float16, bfloat16 or float32")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"decode_attention: k_cache/v_cache must both be [B, Hkv, C, D], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     B, Hq, D = q.shape
@@ -186,13 +295,33 @@ def _check(q, k_cache, v_cache, slot_pos, q_pos, scores) -> tuple[int, int, int,
         raise ValueError(f"decode_attention: q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} disagree on batch or head_dim")
     if Hq % Hkv:
         raise ValueError(f"decode_attention: Hq={Hq} is not a multiple of Hkv={Hkv}; allowed: MHA, GQA or MQA head counts")
-    if tuple(slot_pos.shape) != (B, Hkv, C) or slot_pos.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"decode_attention: slot_pos must be int32/int64 [B, Hkv, C] = {(B, Hkv, C)}, got {slot_pos.dtype} {tuple(slot_pos.shape)}")
+    _check_tier(("k_cache/v_cache", "slot_pos", "k_scale", "v_scale"), k_cache, v_cache, slot_pos, k_scale, v_scale, B, Hkv, D)
     if tuple(q_pos.shape) != (B,):
         raise ValueError(f"decode_attention: q_pos must be [B] = [{B}], got {tuple(q_pos.shape)}")
     if scores is not None and (tuple(scores.shape) != (B, Hkv, C) or scores.dtype != torch.float32):
         raise ValueError(f"decode_attention: scores must be float32 [B, Hkv, C] = {(B, Hkv, C)}, got {scores.dtype} {tuple(scores.shape)}")
-    return B, Hq, Hkv, C, D
+    tier1 = None
+    if second is not None:
+        if not isinstance(second, (tuple, list)) or len(second) not in (3, 5):
+            raise ValueError(f"decode_attention: second must be (k1, v1, pos1) or (k1, v1, pos1, k1_scale, v1_scale), got {type(second).__name__} of length {len(second) if isinstance(second, (tuple, list)) else '-'}")
+        k1, v1, pos1, ks1, vs1 = (*second, None, None)[:5]
+        C1 = _check_tier(("second k1/v1", "second pos1", "second k1_scale", "second v1_scale"), k1, v1, pos1, ks1, vs1, B, Hkv, D)
+        tier1 = (k1, v1, pos1, ks1, vs1, C1)
+    # The dots run in q's dtype when a tier holds codes, else in k_cache's: plain tiers must match.
+    coded = k_scale is not None or (tier1 is not None and tier1[3] is not None)
+    cdt = q.dtype if coded else k_cache.dtype
+    if k_scale is None and k_cache.dtype != cdt:
+        raise ValueError(f"decode_attention: k_cache/v_cache dtype {k_cache.dtype} must equal q's {q.dtype} when tier 1 holds codes")
+    if tier1 is not None and tier1[3] is None and tier1[0].dtype != cdt:
+        raise ValueError(f"decode_attention: second k1/v1 dtype {tier1[0].dtype} must equal {cdt} (q's when a tier holds codes, else k_cache's)")
+    if window is not None:
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise ValueError(f"decode_attention: window must be (lo: int, hi: int tensor [B]), got {type(window).__name__}")
+        lo, hi = window
+        if not isinstance(hi, torch.Tensor) or tuple(hi.shape) != (B,) or hi.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"decode_attention: window hi must be an int32/int64 tensor [B] = [{B}], got {getattr(hi, 'dtype', type(hi).__name__)} {tuple(getattr(hi, 'shape', ()))}")
+        window = (int(lo), hi)
+    return B, Hq, Hkv, C, D, tier1, window
 
 
 def num_splits_heuristic(batch_heads: int, capacity: int, block_n: int, sm_count: int, max_splits: int = 32) -> int:
@@ -217,44 +346,83 @@ def _launch_config(q: torch.Tensor, B: int, Hkv: int, C: int) -> dict:
     return {"BLOCK_N": block_n, "splits": max(1, min(4, triton.cdiv(C, block_n))), "num_warps": 4, "num_stages": 1}
 
 
-def decode_attention(q, k_cache, v_cache, slot_pos, q_pos, *, scale: float | None = None, scores=None, decay: float = 1.0, splits: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
-    """Attention of one query token per sequence over a slot store (see module doc).
+def _split(C: int, want: int, block_n: int) -> tuple[int, int]:
+    """(splits, slots per split) for a tier of C slots: every split gets a whole number of
+    blocks; trailing splits may be empty (m stays -inf-like, l = 0), as does the one split
+    of an empty tier."""
+    per_split = max(1, triton.cdiv(triton.cdiv(C, want), block_n)) * block_n
+    return max(1, triton.cdiv(C, per_split)), per_split
+
+
+def _scales(k_scale, v_scale):
+    """Scales as the kernel reads them: one stride pair for both, last dimension contiguous."""
+    if k_scale is not None and (k_scale.stride(-1) != 1 or k_scale.stride() != v_scale.stride()):
+        return k_scale.contiguous(), v_scale.contiguous()
+    return k_scale, v_scale
+
+
+def decode_attention(q, k_cache, v_cache, slot_pos, q_pos, *, scale: float | None = None, scores=None, decay: float = 1.0, k_scale=None, v_scale=None, second=None, window=None, splits: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+    """Attention of one query token per sequence over one or two tiers (see module doc).
 
     q [B, Hq, D]; k_cache, v_cache [B, Hkv, C, D]; slot_pos [B, Hkv, C] int (-1 empty);
-    q_pos [B] int; scores [B, Hkv, C] float32 or None (updated in place when given).
+    q_pos [B] int; scores [B, Hkv, C] float32 or None (updated in place when given);
+    k_scale, v_scale [B, Hkv, C] float32 when tier 0 holds codes; second = (k1, v1, pos1
+    [, k1_scale, v1_scale]); window = (lo, hi [B]). `splits` is tier 0's split count.
     Returns out [B, Hq, D] in q's dtype.
     """
-    B, Hq, Hkv, C, D = _check(q, k_cache, v_cache, slot_pos, q_pos, scores)
+    B, Hq, Hkv, C, D, tier1, window = _check(q, k_cache, v_cache, slot_pos, q_pos, scores, k_scale, v_scale, second, window)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention: the last (head_dim) dimension of q, k_cache and v_cache must be contiguous")
+    if scores is not None and scores.stride(-1) != 1:
+        raise ValueError("decode_attention: the last dimension of scores must be contiguous (it is updated in place)")
     slot_pos = slot_pos.contiguous() if slot_pos.stride(-1) != 1 else slot_pos
+    k_scale, v_scale = _scales(k_scale, v_scale)
     cfg = _launch_config(q, B, Hkv, C)
     BLOCK_N = block_n or cfg["BLOCK_N"]
-    n_splits = splits or cfg["splits"]
-    # Every split gets a whole number of blocks; trailing splits may be empty (m stays -inf-like, l = 0).
-    per_split = triton.cdiv(triton.cdiv(C, n_splits), BLOCK_N) * BLOCK_N
-    n_splits = triton.cdiv(C, per_split)
+    n_splits, per_split = _split(C, splits or cfg["splits"], BLOCK_N)
     group = Hq // Hkv
     BLOCK_G = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     BLOCK_D = max(16, triton.next_power_of_2(D))
     track = scores is not None
     dev = q.device
-    o_part = torch.empty(B * Hq * n_splits * D, device=dev, dtype=torch.float32)
-    m_part = torch.empty(B * Hq * n_splits, device=dev, dtype=torch.float32)
-    l_part = torch.empty(B * Hq * n_splits, device=dev, dtype=torch.float32)
+    dummy = torch.empty(1, 1, 1, 1, device=dev, dtype=torch.float32)  # stands for the tensors a call does not have
+    if tier1 is not None and tier1[5] > 0:
+        k1, v1, pos1, ks1, vs1, C1 = tier1
+        if k1.stride(-1) != 1 or v1.stride(-1) != 1:
+            raise ValueError("decode_attention: the last (head_dim) dimension of second's k1 and v1 must be contiguous")
+        pos1 = pos1.contiguous() if pos1.stride(-1) != 1 else pos1
+        ks1, vs1 = _scales(ks1, vs1)
+        n_splits1, per_split1 = _split(C1, 1 if C1 <= 4 * BLOCK_N else _launch_config(q, B, Hkv, C1)["splits"], BLOCK_N)
+    else:  # no tier 1, or an empty one: nothing to read
+        k1, v1, pos1, ks1, vs1, C1, n_splits1, per_split1 = dummy, dummy, dummy, None, None, 0, 0, 0
+    ks0 = dummy if k_scale is None else k_scale
+    s1 = dummy if ks1 is None else ks1
+    lo, hi = window if window is not None else (0, dummy)
+    total = n_splits + n_splits1
+    o_part = torch.empty(B * Hq * total * D, device=dev, dtype=torch.float32)
+    m_part = torch.empty(B * Hq * total, device=dev, dtype=torch.float32)
+    l_part = torch.empty(B * Hq * total, device=dev, dtype=torch.float32)
     logits = torch.empty(B * Hq * C if track else 1, device=dev, dtype=torch.float32)
     out = torch.empty((B, Hq, D), device=dev, dtype=q.dtype)
     q_pos = q_pos.to(torch.int64).contiguous()  # the kernel reads q_pos[b]: an expanded (stride-0) tensor would read past it
-    _decode_split_kernel[(B * Hkv, n_splits)](
+    hi = hi.to(torch.int64).contiguous() if window is not None else hi
+    _decode_split_kernel[(B * Hkv, total)](
         q, k_cache, v_cache, slot_pos, q_pos, o_part, m_part, l_part, logits,
-        scale * LOG2E,
+        ks0, dummy if v_scale is None else v_scale, k1, v1, pos1, s1, dummy if vs1 is None else vs1, hi,
+        scale * LOG2E, lo,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         slot_pos.stride(0), slot_pos.stride(1),
-        C, Hkv, n_splits, per_split,
+        ks0.stride(0), ks0.stride(1),
+        k1.stride(0), k1.stride(1), k1.stride(2),
+        v1.stride(0), v1.stride(1), v1.stride(2),
+        pos1.stride(0), pos1.stride(1),
+        s1.stride(0), s1.stride(1),
+        C, C1, Hkv, total, n_splits, per_split, per_split1,
         GROUP=group, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, TRACK=track,
+        SCALED0=k_scale is not None, SECOND=n_splits1 > 0, SCALED1=ks1 is not None, WINDOW=window is not None,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     m_final = torch.empty(B * Hq if track else 1, device=dev, dtype=torch.float32)
@@ -262,11 +430,11 @@ def decode_attention(q, k_cache, v_cache, slot_pos, q_pos, *, scale: float | Non
     _decode_combine_kernel[(B * Hkv,)](
         o_part, m_part, l_part, m_final, inv_l, out,
         out.stride(0), out.stride(1),
-        Hkv, n_splits,
-        GROUP=group, BLOCK_G=BLOCK_G, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), D=D, BLOCK_D=BLOCK_D,
+        Hkv, total,
+        GROUP=group, BLOCK_G=BLOCK_G, BLOCK_S=max(2, triton.next_power_of_2(total)), D=D, BLOCK_D=BLOCK_D,
         TRACK=track, num_warps=4,
     )
-    if track:
+    if track and C > 0:
         mass_block = 256 if q.is_cuda else 16
         _decode_mass_kernel[(B * Hkv, triton.cdiv(C, mass_block))](
             logits, m_final, inv_l, scores, float(decay),
@@ -276,18 +444,35 @@ def decode_attention(q, k_cache, v_cache, slot_pos, q_pos, *, scale: float | Non
     return out
 
 
-def decode_attention_ref(q, k_cache, v_cache, slot_pos, q_pos, *, scale: float | None = None, scores=None, decay: float = 1.0):
-    """The definition, in float32 PyTorch. Same arguments and result as decode_attention;
-    when `scores` is given it is updated in place with the group-summed attention mass."""
-    B, Hq, Hkv, C, D = _check(q, k_cache, v_cache, slot_pos, q_pos, scores)
+def _dequant(x, scale):
+    return x.float() if scale is None else x.float() * scale[..., None]
+
+
+def decode_attention_ref(q, k_cache, v_cache, slot_pos, q_pos, *, scale: float | None = None, scores=None, decay: float = 1.0, k_scale=None, v_scale=None, second=None, window=None):
+    """The definition, in float32 PyTorch: dequantise each tier, apply the visibility rules,
+    one softmax over both tiers. Same arguments and result as decode_attention; when
+    `scores` is given it is updated in place with tier 0's group-summed attention mass."""
+    B, Hq, Hkv, C, D, tier1, window = _check(q, k_cache, v_cache, slot_pos, q_pos, scores, k_scale, v_scale, second, window)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qp = q_pos.reshape(B, 1, 1)
+    keys, vals = [_dequant(k_cache, k_scale)], [_dequant(v_cache, v_scale)]
+    visible = [(slot_pos >= 0) & (slot_pos <= qp)]  # [B, Hkv, C]
+    if window is not None:
+        lo, hi = window[0], window[1].reshape(B, 1, 1)
+        visible[0] = visible[0] & (slot_pos >= lo) & (slot_pos < hi)
+    if tier1 is not None:
+        k1, v1, pos1, ks1, vs1, _ = tier1
+        keys.append(_dequant(k1, ks1))
+        vals.append(_dequant(v1, vs1))
+        visible.append((pos1 >= 0) & (pos1 <= qp))
+        if window is not None:
+            visible[1] = visible[1] & ~((pos1 >= lo) & (pos1 < hi))
     group = Hq // Hkv
     qf = q.float().view(B, Hkv, group, D)
-    logits = torch.einsum("bhgd,bhcd->bhgc", qf, k_cache.float()) * scale
-    visible = (slot_pos >= 0) & (slot_pos <= q_pos.view(B, 1, 1))  # [B, Hkv, C]
-    logits = logits.masked_fill(~visible[:, :, None, :], float("-inf"))
+    logits = torch.einsum("bhgd,bhcd->bhgc", qf, torch.cat(keys, dim=2)) * scale
+    logits = logits.masked_fill(~torch.cat(visible, dim=2)[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query seeing nothing gets 0
-    out = torch.einsum("bhgc,bhcd->bhgd", probs, v_cache.float()).reshape(B, Hq, D)
+    out = torch.einsum("bhgc,bhcd->bhgd", probs, torch.cat(vals, dim=2)).reshape(B, Hq, D)
     if scores is not None:
-        scores.mul_(decay).add_(probs.sum(dim=2))
+        scores.mul_(decay).add_(probs[..., :C].sum(dim=2))
     return out.to(q.dtype)
