@@ -21,16 +21,15 @@ starting new measurements after --budget-s seconds (shared GPU time).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from slimfx.measure.report import stamp
 from slimfx.measure.shapes import SHAPES, build
 from slimfx.measure.timing import loop_ms
 
@@ -325,14 +324,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_codegen: needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
-        "args": vars(args),
-    }
+    report = {**stamp("cuda"), "args": vars(args)}
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 

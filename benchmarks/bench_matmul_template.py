@@ -21,9 +21,7 @@ Writes one JSON file (device, date, versions, every number) and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from slimfx.measure.report import stamp
 from slimfx.measure.timing import copy_bandwidth, time_ms
 
 DEFAULT_SHAPES = ["576x576", "1536x576", "2048x8192", "8192x2048", "4096x4096"]
@@ -98,7 +97,7 @@ def bench_case(n: int, k: int, m: int, dtype, epilogue: str, copy_gbs: float, sp
         return row
     group = matmuls[0]
     host = group._kernel_fn()
-    inputs = _group_inputs(result.aten_graph, group.group, [x, w, r, u])
+    inputs = result.group_inputs(group.group, [x, w, r, u])
     moved = sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor)) + got.numel() * got.element_size()
     row["bytes_moved"] = moved
 
@@ -143,19 +142,6 @@ def _dtype_key(host) -> str:
     return host.__globals__["KERNELS"].dtype_key
 
 
-def _group_inputs(aten_graph, group, args) -> list:
-    """The tensors the group reads (w arrives as w.t(), ...), by running the ATen graph."""
-    values = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node):
-            values[node] = super().run_node(node)
-            return values[node]
-
-    Recorder(aten_graph).run(*args)
-    return [values[node] for node in group.inputs]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="N x K of the weight, e.g. 4096x4096")
@@ -170,13 +156,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_matmul_template: needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     report = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-                     "cuda": torch.version.cuda},
+        **stamp("cuda"),
         "args": vars(args),
         "timing": f"median of 20 replays of a CUDA graph of {CALLS_PER_GRAPH} calls, per call",
         "copy_bandwidth_gbs": round(copy_bandwidth(), 1),

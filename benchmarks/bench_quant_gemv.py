@@ -14,9 +14,7 @@ Writes JSON with device, date, versions and every number measured.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 
 from slimfx.codegen.kernels.gemv_int4 import gemv_int4, gemv_int4_ref
 from slimfx.codegen.kernels.gemv_int8 import gemv_int8, gemv_int8_ref
+from slimfx.measure.report import stamp
 from slimfx.measure.shapes import SHAPES
 from slimfx.measure.timing import time_ms
 from slimfx.runtime import quant_formats as qf
@@ -177,8 +176,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_quant_gemv: needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     dev = "cuda"
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
@@ -189,9 +186,7 @@ def main() -> int:
     except Exception as exc:
         torchao_note = f"torchao not installed on this machine ({type(exc).__name__}); tinygemm int4 via torch._weight_int4pack_mm is the int4 baseline"
     result = {
-        "device": props.name, "sm_count": props.multi_processor_count, "l2_bytes": l2,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+        **stamp(dev), "sm_count": props.multi_processor_count, "l2_bytes": l2,
         "torchao": torchao_note,
     }
     t0 = time.time()

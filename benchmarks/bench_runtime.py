@@ -15,9 +15,7 @@ Writes one JSON file (device, date, versions, every number) and prints tables.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from slimfx.measure.report import stamp
 from slimfx.measure.shapes import SHAPES, build
 from slimfx.measure.timing import copy_bandwidth, loop_ms, time_ms
 
@@ -189,14 +188,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_runtime: needs a CUDA GPU (none found)", file=sys.stderr)
         return 2
-    import transformers
-    import triton
-
     copy_gbs = copy_bandwidth()
     print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     result = {
-        "device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        **stamp("cuda"),
         "copy_bandwidth_gbs": copy_gbs, "timed_tokens": TIMED_TOKENS,
     }
     if args.kernels:

@@ -71,6 +71,19 @@ class CodegenResult:
     def kernel_sources(self) -> dict:
         return {g.group.name: g.source for g in self.groups if g.source is not None}
 
+    def group_inputs(self, group: FusionGroup, args) -> list:
+        """The values `group` reads when the graph runs on `args`, such as w.t() for a linear's
+        weight: what its kernel is called with (to time or check one kernel alone)."""
+        values = {}
+
+        class Recorder(torch.fx.Interpreter):
+            def run_node(self, node):
+                values[node] = super().run_node(node)
+                return values[node]
+
+        Recorder(self.aten_graph).run(*args)
+        return [values[node] for node in group.inputs]
+
 
 def _group_callable(compiled: CompiledGroup):
     def run_group(*inputs):

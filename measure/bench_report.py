@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimfx.measure.report import fmt, fmt_bytes, md_table, pyplot, stamp_line, write_json
+from slimfx.measure.report import fmt, fmt_bytes, md_table, pyplot, save_figure, stamp_line, write_json
 
 
 def _f(x, digits=2):
@@ -65,10 +65,8 @@ def plot(results: dict, path: Path) -> None:
                 ax.set_yscale("log")  # eager is ~40x slower than the compiled loops
             ax.legend(fontsize=8)
     st = results["stamp"]
-    fig.suptitle(f"slimfx bench, {st['device']}, {results['settings']['dtype']}, context {results['settings']['context']}, {st['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"slimfx bench, {st['device']}, {results['settings']['dtype']}, "
+                           f"context {results['settings']['context']}, {st['date']}")
 
 
 def write_bench(results: dict, paths: dict[str, Path]) -> None:

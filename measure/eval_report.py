@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slimfx.measure.footprint import kv_bytes_at
-from slimfx.measure.report import fmt, fmt_bytes, md_table, pyplot, stamp_line, write_json
+from slimfx.measure.report import fmt, fmt_bytes, md_table, pyplot, save_figure, stamp_line, write_json
 
 
 def _rows(results: dict) -> list[tuple[str, dict]]:
@@ -125,10 +125,7 @@ def plot(results: dict, path: Path) -> None:
             ax.set(title=name)
         ax.set(ylabel=name, ylim=(-0.05, 1.1))
     st = results["stamp"]
-    fig.suptitle(f"slimfx eval: {results['model']['name']} ({results['model']['dtype']}), {st['device']}, {st['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"slimfx eval: {results['model']['name']} ({results['model']['dtype']}), {st['device']}, {st['date']}")
 
 
 def write_eval(results: dict, paths: dict[str, Path]) -> None:

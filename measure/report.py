@@ -139,3 +139,11 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    """Write `fig` as a PNG under `title` and close it (pyplot keeps open figures alive)."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)

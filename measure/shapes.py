@@ -7,22 +7,17 @@ import torch
 
 from slimfx.measure.errors import UsageError
 
-SHAPES: dict[str, dict] = {
-    # SmolLM2-135M(-Instruct): the default model.
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
-                         rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-                         rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5),
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
-                         rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5),
-    # A toy shape for tests and CPU smoke runs.
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=256, tie_word_embeddings=True,
-                 rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=1e-5),
+_COLUMNS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta", "max_position_embeddings")
+# One row a shape, in _COLUMNS' order; every shape has rms_norm_eps 1e-5.
+_ROWS = {
+    #                hidden  inter  layers heads kv  head  vocab   tied   rope_theta max_positions
+    "smollm2-135m": (576,   1536,  30,    9,    3,  64,   49152,  True,  100000.0,  8192),  # the default model
+    "llama-3.2-1b": (2048,  8192,  16,    32,   8,  64,   128256, True,  500000.0,  131072),
+    "llama-3.1-8b": (4096,  14336, 32,    32,   8,  128,  128256, False, 500000.0,  131072),
+    "tiny":         (64,    128,   2,     4,    2,  16,   256,    True,  10000.0,   4096),  # tests, CPU smoke runs
 }
+SHAPES: dict[str, dict] = {name: dict(zip(_COLUMNS, row), rms_norm_eps=1e-5) for name, row in _ROWS.items()}
 
 
 def shape_config(name: str):

@@ -32,32 +32,26 @@ def _out_like(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], n))
 
 
-@torch.library.custom_op("slimfx::qlinear_int8", mutates_args=())
-def qlinear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [..., K] @ (qweight int8 [N, K] * scale[:, None]).T + bias."""
-    from slimfx.codegen.kernels.gemv_int8 import gemv_int8, gemv_int8_ref
+def _per_channel_op(kind: str):
+    """slimfx::qlinear_<kind>: x [..., K] @ (qweight [N, K] * scale[:, None]).T + bias. One
+    kernel serves int8 and fp8 weights: it only converts the weight tile to float, which
+    GPUs do for fp8 e4m3 in hardware (sm_89+; checked when the pass picks fp8)."""
 
-    return (gemv_int8 if _use_triton(x) else gemv_int8_ref)(x, qweight, scale, bias)
+    @torch.library.custom_op(f"slimfx::qlinear_{kind}", mutates_args=())
+    def qlinear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        from slimfx.codegen.kernels.gemv_int8 import gemv_int8, gemv_int8_ref
 
+        return (gemv_int8 if _use_triton(x) else gemv_int8_ref)(x, qweight, scale, bias)
 
-@qlinear_int8.register_fake
-def _qlinear_int8_fake(x, qweight, scale, bias):
-    return _out_like(x, qweight.shape[0])
+    @qlinear.register_fake
+    def _fake(x, qweight, scale, bias):
+        return _out_like(x, qweight.shape[0])
 
-
-@torch.library.custom_op("slimfx::qlinear_fp8", mutates_args=())
-def qlinear_fp8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [..., K] @ (qweight float8_e4m3fn [N, K] * scale[:, None]).T + bias (weight-only fp8)."""
-    from slimfx.codegen.kernels.gemv_int8 import gemv_int8, gemv_int8_ref
-
-    # The int8 kernels only convert the weight tile to float: fp8 e4m3 works the same way
-    # on GPUs that convert it in hardware (sm_89+; checked when the pass picks fp8).
-    return (gemv_int8 if _use_triton(x) else gemv_int8_ref)(x, qweight, scale, bias)
+    return qlinear
 
 
-@qlinear_fp8.register_fake
-def _qlinear_fp8_fake(x, qweight, scale, bias):
-    return _out_like(x, qweight.shape[0])
+qlinear_int8 = _per_channel_op("int8")
+qlinear_fp8 = _per_channel_op("fp8")
 
 
 @torch.library.custom_op("slimfx::qlinear_int4", mutates_args=())

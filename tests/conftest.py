@@ -41,6 +41,46 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def _kernel_cache(monkeypatch, tmp_path_factory, interpret: str):
+    cache = tmp_path_factory.mktemp("slimfx_cache")
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture
+def interpreter(monkeypatch, tmp_path_factory):
+    """Generated kernels run under the Triton interpreter, cached in a fresh folder (returned)."""
+    return _kernel_cache(monkeypatch, tmp_path_factory, "1")
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch, tmp_path_factory):
+    """No interpreter: on CPU each fusion group runs its own ATen nodes (bit-identical to
+    eager) and nothing is compiled; returns the fresh kernel cache folder."""
+    return _kernel_cache(monkeypatch, tmp_path_factory, "0")
+
+
+class CodegenBackend:
+    """A torch.compile backend running slimfx codegen alone (no passes); `results` holds the
+    CodegenResult of every graph it compiled."""
+
+    def __init__(self):
+        self.results = []
+
+    def __call__(self, gm, example_inputs):
+        from slimfx.codegen import compile_graph
+
+        fn = compile_graph(gm, example_inputs)
+        self.results.append(fn.slimfx_codegen)
+        return fn
+
+
+@pytest.fixture
+def codegen_backend():
+    return CodegenBackend()
+
+
 @pytest.fixture(scope="module")
 def sharp_model():
     """A tiny GQA Llama with weights scaled x3: attention is peaked, so which tokens a KV

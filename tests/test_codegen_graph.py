@@ -14,18 +14,6 @@ from slimfx.codegen import compile_graph
 from slimfx.codegen.lower import lower_to_aten
 
 
-@pytest.fixture
-def interpreter(monkeypatch, tmp_path):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def no_interpreter(monkeypatch, tmp_path):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -114,36 +102,32 @@ def _tiny():
     return tiny_model("llama_gqa")
 
 
-OPTIONS = {"config": {"compile": {"codegen": "slimfx"}}}
+def _eager_and_slimfx_logits(ids):
+    """The tiny Llama's logits for `ids`, eager and through backend="slimfx" with codegen."""
+    model = _tiny()
+    options = {"config": {"compile": {"codegen": "slimfx"}}}
+    with torch.no_grad():
+        return model(ids).logits, torch.compile(model, backend="slimfx", options=options)(ids).logits
 
 
 def test_tiny_llama_through_kernels_matches_eager(interpreter):
-    model = _tiny()
-    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(ids).logits
-        got = torch.compile(model, backend="slimfx", options=OPTIONS)(ids).logits
+    expected, got = _eager_and_slimfx_logits(torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_each_layers_groups_share_one_kernel_module(interpreter):
+def _tiny_llama_codegen(backend, ids):
+    """The CodegenResult of the tiny Llama's one graph, run on `ids`."""
+    with torch.no_grad():
+        torch.compile(_tiny(), backend=backend)(ids)
+    [result] = backend.results
+    return result
+
+
+def test_each_layers_groups_share_one_kernel_module(interpreter, codegen_backend):
     """Groups are named by content, not by group id: the same group in both decoder layers
     is one source (one module import, one Triton compile), and the layers' groups differ
     from each other only where their ops do."""
-    from slimfx.codegen import compile_graph
-
-    built = []
-
-    def backend(gm, example_inputs):
-        fn = compile_graph(gm, example_inputs)
-        built.append(fn.slimfx_codegen)
-        return fn
-
-    model = _tiny()
-    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(ids)
-    [result] = built
+    result = _tiny_llama_codegen(codegen_backend, torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0)))
     sources = [g.source for g in result.groups]
     assert all(sources)
     # Two layers: every per-layer group (norms, rotary, projections) appears twice.
@@ -152,19 +136,8 @@ def test_each_layers_groups_share_one_kernel_module(interpreter):
     assert len(rotary) == 4 and len(set(rotary)) == 2  # q and k of each layer; one source each
 
 
-def test_tiny_llama_partition_fuses_norms_rope_and_mlp(interpreter):
-    model = _tiny()
-    captured = []
-
-    def backend(gm, example_inputs):
-        fn = compile_graph(gm, example_inputs)
-        captured.append(fn.slimfx_codegen)
-        return fn
-
-    ids = torch.randint(0, 128, (1, 5))
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(ids)
-    [result] = captured
+def test_tiny_llama_partition_fuses_norms_rope_and_mlp(interpreter, codegen_backend):
+    result = _tiny_llama_codegen(codegen_backend, torch.randint(0, 128, (1, 5)))
     kinds = [g.kind for g in result.partition.groups]
     assert kinds.count("row") == 2 * 2 + 1  # two RMSNorms per layer + the final norm
     assert all(g.source is not None for g in result.groups)
@@ -173,11 +146,7 @@ def test_tiny_llama_partition_fuses_norms_rope_and_mlp(interpreter):
 
 
 def test_tiny_llama_cpu_path_is_bit_identical(no_interpreter):
-    model = _tiny()
-    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(ids).logits
-        got = torch.compile(model, backend="slimfx", options=OPTIONS)(ids).logits
+    expected, got = _eager_and_slimfx_logits(torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1)))
     assert torch.equal(got, expected)
 
 

@@ -29,12 +29,6 @@ from slimfx.codegen.partition import matmul_parts
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
 
-@pytest.fixture
-def interpreter(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path_factory.mktemp("slimfx_cache")))
-
-
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -131,25 +125,12 @@ def test_every_gemm_config_matches_eager(interpreter, dtype, m):
     compiled = compile_graph(torch.fx.symbolic_trace(_addmm_silu_residual), [x, w, b, r])
     [group] = _matmul_groups(compiled)
     [host] = [g for g in compiled.slimfx_codegen.groups if g.group is group]
-    inputs = _group_inputs(compiled.slimfx_codegen.aten_graph, group, [x, w, b, r])
+    inputs = compiled.slimfx_codegen.group_inputs(group, [x, w, b, r])
     expected = _addmm_silu_residual(x, w, b, r)
     configs = gemm_space(m, n, k) + SPLIT_K_CONFIGS + [gemm_heuristic(m, n, k, interpreter=True)]
     for config in configs:
         got = host._kernel_fn()(*inputs, config=config)[0]
         torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype], msg=lambda s: f"{config}: {s}")
-
-
-def _group_inputs(aten_graph, group, args) -> list:
-    """The tensors a group reads, by running the ATen graph on `args` (w arrives as w.t(), ...)."""
-    values = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node):
-            values[node] = super().run_node(node)
-            return values[node]
-
-    Recorder(aten_graph).run(*args)
-    return [values[node] for node in group.inputs]
 
 
 # ----------------------------------------------------------------------------- partition structure
@@ -247,36 +228,27 @@ def test_in_place_write_after_the_matmul(interpreter):
     assert _matmul_groups(compiled)
 
 
-def test_cpu_without_interpreter_is_bit_identical(monkeypatch, tmp_path):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path))
+def test_cpu_without_interpreter_is_bit_identical(no_interpreter):
     x, w, b, r = torch.randn(3, 16, dtype=torch.bfloat16), torch.randn(24, 16, dtype=torch.bfloat16), torch.randn(24, dtype=torch.bfloat16), torch.randn(3, 24, dtype=torch.bfloat16)
     compiled = compile_graph(torch.fx.symbolic_trace(_addmm_silu_residual), [x, w, b, r])
     assert _matmul_groups(compiled)
     assert torch.equal(_first(compiled(x, w, b, r)), _addmm_silu_residual(x, w, b, r))
-    assert not (tmp_path / "kernels").exists()  # the group ran its own ATen nodes
+    assert not (no_interpreter / "kernels").exists()  # the group ran its own ATen nodes
 
 
-def test_symbolic_rows_stay_one_kernel(interpreter):
+def test_symbolic_rows_stay_one_kernel(interpreter, codegen_backend):
     import re
-
-    results = []
-
-    def backend(gm, example_inputs):
-        fn = compile_graph(gm, example_inputs)
-        results.append(fn.slimfx_codegen)
-        return fn
 
     def fn(x, w, b):
         return F.silu(F.linear(x, w, b)) * x[..., :1]
 
     w, b = torch.randn(20, 12) / 4, torch.randn(20)
-    compiled = torch.compile(fn, backend=backend, dynamic=True)
+    compiled = torch.compile(fn, backend=codegen_backend, dynamic=True)
     for rows in (3, 5, 9):
         x = torch.randn(1, rows, 12)
         torch.testing.assert_close(compiled(x, w, b), fn(x, w, b), atol=1e-5, rtol=1e-5)
-    assert len(results) == 1  # no recompile per length
-    [group] = [g for g in results[0].groups if g.group.kind == "matmul"]
+    [result] = codegen_backend.results  # no recompile per length
+    [group] = [g for g in result.groups if g.group.kind == "matmul"]
     params = re.search(r"_epilogue\((.*)\):", group.source).group(1)
     assert re.search(r"\bs\d+\b", params), params  # the symbolic size is a kernel argument
 
@@ -285,24 +257,17 @@ def test_symbolic_rows_stay_one_kernel(interpreter):
 
 
 @pytest.mark.parametrize("mode", ["auto", "all"])
-def test_tiny_llama_with_matmul_groups_matches_eager(interpreter, monkeypatch, mode):
+def test_tiny_llama_with_matmul_groups_matches_eager(interpreter, codegen_backend, monkeypatch, mode):
     from slimfx.runtime.models import tiny_model
 
     monkeypatch.setenv("SLIMFX_MATMUL", mode)
     model = tiny_model("llama_gqa")
-    captured = []
-
-    def backend(gm, example_inputs):
-        fn = compile_graph(gm, example_inputs)
-        captured.append(fn.slimfx_codegen)
-        return fn
-
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(ids).logits
-        got = torch.compile(model, backend=backend)(ids).logits
+        got = torch.compile(model, backend=codegen_backend)(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    [result] = captured
+    [result] = codegen_backend.results
     matmuls = [g for g in result.partition.groups if g.kind == "matmul"]
     swiglu = [g for g in matmuls if "aten.sigmoid.default" in _targets(g)]
     assert len(swiglu) == 2  # SiLU(gate) * up in a projection's epilogue, per layer

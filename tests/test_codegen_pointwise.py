@@ -29,12 +29,6 @@ def programs(draw):
     return draw_program(lambda lo, hi: draw(st.integers(lo, hi)), lambda seq: draw(st.sampled_from(seq)))
 
 
-@pytest.fixture
-def interpreter(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path_factory.mktemp("slimfx_cache")))
-
-
 @settings(max_examples=int(os.environ.get("SLIMFX_HYPOTHESIS_EXAMPLES", "30")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=programs(), seed=st.integers(0, 2**16))
 def test_random_graphs_match_eager(interpreter, case, seed):
@@ -87,9 +81,7 @@ def test_strided_and_broadcast_inputs(interpreter):
     assert out.stride() == fn(x, b).stride()  # outputs keep eager's layout
 
 
-def test_cpu_without_interpreter_runs_aten_reference(monkeypatch, tmp_path):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path))
+def test_cpu_without_interpreter_runs_aten_reference(no_interpreter):
     x = torch.randn(4, 9)
 
     def fn(x):
@@ -99,33 +91,24 @@ def test_cpu_without_interpreter_runs_aten_reference(monkeypatch, tmp_path):
     out = compiled(x)
     out = out[0] if isinstance(out, (tuple, list)) else out
     assert torch.equal(out, fn(x))  # the group's own ATen ops: bit-identical to eager
-    assert not (tmp_path / "kernels").exists()  # nothing was compiled or imported
+    assert not (no_interpreter / "kernels").exists()  # nothing was compiled or imported
 
 
-def test_symbolic_sizes_stay_kernel_arguments(interpreter):
+def test_symbolic_sizes_stay_kernel_arguments(interpreter, codegen_backend):
     """A dynamic dim is a SymInt in the graph: one kernel serves every length."""
     import re
-
-    results = []
-
-    def backend(gm, example_inputs):
-        from slimfx.codegen import compile_graph as cg
-
-        fn = cg(gm, example_inputs)
-        results.append(fn.slimfx_codegen)
-        return fn
 
     def fn(x, w):
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
         return torch.nn.functional.silu(h) * x
 
-    compiled = torch.compile(fn, backend=backend, dynamic=True)
+    compiled = torch.compile(fn, backend=codegen_backend, dynamic=True)
     w = torch.randn(24)
     for rows in (3, 5, 11):
         x = torch.randn(2, rows, 24)
         torch.testing.assert_close(compiled(x, w), fn(x, w), atol=1e-5, rtol=1e-5)
-    assert len(results) == 1  # no recompile per length
-    [source] = [g.source for g in results[0].groups]
+    [result] = codegen_backend.results  # no recompile per length
+    [source] = [g.source for g in result.groups]
     params = re.search(r"_kernel\((.*)\):", source).group(1)
     assert re.search(r"\bs\d+\b", params), params  # the symbolic size is a kernel argument
 
@@ -175,12 +158,6 @@ def test_random_cats_fuse_and_match_eager(interpreter, case, seed):
 @given(case=cat_cases(), seed=st.integers(0, 2**16))
 def test_random_cats_on_cuda(no_interpreter, case, seed):
     _check_random_cat(case, seed, "cuda")
-
-
-@pytest.fixture
-def no_interpreter(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("SLIMFX_CACHE_DIR", str(tmp_path_factory.mktemp("slimfx_cache")))
 
 
 def _check_random_cat(case, seed, device):

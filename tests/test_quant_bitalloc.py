@@ -25,6 +25,11 @@ def brute_force(costs, sizes, budget):
     return best
 
 
+def _costs_and_sizes(items):
+    """[[(cost, size) per choice] per item] -> (costs, sizes), each [[per choice] per item]."""
+    return [[c for c, _ in it] for it in items], [[s for _, s in it] for it in items]
+
+
 instances = st.integers(1, 5).flatmap(lambda n: st.tuples(
     st.lists(st.lists(st.tuples(st.floats(0, 10, allow_nan=False), st.integers(0, 60)), min_size=1, max_size=3), min_size=n, max_size=n),
     st.integers(0, 250),
@@ -35,8 +40,7 @@ instances = st.integers(1, 5).flatmap(lambda n: st.tuples(
 @given(instances)
 def test_knapsack_matches_brute_force(instance):
     items, budget = instance
-    costs = [[c for c, _ in it] for it in items]
-    sizes = [[s for _, s in it] for it in items]
+    costs, sizes = _costs_and_sizes(items)
     expected = brute_force(costs, sizes, budget)
     if expected is None:
         with pytest.raises(ValueError, match="below the smallest possible total"):
@@ -52,8 +56,7 @@ def test_knapsack_matches_brute_force(instance):
 @given(instances)
 def test_coarse_units_still_hold_the_budget(instance):
     items, budget = instance
-    costs = [[c for c, _ in it] for it in items]
-    sizes = [[s for _, s in it] for it in items]
+    costs, sizes = _costs_and_sizes(items)
     if brute_force(costs, sizes, budget) is None:
         return
     sol = B.solve_mckp(costs, sizes, budget, max_cells=3)

@@ -28,6 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from slimfx.codegen.kernels.weight_only import (X_DTYPES, even_splits, gemm_block_m, gemm_dot_precision, gemv_output,
+                                                program_tile, rows_of, split_k_heuristic, store_gemv_rows)
+
 
 @triton.jit
 def _gemv_int4_kernel(
@@ -38,10 +41,8 @@ def _gemv_int4_kernel(
 ):
     # One program: BLOCK_N rows x G_PER_SPLIT groups, BLOCK_G groups per step.
     GH: tl.constexpr = G // 2
-    pid_n = tl.program_id(0)
+    n, n_ok = program_tile(0, BLOCK_N, N)
     pid_k = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
     offs_g = tl.arange(0, BLOCK_G)
     offs_j = tl.arange(0, GH)
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
@@ -63,14 +64,7 @@ def _gemv_int4_kernel(
         s = tl.load(S + n[:, None] * stride_sn + g[None, :], mask=sg_mask, other=0.0).to(tl.float32)
         o = tl.load(O + n[:, None] * stride_sn + g[None, :], mask=sg_mask, other=0.0).to(tl.float32)
         acc += s * dot + o * xsum[None, :]
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        if pid_k == 0:
-            y += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(Y + n, y.to(Y.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(Y + n, y, mask=n_ok)
+    store_gemv_rows(Y, B, tl.sum(acc, axis=1), n, n_ok, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -81,12 +75,8 @@ def _gemm_int4_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     GH: tl.constexpr = G // 2
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = m < M
-    n_ok = n < N
+    m, m_ok = program_tile(0, BLOCK_M, M)
+    n, n_ok = program_tile(1, BLOCK_N, N)
     offs_j = tl.arange(0, GH)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g in range(0, NG):
@@ -110,12 +100,11 @@ def _gemm_int4_kernel(
 
 # ----------------------------------------------------------------------------- host side
 
-_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128)
 
 
 def _check(x, qweight, scale, offset, group_size, bias) -> tuple[int, int, int]:
-    if x.dtype not in _X_DTYPES:
+    if x.dtype not in X_DTYPES:
         raise ValueError(f"gemv_int4: x must be float32/float16/bfloat16, got {x.dtype}")
     if group_size not in GROUP_SIZES:
         raise ValueError(f"gemv_int4: group_size {group_size}; allowed: {', '.join(map(str, GROUP_SIZES))}")
@@ -128,20 +117,13 @@ def _check(x, qweight, scale, offset, group_size, bias) -> tuple[int, int, int]:
         raise ValueError(f"gemv_int4: in_features {K} is not a multiple of group_size {group_size}")
     NG = K // group_size
     for name, t in (("scale", scale), ("offset", offset)):
-        if tuple(t.shape) != (N, NG) or t.dtype not in _X_DTYPES:
+        if tuple(t.shape) != (N, NG) or t.dtype not in X_DTYPES:
             raise ValueError(f"gemv_int4: {name} must be float [N, K // G] = {(N, NG)}, got {t.dtype} {tuple(t.shape)}")
     if scale.stride() != offset.stride():
         raise ValueError("gemv_int4: scale and offset must have the same strides")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"gemv_int4: bias must be [{N}], got {tuple(bias.shape)}")
     return N, K, NG
-
-
-def split_k_heuristic(n_blocks: int, step_blocks: int, sm_count: int) -> int:
-    """K splits so that about 2 programs run per SM; 1 when the N blocks already fill the GPU."""
-    if n_blocks >= 2 * sm_count:
-        return 1
-    return max(1, min(triton.cdiv(2 * sm_count, n_blocks), step_blocks, 16))
 
 
 def _gemv_config(x: torch.Tensor, N: int, NG: int, G: int) -> dict:
@@ -160,10 +142,7 @@ def gemv_int4(x, qweight, scale, offset, group_size: int, bias=None, *, split_k:
               num_stages: int | None = None):
     """y [..., N] = x [..., K] @ W_hat.T + bias, in x's dtype (module doc)."""
     N, K, NG = _check(x, qweight, scale, offset, group_size, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = rows_of(x, K)
     if qweight.stride(-1) != 1 or scale.stride(-1) != 1:
         raise ValueError("gemv_int4: qweight, scale and offset must be contiguous along their last dimension")
     M = x2.shape[0]
@@ -173,37 +152,32 @@ def gemv_int4(x, qweight, scale, offset, group_size: int, bias=None, *, split_k:
         y = _launch_gemv(x2, qweight, scale, offset, bias_arg, has_bias, group_size, N, NG, split_k, block_n, block_g, num_warps, num_stages)
     else:
         y = _launch_gemm(x2, qweight, scale, offset, bias_arg, has_bias, group_size, M, N, NG, block_n, num_warps)
-    return y.view(*lead, N)
+    return y.view(*x.shape[:-1], N)
 
 
 def _launch_gemv(x2, qweight, scale, offset, bias_arg, has_bias, G, N, NG, split_k, block_n, block_g, num_warps, num_stages=None):
     cfg = _gemv_config(x2, N, NG, G)
     BLOCK_N, BLOCK_G = block_n or cfg["BLOCK_N"], block_g or cfg["BLOCK_G"]
     splits = split_k or cfg["split_k"]
-    per_split = triton.cdiv(triton.cdiv(NG, splits), BLOCK_G) * BLOCK_G  # groups per split
-    splits = triton.cdiv(NG, per_split)
-    if splits == 1:
-        y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
-    else:
-        y = torch.zeros((1, N), device=x2.device, dtype=torch.float32)
+    per_split, splits = even_splits(NG, splits, BLOCK_G)  # groups per split
+    y = gemv_output(x2, N, splits)
     _gemv_int4_kernel[(triton.cdiv(N, BLOCK_N), splits)](
         x2, qweight, scale, offset, bias_arg, y,
         N, NG * G, NG, per_split, qweight.stride(0), scale.stride(0),
         G=G, HAS_BIAS=has_bias, SPLIT_K=splits, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
-    return y if splits == 1 else y.to(x2.dtype)
+    return y.to(x2.dtype)  # split-K summed in fp32
 
 
 def _launch_gemm(x2, qweight, scale, offset, bias_arg, has_bias, G, M, N, NG, block_n, num_warps):
-    BLOCK_M = 16 if M <= 16 else 32 if M <= 32 else 64
+    BLOCK_M = gemm_block_m(M)
     BLOCK_N = block_n or (64 if x2.is_cuda else 16)
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    precision = "ieee" if x2.dtype == torch.float32 else "tf32"
     _gemm_int4_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
         x2, qweight, scale, offset, bias_arg, y,
         M, N, NG, x2.stride(0), qweight.stride(0), scale.stride(0), y.stride(0),
-        G=G, HAS_BIAS=has_bias, DOT_PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        G=G, HAS_BIAS=has_bias, DOT_PRECISION=gemm_dot_precision(x2), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         num_warps=num_warps or (4 if x2.is_cuda else 1),
     )
     return y

@@ -26,6 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from slimfx.codegen.kernels.weight_only import (X_DTYPES, even_splits, gemm_block_m, gemm_dot_precision, gemv_output,
+                                                program_tile, rows_of, split_k_heuristic, store_gemv_rows)
+
 
 @triton.jit
 def _gemv_int8_kernel(
@@ -34,10 +37,8 @@ def _gemv_int8_kernel(
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    n, n_ok = program_tile(0, BLOCK_N, N)
     pid_k = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
     offs_k = tl.arange(0, BLOCK_K)
     # Accumulate [BLOCK_N, BLOCK_K] and reduce once at the end: one fma per weight in the loop.
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -55,13 +56,7 @@ def _gemv_int8_kernel(
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1) * tl.load(S + n, mask=n_ok, other=0.0)
-    if HAS_BIAS:
-        if pid_k == 0:
-            y += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(Y + n, y.to(Y.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(Y + n, y, mask=n_ok)
+    store_gemv_rows(Y, B, y, n, n_ok, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -71,12 +66,8 @@ def _gemm_int8_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = m < M
-    n_ok = n < N
+    m, m_ok = program_tile(0, BLOCK_M, M)
+    n, n_ok = program_tile(1, BLOCK_N, N)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -93,8 +84,6 @@ def _gemm_int8_kernel(
 
 # ----------------------------------------------------------------------------- host side
 
-_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _weight_dtypes() -> tuple:
     fp8 = getattr(torch, "float8_e4m3fn", None)
@@ -102,7 +91,7 @@ def _weight_dtypes() -> tuple:
 
 
 def _check(x, qweight, scale, bias) -> tuple[int, int]:
-    if x.dtype not in _X_DTYPES:
+    if x.dtype not in X_DTYPES:
         raise ValueError(f"gemv_int8: x must be float32/float16/bfloat16, got {x.dtype}")
     if qweight.dim() != 2 or qweight.dtype not in _weight_dtypes():
         raise ValueError(f"gemv_int8: qweight must be int8 or float8_e4m3fn [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
@@ -114,14 +103,6 @@ def _check(x, qweight, scale, bias) -> tuple[int, int]:
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"gemv_int8: bias must be [{N}], got {tuple(bias.shape)}")
     return N, K
-
-
-def split_k_heuristic(n_blocks: int, k_blocks: int, sm_count: int) -> int:
-    """K splits so that about 2 programs run per SM; 1 when the N blocks already fill the GPU."""
-    if n_blocks >= 2 * sm_count:
-        return 1
-    want = triton.cdiv(2 * sm_count, n_blocks)
-    return max(1, min(want, k_blocks, 16))
 
 
 def _gemv_config(x: torch.Tensor, N: int, K: int) -> dict:
@@ -143,10 +124,7 @@ def gemv_int8(x, qweight, scale, bias=None, *, split_k: int | None = None, block
               num_stages: int | None = None):
     """y [..., N] = x [..., K] @ (qweight * scale[:, None]).T + bias, in x's dtype (module doc)."""
     N, K = _check(x, qweight, scale, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = rows_of(x, K)
     if qweight.stride(-1) != 1:
         raise ValueError("gemv_int8: qweight's last (K) dimension must be contiguous")
     M = x2.shape[0]
@@ -156,43 +134,36 @@ def gemv_int8(x, qweight, scale, bias=None, *, split_k: int | None = None, block
         y = _launch_gemv(x2, qweight, scale, bias_arg, has_bias, N, K, split_k, block_n, block_k, num_warps, num_stages)
     else:
         y = _launch_gemm(x2, qweight, scale, bias_arg, has_bias, M, N, K, block_n, block_k, num_warps)
-    return y.view(*lead, N)
+    return y.view(*x.shape[:-1], N)
 
 
 def _launch_gemv(x2, qweight, scale, bias_arg, has_bias, N, K, split_k, block_n, block_k, num_warps, num_stages=None):
     cfg = _gemv_config(x2, N, K)
     BLOCK_N, BLOCK_K = block_n or cfg["BLOCK_N"], block_k or cfg["BLOCK_K"]
     splits = split_k or cfg["split_k"]
-    # Every split covers a whole number of BLOCK_K tiles.
-    per_split = triton.cdiv(triton.cdiv(K, splits), BLOCK_K) * BLOCK_K
-    splits = triton.cdiv(K, per_split)
+    per_split, splits = even_splits(K, splits, BLOCK_K)
     even_k = K % per_split == 0
-    if splits == 1:
-        y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
-    else:
-        y = torch.zeros((1, N), device=x2.device, dtype=torch.float32)
+    y = gemv_output(x2, N, splits)
     _gemv_int8_kernel[(triton.cdiv(N, BLOCK_N), splits)](
         x2, qweight, scale, bias_arg, y,
         N, K, per_split, qweight.stride(0),
         HAS_BIAS=has_bias, SPLIT_K=splits, EVEN_K=even_k, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
-    return y if splits == 1 else y.to(x2.dtype)
+    return y.to(x2.dtype)  # split-K summed in fp32
 
 
 def _launch_gemm(x2, qweight, scale, bias_arg, has_bias, M, N, K, block_n, block_k, num_warps):
-    BLOCK_M = 16 if M <= 16 else 32 if M <= 32 else 64
+    BLOCK_M = gemm_block_m(M)
     if x2.is_cuda:
         BLOCK_N, BLOCK_K, warps = block_n or 64, block_k or 128, num_warps or 4
     else:
         BLOCK_N, BLOCK_K, warps = block_n or 16, block_k or 32, num_warps or 1
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    # float32 activations: exact fp32 dots (the weight is exact in any float dtype).
-    precision = "ieee" if x2.dtype == torch.float32 else "tf32"
     _gemm_int8_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
         x2, qweight, scale, bias_arg, y,
         M, N, K, x2.stride(0), qweight.stride(0), y.stride(0),
-        HAS_BIAS=has_bias, DOT_PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        HAS_BIAS=has_bias, DOT_PRECISION=gemm_dot_precision(x2), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         num_warps=warps,
     )
     return y

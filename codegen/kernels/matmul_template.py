@@ -50,44 +50,54 @@ def {name}_epilogue(acc, r, c, M, N, {params}):
 {body}
 '''
 
-GEMV_KERNEL = '''
-@triton.jit
-def {name}_gemv_kernel({params}, ws, M, N, K, K_PER_SPLIT, stride_am, stride_ak, stride_bk, stride_bn,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+# Lines the GEMV and the tl.dot kernel share, filled into their {holes} first: the
+# split-K arguments, the program ids, this program's K range, and the end (the epilogue
+# when one program covers all of K, else a store of its fp32 partials).
+SHARED_LINES = {
+    "split_k_args": "ws, M, N, K, K_PER_SPLIT, stride_am, stride_ak, stride_bk, stride_bn",
+    "program_ids": '''\
     pid_m = tl.program_id(0){cast}
     pid_n = tl.program_id(1){cast}
-    pid_k = tl.program_id(2)
+    pid_k = tl.program_id(2)''',
+    "k_range": '''\
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)''',
+    "epilogue_or_partials": '''\
+    if SPLIT_K == 1:
+        {name}_epilogue(acc, r, c, M, N, {params})
+    else:
+        tl.store(ws + (pid_k * M + r) * N + c, acc, mask=(r < M) & (c < N))''',
+}
+
+GEMV_KERNEL = '''
+@triton.jit
+def {name}_gemv_kernel({params}, {split_k_args},
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+{program_ids}
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     a_row = {A} + pid_m * stride_am
     # Columns past N read column 0 (no mask in the loop); their results are not stored.
     b_cols = {B} + (rn % N)[None, :] * stride_bn
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+{k_range}
     acc = gemv_partial(a_row, stride_ak, b_cols, stride_bk, k_start, k_end, BLOCK_N, BLOCK_K, EVEN_K)[None, :]
     r = pid_m + tl.zeros((1, 1), dtype=tl.int32)
     c = rn[None, :]
-    if SPLIT_K == 1:
-        {name}_epilogue(acc, r, c, M, N, {params})
-    else:
-        tl.store(ws + (pid_k * M + r) * N + c, acc, mask=(r < M) & (c < N))
+{epilogue_or_partials}
 '''
 
 DOT_KERNEL = '''
 @triton.jit
-def {name}_dot_kernel({params}, ws, M, N, K, K_PER_SPLIT, stride_am, stride_ak, stride_bk, stride_bn,
+def {name}_dot_kernel({params}, {split_k_args},
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0){cast}
-    pid_n = tl.program_id(1){cast}
-    pid_k = tl.program_id(2)
+{program_ids}
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     # Rows/columns past the edge read row/column 0: loads need a mask only along K.
     a_rows = {A} + (rm % M)[:, None] * stride_am
     b_cols = {B} + (rn % N)[None, :] * stride_bn
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+{k_range}
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + rk
@@ -103,10 +113,7 @@ def {name}_dot_kernel({params}, ws, M, N, K, K_PER_SPLIT, stride_am, stride_ak, 
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     r = rm[:, None]
     c = rn[None, :]
-    if SPLIT_K == 1:
-        {name}_epilogue(acc, r, c, M, N, {params})
-    else:
-        tl.store(ws + (pid_k * M + r) * N + c, acc, mask=(r < M) & (c < N))
+{epilogue_or_partials}
 '''
 
 EPILOGUE_KERNEL = '''
@@ -155,8 +162,9 @@ def render_kernels(name: str, params: list[str], a: str, b: str, body: list[str]
     indented, using acc [BM, BN] fp32 and index tensors r [BM, 1], c [1, BN]).
     """
     fields = {"name": name, "params": ", ".join(params), "A": a, "B": b, "cast": ".to(tl.int64)" if int64 else ""}
+    shared = {hole: lines.format(**fields) for hole, lines in SHARED_LINES.items()}
     parts = [EPILOGUE.format(body="\n".join(body), **fields)]
-    parts += [t.format(**fields) for t in (GEMV_KERNEL, DOT_KERNEL, EPILOGUE_KERNEL)]
+    parts += [t.format(**fields, **shared) for t in (GEMV_KERNEL, DOT_KERNEL, EPILOGUE_KERNEL)]
     return "".join(parts).strip("\n")
 
 

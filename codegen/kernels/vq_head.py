@@ -50,6 +50,24 @@ def _check_2d(name: str, t: torch.Tensor, cols: int | None = None) -> None:
         raise ValueError(f"{name}: last dimension must be contiguous (stride 1), got strides {t.stride()}")
 
 
+@triton.jit
+def _rows_dot_h(h_row, row_ptrs, row_ok, HID, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Each of BLOCK_ROWS matrix rows (row_ptrs [BLOCK_ROWS, 1]; a row with row_ok False reads
+    as 0) dotted with the hidden state h_row [HID]: [BLOCK_ROWS] f32. Also returns h_row's
+    squares summed per lane, [BLOCK_H] f32, for the code scores' |h| bound (the other
+    kernels drop it; unused, it compiles away)."""
+    acc = tl.zeros([BLOCK_ROWS], tl.float32)
+    hsq = tl.zeros([BLOCK_H], tl.float32)
+    for h0 in range(0, HID, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < HID
+        x = tl.load(h_row + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+        w = tl.load(row_ptrs + offs_h[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        hsq += x * x
+    return acc, hsq
+
+
 # ----------------------------------------------------------------------------- code scores
 
 
@@ -62,15 +80,7 @@ def _vq_code_scores_kernel(
     n = tl.program_id(0)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
-    acc = tl.zeros([BLOCK_K], tl.float32)
-    hsq = tl.zeros([BLOCK_H], tl.float32)
-    for h0 in range(0, HID, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_ok = offs_h < HID
-        x = tl.load(H + n * stride_hn + offs_h, mask=h_ok, other=0.0).to(tl.float32)
-        c = tl.load(C + offs_k[:, None] * stride_ck + offs_h[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-        acc += tl.sum(c.to(tl.float32) * x[None, :], axis=1)
-        hsq += x * x
+    acc, hsq = _rows_dot_h(H + n * stride_hn, C + offs_k[:, None] * stride_ck, k_ok, HID, BLOCK_K, BLOCK_H)
     tl.store(S_OUT + n * stride_on + offs_k, acc, mask=k_ok)
     if WITH_BOUND:
         hnorm = tl.sqrt(tl.sum(hsq, axis=0))
@@ -127,13 +137,7 @@ def _vq_probe_kernel(
     ids = tl.load(MEMBERS + code * stride_mk + offs_m, mask=m_ok, other=-1)
     valid = ids >= 0
     rows = tl.where(valid, ids, 0).to(tl.int64)
-    acc = tl.zeros([BLOCK_M], tl.float32)
-    for h0 in range(0, HID, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_ok = offs_h < HID
-        x = tl.load(H + n * stride_hn + offs_h, mask=h_ok, other=0.0).to(tl.float32)
-        w = tl.load(W + rows[:, None] * stride_wv + offs_h[None, :], mask=valid[:, None] & h_ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    acc, _ = _rows_dot_h(H + n * stride_hn, W + rows[:, None] * stride_wv, valid, HID, BLOCK_M, BLOCK_H)
     logits = tl.where(valid, acc, float("-inf"))
     tl.store(LOGITS + row * M + offs_m, logits, mask=m_ok)
     best = tl.max(logits, axis=0)
@@ -200,13 +204,8 @@ def _vq_fallback_kernel(
     if proved != 0:
         tl.store(OUT + n * stride_on + offs_v, tl.full([BLOCK_V], float("-inf"), tl.float32), mask=v_ok)
     else:
-        acc = tl.zeros([BLOCK_V], tl.float32)
-        for h0 in range(0, HID, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            h_ok = offs_h < HID
-            x = tl.load(H + n * stride_hn + offs_h, mask=h_ok, other=0.0).to(tl.float32)
-            w = tl.load(W + offs_v[:, None].to(tl.int64) * stride_wv + offs_h[None, :], mask=v_ok[:, None] & h_ok[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        rows = W + offs_v[:, None].to(tl.int64) * stride_wv
+        acc, _ = _rows_dot_h(H + n * stride_hn, rows, v_ok, HID, BLOCK_V, BLOCK_H)
         tl.store(OUT + n * stride_on + offs_v, acc, mask=v_ok)
 
 
