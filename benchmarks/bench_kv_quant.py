@@ -10,7 +10,7 @@ Shape: Llama-3.2-1B-like (32 q heads, 8 kv heads, head_dim 64), batch 1, context
 - int8/fp8:  the two-tier kernel over the quantized store (codegen/kernels/decode_attention_kvq.py):
              the quantized tier of `ctx` slots + the full-precision tier (4 sinks + 128 recent)
 - op_*:      a whole decode step of the attention op (quantize-on-write + attention):
-             slimfx::attention (bf16) vs slimfx::attention_kvq (int8), Python launch included
+             slimfx::attention, plain bf16 layout vs int8 kvq layout, Python launch included
 
 Timings ("graph_us") are CUDA-graph replays cycling over enough store copies that they do
 not fit in L2 together, so the KV bytes come from HBM and no Python launch cost is counted
@@ -87,7 +87,7 @@ def check_op(gen) -> list[dict]:
     a prefill chunk and decode steps, for every format."""
     import os
 
-    from slimfx.runtime.kv_quant_op import quantized_site, site_buffers
+    from slimfx.passes.kv_quantize.op import kvq_site
     from slimfx.runtime.kv_store import KVStore
 
     rows = []
@@ -103,11 +103,10 @@ def check_op(gen) -> list[dict]:
         for mode in ("ref", "triton"):
             os.environ["SLIMFX_ATTENTION"] = mode
             store = KVStore(1, 512, dtype=torch.bfloat16, device="cuda")
-            cache = quantized_site(store.site(0, HKV, D), fmt, 32, 64, 4)
-            bufs = site_buffers(cache)
-            meta = (1 / math.sqrt(D), fmt, cache.group, cache.residual, cache.n_sink)
-            torch.ops.slimfx.attention_kvq(q[:, :, :T], k[:, :, :T], v[:, :, :T], pos[:, :T], *bufs, *meta)
-            outs.append(torch.cat([torch.ops.slimfx.attention_kvq(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], pos[:, t:t + 1].contiguous(), *bufs, *meta)
+            cache = kvq_site(store.site(0, HKV, D), fmt, 32, 64, 4)
+            bufs, meta = cache.buffers(), (1 / math.sqrt(D), cache.layout)
+            torch.ops.slimfx.attention(q[:, :, :T], k[:, :, :T], v[:, :, :T], pos[:, :T], bufs, *meta)
+            outs.append(torch.cat([torch.ops.slimfx.attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], pos[:, t:t + 1].contiguous(), bufs, *meta)
                                    for t in range(T, T + steps)], dim=2))
         os.environ.pop("SLIMFX_ATTENTION")
         rows.append({"check": f"op_{fmt}_triton_vs_ref_decode", "ctx": T + steps, "max_abs_err": (outs[0].float() - outs[1].float()).abs().max().item()})
@@ -170,9 +169,8 @@ def bench(gen) -> list[dict]:
 
 def bench_op_step(ctx: int, gen) -> dict:
     """One decode step of the whole op (write + attention) in a CUDA graph: bf16
-    slimfx::attention vs int8 slimfx::attention_kvq (also shows the step is capturable)."""
-    import slimfx.runtime.attention_op  # noqa: F401
-    from slimfx.runtime.kv_quant_op import quantized_site, site_buffers
+    slimfx::attention, plain layout vs int8 kvq layout (also shows the step is capturable)."""
+    from slimfx.passes.kv_quantize.op import kvq_site
     from slimfx.runtime.kv_store import KVStore
 
     q = torch.randn(1, HQ, 1, D, device="cuda", generator=gen).to(torch.bfloat16)
@@ -186,14 +184,14 @@ def bench_op_step(ctx: int, gen) -> dict:
         site = store.site(0, HKV, D)
         site.slot_pos.copy_(torch.arange(ctx, device="cuda", dtype=torch.int32).expand_as(site.slot_pos))
         sites.append(site)
-        cache = quantized_site(site, "int8", 1, RESIDUAL, N_SINK)
+        cache = kvq_site(site, "int8", 1, RESIDUAL, N_SINK)
         cache.slot_pos.copy_(site.slot_pos)
-        cache.k_scale.fill_(0.01)
-        cache.v_scale.fill_(0.01)
-        caches.append(site_buffers(cache))
-    out = {"op_bf16": graph_us([lambda s=s: torch.ops.slimfx.attention(q, k, v, pos, s.k, s.v, s.slot_pos, s.scores, 0.125, 1.0, False, True) for s in sites], reps=4)}
+        cache.main.k_scale.fill_(0.01)
+        cache.main.v_scale.fill_(0.01)
+        caches.append(cache)
+    out = {"op_bf16": graph_us([lambda s=s: torch.ops.slimfx.attention(q, k, v, pos, s.buffers(), 0.125, s.layout) for s in sites], reps=4)}
     del sites
-    out["op_int8"] = graph_us([lambda b=b: torch.ops.slimfx.attention_kvq(q, k, v, pos, *b, 0.125, "int8", 1, RESIDUAL, N_SINK) for b in caches], reps=4)
+    out["op_int8"] = graph_us([lambda c=c: torch.ops.slimfx.attention(q, k, v, pos, c.buffers(), 0.125, c.layout) for c in caches], reps=4)
     return out
 
 

@@ -82,7 +82,7 @@ class SkipCalibration:
 
     def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, mlp_only: bool):
         from slimfx.compiler.anatomy import record_parameter_paths
-        from slimfx.passes.layer_skip import model_identity
+        from slimfx.passes._identity import model_identity
 
         self.ids = input_ids
         self.probe = _Probe()

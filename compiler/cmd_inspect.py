@@ -63,6 +63,7 @@ def _format_plan(path: str, model, anatomy) -> str:
     from pathlib import Path
 
     from slimfx.passes import layer_skip
+    from slimfx.passes._identity import check_plan_model, identity_of_model
 
     try:
         kind = json.loads(Path(path).read_text()).get("kind")
@@ -76,5 +77,5 @@ def _format_plan(path: str, model, anatomy) -> str:
         plan = layer_skip.read_plan(path)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    layer_skip.check_plan_model(plan, layer_skip.identity_of_model(model, anatomy), f"--plan {path}")
+    check_plan_model(plan, identity_of_model(model, anatomy), f"--plan {path}")
     return layer_skip.format_plan(plan)

@@ -30,6 +30,7 @@ PASS_MODULES = (
     "slimfx.passes.quantize",
     "slimfx.passes.vq_logits",
     "slimfx.passes.layer_skip",
+    "slimfx.passes.kv_share",
 )
 
 

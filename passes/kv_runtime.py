@@ -12,10 +12,10 @@ left alone and reported.
 For every site the pass
   1. asks the store (found by id in the runtime registry, `passes.kv_runtime.store`)
      for the site's SiteCache (allocated on first use with the anatomy's heads),
-  2. registers the cache tensors and the store's step-position buffer on the graph
+  2. registers the site's tier buffers and the store's step-position buffer on the graph
      module as buffers (the *same* tensors, so the runtime sees every in-place write
      and a captured CUDA graph keeps valid addresses),
-  3. replaces the SDPA node by `slimfx::attention(q, k, v, positions, caches...)`,
+  3. replaces the SDPA node by `slimfx::attention(q, k, v, positions, buffers, scale, layout)`,
      taking k/v from before HF's `repeat_kv` (the op handles GQA itself),
 then removes what became dead (the causal mask, the repeated k/v).
 
@@ -26,16 +26,15 @@ handling would not write back, so the generator never lowers it with inductor.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.fx
 
-from slimfx.compiler.anatomy import AttentionSite, is_sdpa, is_view_like, shape_of
+from slimfx.compiler.anatomy import AttentionSite, is_sdpa, shape_of
 from slimfx.compiler.config import Option
 from slimfx.compiler.errors import UsageError
 from slimfx.compiler.passmanager import PassContext, PassResult
-from slimfx.passes._graph import bind_tensor
+from slimfx.passes._graph import attention_sites, bind_site, bind_tensor, sdpa_operands, sdpa_scale
 
 NAME = "kv_runtime"
 DESCRIPTION = "replaces each attention site (SDPA, no model cache) by one slimfx::attention op over a runtime KV store"
@@ -43,25 +42,6 @@ LOSSY = False
 OPTIONS: dict = {
     "store": Option(str, "default", "id of the runtime KVStore to bind (slimfx.runtime.kv_store.register_store)", per_layer=False),
 }
-
-
-def _unrepeat(node: torch.fx.Node, n_kv_heads: int) -> torch.fx.Node | None:
-    """The [B, Hkv, T, D] tensor behind `node`, walking back through HF's repeat_kv
-    (expand + reshape) when the graph repeated the kv heads for SDPA."""
-    cur = node
-    for _ in range(8):
-        shape = shape_of(cur)
-        if shape is not None and len(shape) == 4 and shape[1] == n_kv_heads:
-            return cur
-        if not (is_view_like(cur) and cur.args and isinstance(cur.args[0], torch.fx.Node)):
-            return None
-        cur = cur.args[0]
-    return None
-
-
-def _sdpa_scale(node: torch.fx.Node, head_dim: int) -> float:
-    scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
-    return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
 
 
 def _site_skip_reason(site: AttentionSite, node: torch.fx.Node | None) -> str | None:
@@ -75,10 +55,7 @@ def _site_skip_reason(site: AttentionSite, node: torch.fx.Node | None) -> str | 
 
 
 def _rewrite_site(gm, site: AttentionSite, node: torch.fx.Node, store) -> str | None:
-    by_name = {n.name: n for n in gm.graph.nodes}
-    q = by_name.get(site.q_input)
-    k = _unrepeat(by_name.get(site.k_input), site.n_kv_heads) if site.k_input in by_name else None
-    v = _unrepeat(by_name.get(site.v_input), site.n_kv_heads) if site.v_input in by_name else None
+    q, k, v = sdpa_operands(gm, site)
     qshape = shape_of(q) if q is not None else None
     if q is None or k is None or v is None or qshape is None:
         return f"site {site.index}: q/k/v operands not found at {site.n_kv_heads} kv heads"
@@ -86,13 +63,12 @@ def _rewrite_site(gm, site: AttentionSite, node: torch.fx.Node, store) -> str | 
     if batch != store.batch:
         raise ValueError(f"kv_runtime: graph batch {batch} but store {store.id} was made for batch {store.batch}")
     cache = store.site(site.index, site.n_kv_heads, site.head_dim)
-    prefix = f"_slimfx_kv{site.index}"
-    args = [q, k, v, bind_tensor(gm, f"_slimfx_pos{tokens}", store.step_positions(tokens), node)]
-    for field in ("k", "v", "slot_pos", "scores"):
-        args.append(bind_tensor(gm, f"{prefix}_{field}", getattr(cache, field), node))
-    args += [_sdpa_scale(node, site.head_dim), float(store.score_decay), bool(store.track_scores), cache.owner is None]
+    positions = bind_tensor(gm, f"_slimfx_pos{tokens}", store.step_positions(tokens), node)
+    # Another graph of this model (a prefill length, the decode step) may have had this
+    # site relaid out by a later pass already: the op takes the site as it is now.
+    args = (q, k, v, positions, bind_site(gm, cache, node), sdpa_scale(node, site.head_dim), cache.layout)
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(torch.ops.slimfx.attention.default, tuple(args))
+        new = gm.graph.call_function(torch.ops.slimfx.attention.default, args)
     new.meta = dict(node.meta)
     new.meta["slimfx_site"] = site.index  # later passes (kv_eviction) find the site here
     node.replace_all_uses_with(new)
@@ -119,8 +95,12 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
         return PassResult.skipped(NAME, f"no KV store registered under {store_id!r} (slimfx.runtime.generate registers one)")
     anatomy = ctx.anatomy if ctx.anatomy is not None else ctx.refresh_anatomy(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
-    notes, rewritten = [], 0
+    notes = []
+    bound = {index for index, _ in attention_sites(gm)}  # kv_share binds its readers before this pass
+    rewritten = len(bound)
     for site in anatomy.attention_sites:
+        if site.index in bound:
+            continue
         node = by_name.get(site.node)
         why = _site_skip_reason(site, node) or _rewrite_site(gm, site, node, store)
         if why:
@@ -128,24 +108,25 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
         else:
             rewritten += 1
     sites = anatomy.attention_sites
+    n_sites = len({s.index for s in sites} | bound)
     if not rewritten and sites and all(site.cache.kind != "none" for site in sites):
         # The model keeps its own cache (HF generate's DynamicCache / StaticCache): exact as it is.
         return PassResult(NAME, applied=False, sites_matched=len(sites), notes=_unique(notes))
-    if not sites and anatomy.lm_head is None:
+    if not n_sites and anatomy.lm_head is None:
         return PassResult.skipped(NAME, "no attention sites in this graph (a piece of a model split by graph breaks)")
-    if rewritten != len(sites):
+    if rewritten != n_sites:
         # The runtime calls the model without its own cache: an unbound site would
         # attend to the current step's tokens only, and a half-bound model over two
         # different caches. Either gives wrong tokens, so refuse.
         raise UsageError(
             f"the slimfx runtime cannot run this model exactly: it bound {rewritten} of "
-            f"{len(sites)} attention sites ({'; '.join(_unique(notes)) or 'the anatomy found no attention sites'}); "
+            f"{n_sites} attention sites ({'; '.join(_unique(notes)) or 'the anatomy found no attention sites'}); "
             f"allowed: models whose attention is SDPA over nn.Linear projections, or plain torch.compile(model, backend='slimfx') with model.generate"
         )
     gm.graph.eliminate_dead_code()
     gm.recompile()
     ctx.state.setdefault("kv_stores", {})[store.id] = store
     return PassResult(
-        NAME, applied=True, sites_matched=len(anatomy.attention_sites), nodes_rewritten=rewritten,
+        NAME, applied=True, sites_matched=n_sites, nodes_rewritten=rewritten,
         notes=notes, details={"store": store.id, "kv_bytes": store.nbytes()},
     )

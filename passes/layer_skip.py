@@ -28,7 +28,6 @@ q/o projections and attention go.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -36,11 +35,11 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from slimfx.compiler.anatomy import BLOCK_META, REMOVED_META, Anatomy, Block, meta, param_path
+from slimfx.compiler.anatomy import BLOCK_META, REMOVED_META, Anatomy, Block, meta
 from slimfx.compiler.artifacts import read_json_artifact
 from slimfx.compiler.config import ConfigError, Option
 from slimfx.compiler.passmanager import PassContext, PassResult
-from slimfx.passes._graph import graph_input_value
+from slimfx.passes._identity import IDENTITY_FIELDS, check_plan_model, describe_model, model_identity
 
 NAME = "layer_skip"
 DESCRIPTION = ("removes decoder blocks or their MLPs: listed, from a calibrated plan (Block Influence, SLEB), "
@@ -61,65 +60,17 @@ TARGETS = ("block", "mlp")
 METHODS = ("block_influence", "sleb")
 
 
-# ----------------------------------------------------------------------------- model identity
-
-
-def weight_fingerprint(weight: torch.Tensor) -> str:
-    """12 hex digits identifying a weight matrix: a hash of 4096 evenly strided entries
-    rounded to bfloat16, so the model loaded in float32 or bfloat16 hashes alike."""
-    flat = weight.detach().flatten()
-    sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16)
-    return hashlib.sha256(sample.view(torch.int16).numpy().tobytes()).hexdigest()[:12]
-
-
-def _identity(anatomy: Anatomy, embedding) -> dict:
-    return {"blocks": anatomy.model_blocks, "hidden": anatomy.hidden_size, "vocab": anatomy.vocab_size,
-            "fingerprint": weight_fingerprint(embedding) if isinstance(embedding, torch.Tensor) else None}
-
-
-def model_identity(gm: torch.fx.GraphModule, anatomy: Anatomy, example_inputs) -> dict:
-    """{blocks, hidden, vocab, fingerprint} of the model behind a graph: blocks of the
-    unmodified model, fingerprint of its token embedding (None when the graph does not
-    read the embedding as a parameter)."""
-    weight = None
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "get_attr") and anatomy.embedding and param_path(node) == anatomy.embedding:
-            weight = graph_input_value(gm, node, example_inputs)
-            break
-    return _identity(anatomy, weight)
-
-
-def identity_of_model(model: torch.nn.Module, anatomy: Anatomy) -> dict:
-    """model_identity for a model whose graph was captured without its inputs (inspect)."""
-    weight = model.get_parameter(anatomy.embedding) if anatomy.embedding else None
-    return _identity(anatomy, weight)
-
-
-def _describe(identity: dict) -> str:
-    return (f"{identity['blocks']} blocks, hidden {identity['hidden']}, vocab {identity['vocab']}, "
-            f"weights {identity['fingerprint'] or '?'}")
-
-
-def check_plan_model(plan: dict, identity: dict, where: str) -> None:
-    """ConfigError (one line) unless `plan` was made for the model `identity` describes."""
-    keys = ("blocks", "hidden", "vocab", "fingerprint")
-    if any(plan["model"][k] != identity[k] for k in keys):
-        raise ConfigError(f"{where}: the plan was made for another model ({_describe(plan['model'])}); this model has "
-                          f"{_describe(identity)}; allowed: a plan from `slimfx calibrate skip` for this model")
-
-
 # ----------------------------------------------------------------------------- plans
 
 _PLAN_FIELDS = {"kind": str, "version": int, "model": dict, "target": str, "method": str, "skip": list,
                 "scores": dict, "calibration": dict}
-_MODEL_FIELDS = {"blocks": int, "hidden": int, "vocab": int, "fingerprint": str}
 
 
 def validate_plan(plan, where: str) -> dict:
     """`plan` when it is a valid layer-skip plan; else ValueError naming the first bad field."""
     if not isinstance(plan, dict) or plan.get("kind") != PLAN_KIND or plan.get("version") != PLAN_VERSION:
         raise ValueError(f"{where}: not a {PLAN_KIND} v{PLAN_VERSION} file (written by `slimfx calibrate skip`)")
-    for fields, table, prefix in ((_PLAN_FIELDS, plan, ""), (_MODEL_FIELDS, plan.get("model"), "model.")):
+    for fields, table, prefix in ((_PLAN_FIELDS, plan, ""), (IDENTITY_FIELDS, plan.get("model"), "model.")):
         for key, type_ in fields.items():
             if not isinstance(table.get(key), type_) or isinstance(table.get(key), bool):
                 raise ValueError(f"{where}: field {prefix}{key} must be {type_.__name__}, got {table.get(key)!r:.40}")
@@ -160,7 +111,7 @@ def format_plan(plan: dict) -> str:
     rows = [[b, "removed" if b in plan["skip"] else "-", *("-" if plan["scores"][k][b] is None else f"{plan['scores'][k][b]:.4g}" for k in names)]
             for b in range(plan["model"]["blocks"])]
     what = "MLPs of blocks" if plan["target"] == "mlp" else "blocks"
-    return (f"layer-skip plan: removes {what} {sorted(plan['skip'])} ({plan['method']}; model {_describe(plan['model'])})\n"
+    return (f"layer-skip plan: removes {what} {sorted(plan['skip'])} ({plan['method']}; model {describe_model(plan['model'])})\n"
             + format_table(["block", "plan", *names], rows))
 
 

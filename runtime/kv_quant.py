@@ -1,6 +1,6 @@
 """KV-cache formats: quantize and dequantize keys/values in plain PyTorch (all lossy).
 
-The store (runtime/kv_quant_op.py) keeps k/v of an attention site in one of these
+The store (passes/kv_quantize/op.py) keeps k/v of an attention site in one of these
 formats; the attention op quantizes each token on write. Layouts (x has head_dim D
 last; "token" means one (sequence, kv head, slot) row):
 

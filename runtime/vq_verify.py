@@ -249,8 +249,9 @@ def _head_of(model, cfg, opts) -> rt.DeferredHead:
 
 
 def _check_store(store, needed: int) -> None:
-    if store.track_scores:
-        raise KVStoreError("generate_verified: the KV store tracks eviction scores; allowed: no kv_eviction (rollback must be exact)")
+    why = store.rollback_refusal()
+    if why:
+        raise KVStoreError(f"generate_verified: {why}; allowed: no kv_eviction or kv_quantize (rollback must be exact)")
     small = {i: c.capacity for i, c in store.sites.items() if c.capacity < needed}
     if small:
         raise KVStoreError(f"generate_verified: sites {sorted(small)} hold fewer slots ({min(small.values())}) than the "

@@ -1,4 +1,4 @@
-"""KV-cache quantization: formats (round-trip bounds), the slimfx::attention_kvq op against an
+"""KV-cache quantization: formats (round-trip bounds), the kvq layout of slimfx::attention against an
 independent oracle of its semantics and against full-precision attention, the Triton decode
 kernel under the interpreter, and the kv_quantize pass through slimfx.runtime.generate."""
 
@@ -17,7 +17,9 @@ from slimfx.codegen.kernels.prefill_attention import prefill_attention_ref
 from slimfx.compiler.config import ConfigError, load_config
 from slimfx.runtime import generate
 from slimfx.runtime import kv_quant as kq
-from slimfx.runtime.kv_quant_op import QuantSiteCache, attention_kvq_ref, qlimit, quantized_site, site_buffers
+from slimfx.passes.kv_quantize.op import kvq_site, qlimit, write_step
+from slimfx.runtime.attention_op import attention_ref
+from slimfx.runtime.kv_store import SiteCache
 from slimfx.runtime.kv_store import KVStore
 from slimfx.runtime.models import tiny_model
 
@@ -87,9 +89,9 @@ def test_error_falls_with_bits():
 # ----------------------------------------------------------------------------- the op
 
 
-def _site(fmt, group, residual, n_sink, B=2, Hkv=2, C=64, D=16, dtype=torch.float32, device="cpu") -> QuantSiteCache:
+def _site(fmt, group, residual, n_sink, B=2, Hkv=2, C=64, D=16, dtype=torch.float32, device="cpu") -> SiteCache:
     store = KVStore(B, C, dtype=dtype, device=device)
-    return quantized_site(store.site(0, Hkv, D), fmt, group, residual, n_sink)
+    return kvq_site(store.site(0, Hkv, D), fmt, group, residual, n_sink)
 
 
 def _inputs(B=2, Hq=4, Hkv=2, L=40, D=16, pads=3, seed=0):
@@ -104,7 +106,7 @@ def _inputs(B=2, Hq=4, Hkv=2, L=40, D=16, pads=3, seed=0):
 def _run_op(cache, q, k, v, positions, chunks):
     outs, start = [], 0
     for end in chunks:
-        outs.append(attention_kvq_ref(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], positions[:, start:end], cache))
+        outs.append(attention_ref(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], positions[:, start:end], cache))
         start = end
     return torch.cat(outs, dim=2)
 
@@ -193,17 +195,15 @@ def test_op_close_to_full_precision_attention(fmt, tol):
 def test_quantized_site_holds_fewer_bytes():
     store = KVStore(1, 2048, dtype=torch.bfloat16)  # the fp side buffer (132 slots) is a fixed cost
     full = store.site(0, 8, 64)
-    sizes = {name: quantized_site(full, name, 32, 128, 4).nbytes() for name in FORMATS}
+    sizes = {name: kvq_site(full, name, 32, 128, 4).nbytes() for name in FORMATS}
     assert sizes["int8"] < full.nbytes() * 0.75 and sizes["int4"] < sizes["int8"] and sizes["int2"] < sizes["int4"]
 
 
 def test_opcheck_schema_and_fake():
-    import slimfx.runtime.kv_quant_op  # noqa: F401
-
     cache = _site("int4", 4, 4, 1)
     q, k, v, positions = _inputs(L=5)
-    args = (q, k, v, positions, *site_buffers(cache), 0.25, "int4", 4, 4, 1)
-    torch.library.opcheck(torch.ops.slimfx.attention_kvq.default, args, test_utils=("test_schema", "test_faketensor"))
+    args = (q, k, v, positions, cache.buffers(), 0.25, cache.layout)
+    torch.library.opcheck(torch.ops.slimfx.attention.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 # ----------------------------------------------------------------------------- the Triton kernel (interpreter on CPU)
@@ -234,15 +234,15 @@ def test_decode_kernel_matches_reference(shape, qdtype):
 def test_fused_decode_write_matches_reference_write():
     """kvq_write_token (one launch per decode step) leaves the store exactly as write_step does."""
     from slimfx.codegen.kernels.decode_attention_kvq import kvq_write_token
-    from slimfx.runtime.kv_quant_op import write_step
 
     q, k, v, positions = (t.to(DEVICE) for t in _inputs(L=20, D=16))
     ref, fused = (_site("int8", 1, 3, 2, C=16, device=DEVICE) for _ in range(2))
     for t in range(20):  # wraps the 16-slot tier and the 5-slot full-precision buffer
         step = (k[:, :, t:t + 1], v[:, :, t:t + 1], positions[:, t:t + 1])
-        write_step(*step, *site_buffers(ref), kq.get_format("int8"), 1, 2)
-        kvq_write_token(*step, fused.k, fused.v, fused.k_scale, fused.v_scale, fused.slot_pos, fused.fp_k, fused.fp_v, fused.fp_pos, n_sink=2)
-    for a, b in zip(site_buffers(ref), site_buffers(fused)):
+        write_step(*step, *ref.buffers(), kq.get_format("int8"), 1, 2)
+        main, full = fused.main, fused.tiers["full"]
+        kvq_write_token(*step, main.k, main.v, main.k_scale, main.v_scale, main.slot_pos, full.k, full.v, full.slot_pos, n_sink=2)
+    for a, b in zip(ref.buffers(), fused.buffers()):
         assert a.shape == b.shape
         if DEVICE == "cpu" or a.numel() == 0:  # some formats leave a buffer empty
             # Codes could differ by one only on an exact .5 tie (rounding mode); none occur here.
@@ -267,9 +267,9 @@ def test_op_triton_path_matches_reference_path(monkeypatch):
     for mode in ("ref", "triton"):
         monkeypatch.setenv("SLIMFX_ATTENTION", mode)
         cache = _site("int8", 1, 3, 2, C=32, device=DEVICE)
-        args = lambda s, e: (q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], positions[:, s:e], *site_buffers(cache), 0.25, "int8", 1, 3, 2)
-        torch.ops.slimfx.attention_kvq(*args(0, 16))
-        outs.append(torch.cat([torch.ops.slimfx.attention_kvq(*args(t, t + 1)) for t in range(16, 24)], dim=2))
+        args = lambda s, e: (q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], positions[:, s:e], cache.buffers(), 0.25, cache.layout)
+        torch.ops.slimfx.attention(*args(0, 16))
+        outs.append(torch.cat([torch.ops.slimfx.attention(*args(t, t + 1)) for t in range(16, 24)], dim=2))
     assert (outs[0] - outs[1]).abs().max() < KERNEL_TOL
 
 
@@ -305,12 +305,11 @@ def test_int8_pass_through_generate_saves_bytes_and_keeps_tokens(sharp_model, pr
     fp = results[0].details["footprint"]
     assert full_rate / 4 < fp["kv_bytes_per_token"] < 0.6 * full_rate, (fp, full_rate)
     assert fp["kv_fixed_bytes"] > 0  # the float32 sink buffers
-    # Structure: every site is one attention_kvq op over int8 buffers; no plain attention op is left.
+    # Structure: every site is one attention op of the kvq layout over int8 buffers.
     for gm in graphs:
-        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-        assert targets.count(torch.ops.slimfx.attention_kvq.default) == 2
-        assert torch.ops.slimfx.attention.default not in targets
-        assert all(getattr(gm, f"_slimfx_kv{i}_k").dtype == torch.int8 for i in (0, 1))
+        ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.slimfx.attention.default]
+        assert len(ops) == 2 and all(op.args[-1].startswith("kvq/int8/") for op in ops)
+        assert all(getattr(gm, f"_slimfx_kv{i}_main_k").dtype == torch.int8 for i in (0, 1))
     agreement = (tokens == reference.tokens).float().mean().item()
     # Measured (2026-11-22): 29/48 greedy tokens equal (0.60). Sequence 0 keeps all 24;
     # sequence 1 diverges at step 4, where the reference's top-2 logit margin is 0.004

@@ -188,8 +188,9 @@ def test_runtime_never_allocates_removed_sites_and_overrides_keep_block_numbers(
     assert torch.equal(tokens, ref_tokens)
     store = get_generator(model, 2, 64, config=cfg).store
     assert {i: c.capacity for i, c in store.sites.items()} == {0: 64, 2: 16, 3: 24}
-    per_slot = 2 * 2 * (2 * 16 * 4 + 4 + 4)  # batch x kv heads x (K and V fp32 + slot position + score)
-    assert stats["kv_bytes"] == ref_stats["kv_bytes"] == per_slot * (64 + 16 + 24)  # no bytes for block 1
+    plain = 2 * 2 * (2 * 16 * 4 + 4)  # batch x kv heads x (K and V fp32 + slot position)
+    evicting = plain + 2 * 2 * 4  # + a policy score
+    assert stats["kv_bytes"] == ref_stats["kv_bytes"] == plain * 64 + evicting * (16 + 24)  # no bytes for block 1
 
 
 def test_quantize_runs_after_it_and_accepts_a_plan_naming_removed_linears(model, ids, tmp_path):

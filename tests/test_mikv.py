@@ -1,11 +1,11 @@
 """MiKV (passes/kv_eviction/mikv_op.py): evicted tokens kept at low precision instead of dropped.
 
 The op against a dense reference built from its two tiers, the high tier against
-attention_evict's store, exactness with a budget covering everything, and, on the sharp
+the evict variant's tier, exactness with a budget covering everything, and, on the sharp
 tiny model, that MiKV stays closer to the full cache than plain eviction at equal budget."""
 
-import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,14 +14,14 @@ from hypothesis import strategies as st
 
 import slimfx
 from slimfx.compiler.config import ConfigError
-from slimfx.passes.kv_eviction import rewrite_mikv
-from slimfx.passes.kv_eviction.eviction_op import attention_evict_ref
-from slimfx.passes.kv_eviction.mikv_op import FORMATS, LOW_FIELDS, MiKVCache, attention_mikv_ref, low_tier
+from slimfx.passes.kv_eviction import _check_options, rewrite_mikv
+from slimfx.passes.kv_eviction.eviction_op import evict_site
+from slimfx.passes.kv_eviction.mikv_op import FORMATS, mikv_site
 from slimfx.runtime import generate
 from slimfx.runtime.attention_op import attention_ref
 from slimfx.runtime.generate import get_generator
 from slimfx.runtime.kv_quant import get_format, token_error_bound
-from slimfx.runtime.kv_store import SiteCache
+from slimfx.runtime.kv_store import plain_site
 
 B, HQ, HKV = 2, 4, 2
 POLICIES = ("streaming", "h2o", "a2sf", "tova", "keyformer", "snapkv")  # duo is refused (test below)
@@ -31,10 +31,10 @@ PARAM = {"a2sf": 0.9, "keyformer": 1.0, "snapkv": 4}
 # ----------------------------------------------------------------------------- op level
 
 
-def _tiers(budget: int, capacity: int, D: int, fmt: str):
-    empty = lambda cap: SiteCache(0, torch.zeros(B, HKV, cap, D), torch.zeros(B, HKV, cap, D),
-                                  torch.full((B, HKV, cap), -1, dtype=torch.int32), torch.zeros(B, HKV, cap))
-    return empty(budget), low_tier(empty(capacity), fmt)
+def _site(budget: int, capacity: int, D: int, fmt: str, **layout):
+    """A MiKV site and its two tiers (high, low)."""
+    site = mikv_site(B, HKV, budget, capacity, D, fmt=fmt, **layout)
+    return site, site.main, site.tiers["low"]
 
 
 def _stream(total: int, D: int, seed: int):
@@ -50,9 +50,9 @@ def _feed(q, k, v, prompt: int, step_fn):
     return torch.cat(outs, dim=2)
 
 
-def _dequantized_low(low):
+def _dequantized_low(low, fmt: str):
     """The low tier's keys/values as floats, decoded with kv_quant directly (not the op's helper)."""
-    fmt = get_format(low.fmt)
+    fmt = get_format(fmt)
     out = []
     for codes, scale, zero in ((low.k, low.k_scale, low.k_zero), (low.v, low.v_scale, low.v_zero)):
         G = scale.shape[-1]
@@ -67,11 +67,11 @@ def _dequantized_low(low):
     return out
 
 
-def _check_tiers(high, low, k, v, seen: int, n_sink: int, window: int):
+def _check_tiers(high, low, fmt_name: str, k, v, seen: int, n_sink: int, window: int):
     """Every token 0..seen-1 is in exactly one tier; the high tier holds it exactly, the low
     tier within kv_quant's documented bound; sinks and the recent window are high."""
-    fmt = get_format(low.fmt)
-    lk, lv = _dequantized_low(low)
+    fmt = get_format(fmt_name)
+    lk, lv = _dequantized_low(low, fmt_name)
     for b in range(B):
         for h in range(HKV):
             hi_pos = high.slot_pos[b, h][high.slot_pos[b, h] >= 0].tolist()
@@ -91,10 +91,10 @@ def _check_tiers(high, low, k, v, seen: int, n_sink: int, window: int):
                     assert ((got[b, h, slot].view(G, -1) - row).abs() <= bound).all()
 
 
-def _dense_attention(q, high, low, q_pos):
+def _dense_attention(q, high, low, fmt: str, q_pos):
     """Attention of queries q [B, Hq, T, D] at positions q_pos [T] over both tiers as stored
     (high exact, low dequantized), by explicit softmax per head."""
-    lk, lv = _dequantized_low(low)
+    lk, lv = _dequantized_low(low, fmt)
     D = q.shape[-1]
     out = torch.empty_like(q)
     for b in range(B):
@@ -118,17 +118,15 @@ def test_op_matches_dense_reference_over_both_tiers(policy, fmt, D, prompt, step
     budget = n_sink + window + 1 + extra
     total = prompt + steps
     q, k, v = _stream(total, D, seed)
-    high, low = _tiers(budget, total, D, fmt)
-    kw = dict(policy=policy, n_sink=n_sink, window=window, param=PARAM.get(policy, 0.0))
+    site, high, low = _site(budget, total, D, fmt, policy=policy, n_sink=n_sink, window=window, param=PARAM.get(policy, 0.0))
 
     def step(qs, ks, vs, pos, seen):
-        out = attention_mikv_ref(qs, ks, vs, pos, high, low, **kw)
-        _check_tiers(high, low, k, v, seen, n_sink, window)
+        out = attention_ref(qs, ks, vs, pos, site)
+        _check_tiers(high, low, fmt, k, v, seen, n_sink, window)
         if qs.shape[2] == 1:  # decode reads the tiers as they are after its write
-            torch.testing.assert_close(out, _dense_attention(qs, high, low, pos[0].tolist()), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out, _dense_attention(qs, high, low, fmt, pos[0].tolist()), rtol=1e-5, atol=1e-5)
         else:  # the first prefill attends over the exact prompt
-            full = attention_ref(qs, ks, vs, pos, torch.zeros(B, HKV, total, D), torch.zeros(B, HKV, total, D),
-                                 torch.full((B, HKV, total), -1, dtype=torch.int32), torch.zeros(B, HKV, total))
+            full = attention_ref(qs, ks, vs, pos, plain_site(B, HKV, total, D))
             torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
         return out
 
@@ -140,37 +138,35 @@ def test_second_prefill_chunk_attends_over_the_low_tier():
     """A later chunk sees earlier evicted tokens dequantized (prefill over both tiers)."""
     D, fmt = 8, "int4"
     q, k, v = _stream(20, D, seed=5)
-    high, low = _tiers(6, 20, D, fmt)
-    kw = dict(policy="h2o", n_sink=1, window=2)
-    attention_mikv_ref(q[:, :, :12], k[:, :, :12], v[:, :, :12], torch.arange(12).expand(B, 12), high, low, **kw)
+    site, high, low = _site(6, 20, D, fmt, policy="h2o", n_sink=1, window=2)
+    attention_ref(q[:, :, :12], k[:, :, :12], v[:, :, :12], torch.arange(12).expand(B, 12), site)
     assert (low.slot_pos >= 0).sum() == B * HKV * 6
     # The reference reads the tiers as they were before the chunk: copy them first.
-    before_high = dataclasses.replace(high, **{f: getattr(high, f).clone() for f in ("k", "v", "slot_pos")})
-    before_low = dataclasses.replace(low, **{f: getattr(low, f).clone() for f in LOW_FIELDS})
+    before_high = SimpleNamespace(**{f: t.clone() for f, t in high.buffers.items()})
+    before_low = SimpleNamespace(**{f: t.clone() for f, t in low.buffers.items()})
     pos = torch.arange(12, 20).expand(B, 8)
-    out = attention_mikv_ref(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], pos, high, low, **kw)
-    chunk = SiteCache(0, k[:, :, 12:], v[:, :, 12:], pos[:, None, :].expand(B, HKV, 8).int(), torch.zeros(B, HKV, 8))
-    both = SiteCache(0, torch.cat([before_high.k, chunk.k], 2), torch.cat([before_high.v, chunk.v], 2),
-                     torch.cat([before_high.slot_pos, chunk.slot_pos], 2), torch.zeros(0))
-    torch.testing.assert_close(out, _dense_attention(q[:, :, 12:], both, before_low, list(range(12, 20))), rtol=1e-5, atol=1e-5)
-    _check_tiers(high, low, k, v, 20, 1, 2)
+    out = attention_ref(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], pos, site)
+    both = SimpleNamespace(k=torch.cat([before_high.k, k[:, :, 12:]], 2), v=torch.cat([before_high.v, v[:, :, 12:]], 2),
+                           slot_pos=torch.cat([before_high.slot_pos, pos[:, None, :].expand(B, HKV, 8).int()], 2))
+    torch.testing.assert_close(out, _dense_attention(q[:, :, 12:], both, before_low, fmt, list(range(12, 20))), rtol=1e-5, atol=1e-5)
+    _check_tiers(high, low, fmt, k, v, 20, 1, 2)
 
 
 @pytest.mark.parametrize("policy", ["streaming", "snapkv"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_high_tier_is_managed_like_attention_evict(policy, fmt):
+def test_high_tier_is_managed_like_the_evict_variant(policy, fmt):
     """Policies that rank by position or by prefill scores choose the same tokens as
-    attention_evict; what it drops, MiKV holds in the low tier."""
+    the evict variant; what it drops, MiKV holds in the low tier."""
     D, budget, prompt, total = 8, 7, 12, 22
     q, k, v = _stream(total, D, seed=3)
     kw = dict(policy=policy, n_sink=2, window=3, param=PARAM.get(policy, 0.0))
-    high, low = _tiers(budget, total, D, fmt)
-    evict = [torch.zeros(B, HKV, budget, D), torch.zeros(B, HKV, budget, D), torch.full((B, HKV, budget), -1, dtype=torch.int32), torch.zeros(B, HKV, budget)]
+    site, high, low = _site(budget, total, D, fmt, **kw)
+    evict = evict_site(B, HKV, budget, D, **kw)
 
     def step(qs, ks, vs, pos, seen):
-        out = attention_mikv_ref(qs, ks, vs, pos, high, low, **kw)
-        attention_evict_ref(qs, ks, vs, pos, *evict, **kw)
-        assert torch.equal(high.slot_pos, evict[2]) and torch.equal(high.k, evict[0]) and torch.equal(high.v, evict[1])
+        out = attention_ref(qs, ks, vs, pos, site)
+        attention_ref(qs, ks, vs, pos, evict)
+        assert torch.equal(high.slot_pos, evict.slot_pos) and torch.equal(high.k, evict.k) and torch.equal(high.v, evict.v)
         return out
 
     _feed(q, k, v, prompt, step)
@@ -181,11 +177,10 @@ def test_high_tier_is_managed_like_attention_evict(policy, fmt):
 def test_budget_covering_everything_equals_full_attention(policy, fmt):
     D, prompt, total = 8, 12, 18
     q, k, v = _stream(total, D, seed=0)
-    high, low = _tiers(total, total, D, fmt)
-    kw = dict(policy=policy, n_sink=2, window=3, param=PARAM.get(policy, 0.0))
-    mikv = _feed(q, k, v, prompt, lambda qs, ks, vs, pos, _: attention_mikv_ref(qs, ks, vs, pos, high, low, **kw))
-    cache = (torch.zeros(B, HKV, total, D), torch.zeros(B, HKV, total, D), torch.full((B, HKV, total), -1, dtype=torch.int32), torch.zeros(B, HKV, total))
-    full = _feed(q, k, v, prompt, lambda qs, ks, vs, pos, _: attention_ref(qs, ks, vs, pos, *cache))
+    site, _, low = _site(total, total, D, fmt, policy=policy, n_sink=2, window=3, param=PARAM.get(policy, 0.0))
+    mikv = _feed(q, k, v, prompt, lambda qs, ks, vs, pos, _: attention_ref(qs, ks, vs, pos, site))
+    cache = plain_site(B, HKV, total, D)
+    full = _feed(q, k, v, prompt, lambda qs, ks, vs, pos, _: attention_ref(qs, ks, vs, pos, cache))
     torch.testing.assert_close(mikv, full, rtol=1e-5, atol=1e-5)
     assert (low.slot_pos < 0).all()  # nothing demoted
 
@@ -262,22 +257,23 @@ def test_bytes_counted_for_both_tiers_and_reset_empties_both(forced):
     _, store, results = forced["int4"]
     n_sites, H, D = len(store.sites), store.sites[0].n_kv_heads, store.sites[0].head_dim
     assert D % 32  # one quantization group per row (G = 1)
-    per_slot_full = 2 * D * 4 + 4 + 4  # fp32 k and v, int32 slot_pos, fp32 score
+    per_slot_plain = 2 * D * 4 + 4  # fp32 k and v, int32 slot_pos
+    per_slot_high = per_slot_plain + 4  # and an fp32 score
     per_slot_int4 = 2 * (D // 2) + 4 + 2 * 2 * 2  # packed k and v, int32 slot_pos, f16 scale + min for k and v
-    site_after = 2 * H * (SMALL["budget"] * per_slot_full + CAPACITY * per_slot_int4)
+    site_after = 2 * H * (SMALL["budget"] * per_slot_high + CAPACITY * per_slot_int4)
     assert store.nbytes() == n_sites * site_after
-    # The first graph compiled (prefill) resized the store; the decode graph found it done.
-    assert [r.bytes_saved for r in results] == [n_sites * (2 * H * CAPACITY * per_slot_full - site_after), 0]
+    # The first graph compiled (prefill) relaid the store out; the decode graph found it done.
+    assert [r.bytes_saved for r in results] == [n_sites * (2 * H * CAPACITY * per_slot_plain - site_after), 0]
     # The footprint the eval reports counts demoted tokens at the low tier's bytes per token.
     assert results[0].details["low_tier_bytes_per_token"] == {i: H * per_slot_int4 for i in store.sites}
     for cache in store.sites.values():
-        assert isinstance(cache, MiKVCache) and (cache.low.slot_pos >= 0).any()  # 63 tokens seen, 16 kept high
+        assert cache.layout.startswith("mikv/") and (cache.tiers["low"].slot_pos >= 0).any()  # 63 tokens seen, 16 kept high
     store.reset()
-    assert all((c.slot_pos < 0).all() and (c.low.slot_pos < 0).all() for c in store.sites.values())
+    assert all((c.slot_pos < 0).all() and (c.tiers["low"].slot_pos < 0).all() for c in store.sites.values())
 
 
-def _site(D: int) -> SiteCache:
-    return SiteCache(0, torch.zeros(1, 2, 32, D), torch.zeros(1, 2, 32, D), torch.full((1, 2, 32), -1, dtype=torch.int32), torch.zeros(1, 2, 32))
+def _plain(D: int):
+    return plain_site(1, 2, 32, D)
 
 
 OPTS = dict(policy="h2o", budget=16, n_sink=2, window=4, alpha=0.95, tau=1.0, obs_window=32, decode_budget=0,
@@ -291,20 +287,24 @@ class _Store:
 
 @pytest.mark.parametrize("change, message", [
     (dict(policy="duo"), "passes.kv_eviction.evicted (layer 0): got 'int4' with policy 'duo'; allowed: 'drop' "
-                         "(DuoAttention's head split and MiKV's tiers do not combine)"),
-    (dict(evicted="fp8"), "passes.kv_eviction.evicted (layer 0): got 'fp8'; allowed for a low-precision tier: one of int8, int4, int2 ('drop' evicts)"),
+                         "(duo's streaming heads keep sinks + recent tokens by design; MiKV's low tier goes with a score-based policy)"),
     (dict(decode_budget=32), "passes.kv_eviction.evicted (layer 0): got 'int4' with decode_budget 32; allowed: 'drop' (MiKV and SCOPE budgets do not combine)"),
 ])
 def test_bad_combinations_are_config_errors(change, message):
-    cache = _site(8)
     with pytest.raises(ConfigError) as err:
-        rewrite_mikv(None, None, _Store(cache), 0, dict(OPTS, **change))
+        _check_options(0, dict(OPTS, budget_fraction=0.0, **change))
     assert str(err.value) == message
+
+
+def test_a_format_mikv_cannot_store_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        rewrite_mikv(None, _Store(_plain(8)), 0, dict(OPTS, evicted="fp8"))
+    assert str(err.value) == "passes.kv_eviction.evicted (layer 0): got 'fp8'; allowed for a low-precision tier: one of int8, int4, int2 ('drop' evicts)"
 
 
 def test_head_dim_the_format_cannot_pack_is_a_config_error():
     with pytest.raises(ConfigError, match=r"passes\.kv_eviction\.evicted \(layer 0\): got 'int2'; head_dim 6 is not a multiple of 4"):
-        rewrite_mikv(None, None, _Store(_site(6)), 0, dict(OPTS, evicted="int2"))
+        rewrite_mikv(None, _Store(_plain(6)), 0, dict(OPTS, evicted="int2"))
 
 
 def test_decode_budget_with_mikv_is_refused_through_the_pass(sharp_model, prompt):

@@ -118,9 +118,11 @@ def test_kv_runtime_turns_each_sdpa_into_one_attention_op():
 # ----------------------------------------------------------------------------- kv_eviction
 
 
-def test_kv_eviction_turns_each_attention_op_into_attention_evict():
-    import slimfx.passes.kv_eviction.eviction_op  # noqa: F401  registers torch.ops.slimfx.attention_evict
+def _layouts(gm) -> list[str]:
+    return [n.args[-1] for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.slimfx.attention.default]
 
+
+def test_kv_eviction_gives_each_attention_op_the_evict_layout():
     gm = _runtime_graph(layers=2)
     sdpa_before = _sdpa(gm)
     store = KVStore(B, CAPACITY)
@@ -128,9 +130,11 @@ def test_kv_eviction_turns_each_attention_op_into_attention_evict():
     results = _run_pipeline(gm, raw)
     assert list(results) == ["kv_runtime", "kv_eviction"]
     runtime, evict = results["kv_runtime"], results["kv_eviction"]
-    n_evict = _count(gm, torch.ops.slimfx.attention_evict.default)
-    assert n_evict == sdpa_before == 2
-    assert _count(gm, torch.ops.slimfx.attention.default) == 0 and _sdpa(gm) == 0
+    assert _layouts(gm) == ["evict/h2o/2/4/0.0/0"] * 2 and _sdpa(gm) == 0
+    n_evict = len(_layouts(gm))
+    # Each op reads the relaid-out site: k, v, slot_pos and the policy's scores, at the budget.
+    op = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.slimfx.attention.default)
+    assert [b.target for b in op.args[4]] == [f"_slimfx_kv{op.meta['slimfx_site']}_main_{f}" for f in ("k", "v", "slot_pos", "scores")]
     assert runtime.nodes_rewritten == evict.sites_matched == 2  # eviction matched what kv_runtime made
     assert evict.applied and evict.nodes_rewritten == n_evict and evict.bytes_saved > 0
     assert {i: c.capacity for i, c in store.sites.items()} == {0: 16, 1: 16}
@@ -142,26 +146,24 @@ def test_kv_eviction_budget_beyond_the_store_rewrites_nothing():
     results = _run_pipeline(gm, _with_runtime(eviction_config(policy="h2o", budget=CAPACITY, decode_budget=8, n_sink=2, window=4), store.id))
     evict = results["kv_eviction"]
     assert not evict.applied and evict.sites_matched == 2 and evict.nodes_rewritten == 0
-    assert _count(gm, torch.ops.slimfx.attention.default) == 2
+    assert _layouts(gm) == ["plain", "plain"]
 
 
 # ----------------------------------------------------------------------------- kv_quantize
 
 
-def test_kv_quantize_turns_each_attention_op_into_attention_kvq():
-    import slimfx.runtime.kv_quant_op  # noqa: F401  registers torch.ops.slimfx.attention_kvq
-
+def test_kv_quantize_gives_each_attention_op_the_kvq_layout():
     gm = _runtime_graph(layers=2)
     sdpa_before = _sdpa(gm)
     store = KVStore(B, CAPACITY)
     results = _run_pipeline(gm, _with_runtime(kv_quant_config(format="int8", residual=0, n_sink=4), store.id))
     assert list(results) == ["kv_runtime", "kv_quantize"]
     kvq = results["kv_quantize"]
-    n_kvq = _count(gm, torch.ops.slimfx.attention_kvq.default)
-    assert n_kvq == sdpa_before == 2 and _count(gm, torch.ops.slimfx.attention.default) == 0
-    assert kvq.applied and kvq.sites_matched == kvq.nodes_rewritten == n_kvq
+    assert _layouts(gm) == ["kvq/int8/1/0/4"] * sdpa_before
+    assert kvq.applied and kvq.sites_matched == kvq.nodes_rewritten == sdpa_before
     assert kvq.details["formats"] == {0: "int8", 1: "int8"}
-    assert all(getattr(gm, f"_slimfx_kv{i}_k").dtype == torch.int8 for i in (0, 1))
+    assert all(getattr(gm, f"_slimfx_kv{i}_main_k").dtype == torch.int8 for i in (0, 1))
+    assert all(getattr(gm, f"_slimfx_kv{i}_full_k").dtype == torch.float32 for i in (0, 1))
 
 
 # ----------------------------------------------------------------------------- quantize

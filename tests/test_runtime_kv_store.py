@@ -10,7 +10,7 @@ from slimfx.compiler.anatomy import capture_graph, is_sdpa
 from slimfx.compiler.config import load_config
 from slimfx.compiler.passmanager import PassContext, PassManager
 from slimfx.runtime.attention_op import attention_ref, write_tokens
-from slimfx.runtime.kv_store import KVStore, KVStoreError, get_store
+from slimfx.runtime.kv_store import KVStore, KVStoreError, Tier, get_store, plain_site, plain_tier
 from slimfx.runtime.models import tiny_model
 
 
@@ -25,16 +25,28 @@ def test_store_allocates_sites_on_demand_with_per_site_capacity():
     assert get_store(store.id) is store
 
 
-def test_store_reset_keeps_addresses():
+def test_store_reset_keeps_addresses_of_every_tier():
     store = KVStore(1, 8)
     cache = store.site(0, 1, 4)
+    extra = plain_tier(1, 1, 5, 4, dtype=torch.float32, device="cpu", scores=True)
+    store.relayout(0, "plain", {"main": cache.main, "extra": extra})
     cache.slot_pos.fill_(3)
-    cache.scores.fill_(1.0)
+    extra["slot_pos"].fill_(2)
+    extra["scores"].fill_(1.0)
     store.seen.fill_(5)
-    ptrs = (cache.slot_pos.data_ptr(), cache.scores.data_ptr(), store.seen.data_ptr())
+    ptrs = (cache.slot_pos.data_ptr(), extra["scores"].data_ptr(), store.seen.data_ptr())
     store.reset()
-    assert (cache.slot_pos == -1).all() and (cache.scores == 0).all() and (store.seen == 0).all()
-    assert ptrs == (cache.slot_pos.data_ptr(), cache.scores.data_ptr(), store.seen.data_ptr())
+    assert (cache.slot_pos == -1).all() and (extra["slot_pos"] == -1).all() and (extra["scores"] == 0).all() and (store.seen == 0).all()
+    assert ptrs == (cache.slot_pos.data_ptr(), extra["scores"].data_ptr(), store.seen.data_ptr())
+    assert cache.nbytes() == cache.main.nbytes() + extra.nbytes() and cache.capacity == 8
+
+
+def test_rollback_refuses_a_tier_that_cannot_forget_exactly():
+    store = KVStore(1, 8)
+    cache = store.site(0, 1, 4)
+    store.relayout(0, "plain", {"main": cache.main, "low": Tier({"slot_pos": torch.full((1, 1, 4), -1, dtype=torch.int32)}, exact_rollback=False)})
+    with pytest.raises(KVStoreError, match="site 0's 'low' tier"):
+        store.rollback(torch.zeros(1, dtype=torch.int64))
 
 
 def test_shared_site_reads_owner_buffers_and_holds_no_memory():
@@ -69,47 +81,51 @@ def test_write_tokens_places_tokens_by_position_and_pads_mark_empty():
     k = torch.randn(B, H, T, D)
     kc, vc = torch.zeros(B, H, C, D), torch.zeros(B, H, C, D)
     sp = torch.full((B, H, C), -1, dtype=torch.int32)
-    sc = torch.ones(B, H, C)
     positions = torch.tensor([[0, 1, 2, 3, 4], [-2, -1, 0, 1, 2]])  # sequence 1 has two pads
-    write_tokens(k, k, positions, kc, vc, sp, sc)
+    write_tokens(k, k, positions, kc, vc, sp)
     assert torch.equal(kc[0, :, :5], k[0])
     assert sp[0, 0].tolist() == [0, 1, 2, 3, 4, -1, -1, -1]
     assert sp[1, 0].tolist() == [0, 1, 2, -1, -1, -1, -1, -1]  # pads went to slots 6, 7 as empty
     assert torch.equal(kc[1, :, :3], k[1, :, 2:])
-    assert (sc[0, :, :5] == 0).all() and (sc[0, :, 5:] == 1).all()
 
 
 def test_attention_op_decode_matches_sdpa_over_history():
     """Prefill 6 tokens then decode 1, through the op: equals causal SDPA over all 7."""
     B, Hq, Hkv, D, C = 1, 4, 2, 8, 16
     q, k, v = torch.randn(B, Hq, 7, D), torch.randn(B, Hkv, 7, D), torch.randn(B, Hkv, 7, D)
-    bufs = [torch.zeros(B, Hkv, C, D), torch.zeros(B, Hkv, C, D), torch.full((B, Hkv, C), -1, dtype=torch.int32), torch.zeros(B, Hkv, C)]
+    bufs = plain_site(B, Hkv, C, D).buffers()
     pos = torch.arange(7)[None]
     scale = D ** -0.5
-    first = torch.ops.slimfx.attention(q[:, :, :6], k[:, :, :6], v[:, :, :6], pos[:, :6], *bufs, scale, 1.0, False, True)
-    last = torch.ops.slimfx.attention(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], pos[:, 6:], *bufs, scale, 1.0, True, True)
+    first = torch.ops.slimfx.attention(q[:, :, :6], k[:, :, :6], v[:, :, :6], pos[:, :6], bufs, scale, "plain")
+    last = torch.ops.slimfx.attention(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], pos[:, 6:], bufs, scale, "plain")
     full = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     assert torch.allclose(torch.cat([first, last], 2), full, atol=1e-5)
-    # The decode step tracked scores: each query head's mass sums to 1, summed over a group of 2.
-    assert torch.allclose(bufs[3].sum(-1), torch.full((B, Hkv), 2.0), atol=1e-5)
 
 
 def test_attention_op_registration_passes_opcheck():
     B, Hq, Hkv, D, C = 1, 4, 2, 8, 12
-    args = (torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D), torch.tensor([[3]]),
-            torch.randn(B, Hkv, C, D), torch.randn(B, Hkv, C, D), torch.randint(-1, 3, (B, Hkv, C), dtype=torch.int32),
-            torch.rand(B, Hkv, C), D ** -0.5, 0.9, True, True)
+    bufs = [torch.randn(B, Hkv, C, D), torch.randn(B, Hkv, C, D), torch.randint(-1, 3, (B, Hkv, C), dtype=torch.int32)]
+    args = (torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D), torch.tensor([[3]]), bufs, D ** -0.5, "plain")
     torch.library.opcheck(torch.ops.slimfx.attention.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_attention_op_names_an_unknown_layout_and_a_wrong_buffer_count():
+    B, Hq, Hkv, D, C = 1, 2, 1, 4, 6
+    inputs = (torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D), torch.tensor([[0]]))
+    bufs = plain_site(B, Hkv, C, D).buffers()
+    with pytest.raises(ValueError, match="no variant 'nosuch' is registered; registered: .*plain"):
+        torch.ops.slimfx.attention(*inputs, bufs, 0.5, "nosuch/1")
+    with pytest.raises(ValueError, match="got 2 buffers; allowed: 3 .main.k, main.v, main.slot_pos."):
+        torch.ops.slimfx.attention(*inputs, bufs[:2], 0.5, "plain")
 
 
 def test_attention_ref_is_the_op_on_cpu():
     B, Hq, Hkv, D, C = 2, 2, 1, 4, 6
     inputs = (torch.randn(B, Hq, 3, D), torch.randn(B, Hkv, 3, D), torch.randn(B, Hkv, 3, D), torch.tensor([[0, 1, 2], [-1, 0, 1]]))
-    bufs_a = [torch.zeros(B, Hkv, C, D), torch.zeros(B, Hkv, C, D), torch.full((B, Hkv, C), -1, dtype=torch.int32), torch.zeros(B, Hkv, C)]
-    bufs_b = [t.clone() for t in bufs_a]
-    out_a = torch.ops.slimfx.attention(*inputs, *bufs_a, D ** -0.5, 1.0, False, True)
-    out_b = attention_ref(*inputs, *bufs_b)
-    assert torch.equal(out_a, out_b) and all(torch.equal(x, y) for x, y in zip(bufs_a, bufs_b))
+    site_a, site_b = plain_site(B, Hkv, C, D), plain_site(B, Hkv, C, D)
+    out_a = torch.ops.slimfx.attention(*inputs, site_a.buffers(), D ** -0.5, "plain")
+    out_b = attention_ref(*inputs, site_b)
+    assert torch.equal(out_a, out_b) and all(torch.equal(x, y) for x, y in zip(site_a.buffers(), site_b.buffers()))
 
 
 def _runtime_config(store_id):

@@ -22,7 +22,8 @@ from slimfx.compiler.config import ConfigError
 from slimfx.runtime import vq_head as rt
 from slimfx.runtime.attention_op import attention_ref, write_tokens
 from slimfx.runtime.generate import generate
-from slimfx.runtime.kv_store import KVStore, KVStoreError
+from slimfx.passes.kv_eviction.eviction_op import evict_layout
+from slimfx.runtime.kv_store import KVStore, KVStoreError, plain_site, plain_tier
 from slimfx.runtime.models import tiny_model
 from slimfx.runtime.vq_verify import generate_verified
 from tests.test_runtime_generate import lively_tiny
@@ -41,7 +42,7 @@ def _feed(store: KVStore, kv: torch.Tensor, start: torch.Tensor, count: int) -> 
     for i in range(count):
         pos = (start + i)[:, None]
         rows = kv[torch.arange(store.batch), pos[:, 0]]  # [B, 2, Hkv, D]
-        write_tokens(rows[:, 0, :, None], rows[:, 1, :, None], pos, cache.k, cache.v, cache.slot_pos, cache.scores)
+        write_tokens(rows[:, 0, :, None], rows[:, 1, :, None], pos, cache.k, cache.v, cache.slot_pos)
         store.seen.copy_(pos[:, 0] + 1)
 
 
@@ -51,16 +52,24 @@ def _store(batch: int, capacity: int) -> KVStore:
     return store
 
 
+def _copy(cache):
+    """A plain site holding copies of `cache`'s buffers (the probe's write must not touch the store)."""
+    copy = plain_site(cache.k.shape[0], cache.n_kv_heads, cache.capacity, cache.head_dim)
+    for mine, theirs in zip(copy.buffers(), cache.buffers()):
+        mine.copy_(theirs)
+    return copy
+
+
 def _same_store(a: KVStore, b: KVStore) -> None:
     ca, cb = a.sites[0], b.sites[0]
     assert torch.equal(a.seen, b.seen)
-    assert torch.equal(ca.slot_pos, cb.slot_pos) and torch.equal(ca.scores, cb.scores)
+    assert torch.equal(ca.slot_pos, cb.slot_pos)
     filled = (ca.slot_pos >= 0)[..., None].expand_as(ca.k)
     assert torch.equal(ca.k[filled], cb.k[filled]) and torch.equal(ca.v[filled], cb.v[filled])
     q = torch.randn(a.batch, 2 * HKV, D)  # the next decode step reads the same history
     torch.testing.assert_close(
-        attention_ref(q[:, :, None], *_probe_kv(a), a.seen[:, None], ca.k.clone(), ca.v.clone(), ca.slot_pos.clone(), ca.scores.clone()),
-        attention_ref(q[:, :, None], *_probe_kv(a), b.seen[:, None], cb.k.clone(), cb.v.clone(), cb.slot_pos.clone(), cb.scores.clone()))
+        attention_ref(q[:, :, None], *_probe_kv(a), a.seen[:, None], _copy(ca)),
+        attention_ref(q[:, :, None], *_probe_kv(a), b.seen[:, None], _copy(cb)))
 
 
 def _probe_kv(store):
@@ -100,7 +109,7 @@ def _feed_one(store: KVStore, kv: torch.Tensor, b: int, start: int, count: int) 
     for p in range(start, start + count):
         row = kv[b, p]
         write_tokens(row[0][None, :, None], row[1][None, :, None], torch.tensor([[p]]),
-                     cache.k[b:b + 1], cache.v[b:b + 1], cache.slot_pos[b:b + 1], cache.scores[b:b + 1])
+                     cache.k[b:b + 1], cache.v[b:b + 1], cache.slot_pos[b:b + 1])
         store.seen[b] = p + 1
 
 
@@ -126,16 +135,13 @@ def test_rollback_rejects_bad_positions_scores_and_lost_tokens():
         store.rollback(torch.zeros(3, dtype=torch.int64))
     with pytest.raises(KVStoreError, match="int64 tensor"):
         store.rollback(torch.zeros(2, dtype=torch.int32))
-    store.track_scores = True
-    with pytest.raises(KVStoreError, match="tracks attention scores"):
-        store.rollback(torch.zeros(2, dtype=torch.int64))
-    store.track_scores = False
-    # DuoAttention splits a site in two head groups; rollback would restore only one.
-    duo = _store(2, 4)
-    stream = duo.resize_site(0, 2, heads=(1,))  # site 0 keeps kv head 1 in 2 slots
-    stream.companion = _store(2, 4).sites[0]  # and the other group's full store
-    with pytest.raises(KVStoreError, match="site 0 keeps a second tier"):
-        duo.rollback(torch.zeros(2, dtype=torch.int64))
+    # An eviction policy's accumulated scores cannot be un-accumulated.
+    evicting = _store(2, 4)
+    site = evicting.sites[0]
+    evicting.relayout(0, evict_layout("h2o", 1, 1, 0.0), {"main": plain_tier(2, HKV, 4, D, dtype=torch.float32, device="cpu", scores=True)})
+    with pytest.raises(KVStoreError, match=r"site 0's 'main' tier \(evict/h2o.*cannot forget tokens exactly"):
+        evicting.rollback(torch.zeros(2, dtype=torch.int64))
+    assert site is evicting.sites[0]
     _feed(store, torch.randn(2, 8, 2, HKV, D), torch.zeros(2, dtype=torch.int64), 6)  # capacity 4: slots wrapped
     with pytest.raises(KVStoreError, match="no longer holds every token"):
         store.rollback(torch.tensor([5, 5]), check=True)

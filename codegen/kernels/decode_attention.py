@@ -30,7 +30,7 @@ probabilities. Returns out [B, Hq, D] (q's dtype); a query that sees no slot get
 The dots run in q's dtype when a tier holds codes (codes are converted after the load),
 else in k_cache's, as plain stores are kept in the model's dtype.
 
-The two-tier stores served: the quantized KV store (runtime/kv_quant_op.py: int8/fp8
+The two-tier stores served: the quantized KV store (passes/kv_quantize/op.py: int8/fp8
 codes in tier 0, attention sinks and the recent ring in full precision in tier 1, split
 by the window) and MiKV (passes/kv_eviction/mikv_op.py: the kept tokens in full
 precision in tier 0 with tracked scores, the evicted ones as codes in tier 1; the tiers

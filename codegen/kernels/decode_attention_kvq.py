@@ -1,4 +1,4 @@
-"""Decode attention over the two-tier quantized KV store of runtime/kv_quant_op.py, and
+"""Decode attention over the two-tier quantized KV store of passes/kv_quantize/op.py, and
 the fused decode-step write into it.
 
     decode_attention_kvq(...)         decode_attention with tier 0 = codes, tier 1 = the
@@ -15,7 +15,7 @@ Shapes (one query token per sequence):
     fp_k, fp_v       [B, Hkv, F, D]    full-precision tier (sinks + recent ring), q's dtype
     fp_pos           [B, Hkv, F] int32
     q_pos, limit     [B] int           the query's position; the first position read from
-                                       the full-precision tier (runtime/kv_quant_op.qlimit)
+                                       the full-precision tier (passes/kv_quantize/op.qlimit)
     n_sink           int               positions below it are read from the full-precision tier
 
 A quantized slot is visible iff n_sink <= pos < limit and 0 <= pos <= q_pos; a
@@ -100,7 +100,7 @@ def decode_attention_kvq_ref(q, k_q, v_q, k_scale, v_scale, slot_pos, fp_k, fp_v
 
 def kvq_write_token(k, v, positions, k_q, v_q, k_scale, v_scale, slot_pos, fp_k, fp_v, fp_pos, *, n_sink: int) -> None:
     """Decode-step write of an int8 store in one launch (in place): k, v [B, Hkv, 1, D],
-    positions [B, 1]. The definition is runtime/kv_quant_op.write_step (per-token int8 path);
+    positions [B, 1]. The definition is passes/kv_quantize/op.write_step (per-token int8 path);
     the one difference is rounding of exact .5 ties (away from zero here, to even there)."""
     B, Hkv, T, D = k.shape
     if T != 1 or k_q.dtype != torch.int8:

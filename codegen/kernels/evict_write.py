@@ -25,7 +25,7 @@ def _evict_write_kernel(
     k_ptr, v_ptr, pos_ptr, kc_ptr, vc_ptr, sp_ptr, sc_ptr,
     Hkv, C, D, n_sink, window,
     s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_cb, s_ch, s_cc, s_pb, s_ph, s_posb,
-    BY_POSITION: tl.constexpr, RING: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BY_POSITION: tl.constexpr, RING: tl.constexpr, SCORES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.program_id(1)  # RING: the token of a chunk (pos [B, T]); eviction writes one token
@@ -62,7 +62,8 @@ def _evict_write_kernel(
     tl.store(kc_ptr + dst, tl.load(k_ptr + b * s_kb + h * s_kh + t * s_kt + d, mask=dm).to(kc_ptr.dtype.element_ty), mask=dm)
     tl.store(vc_ptr + dst, tl.load(v_ptr + b * s_vb + h * s_vh + t * s_vt + d, mask=dm).to(vc_ptr.dtype.element_ty), mask=dm)
     tl.store(sp_ptr + b * s_pb + h * s_ph + best_idx, stored.to(sp_ptr.dtype.element_ty))
-    tl.store(sc_ptr + b * s_pb + h * s_ph + best_idx, 0.0)
+    if SCORES:
+        tl.store(sc_ptr + b * s_pb + h * s_ph + best_idx, 0.0)
 
 
 def _check(name: str, k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
@@ -72,6 +73,7 @@ def _check(name: str, k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
         raise ValueError(f"{name}: k, v must be [B, Hkv, T, D] alike; got {tuple(k.shape)} and {tuple(v.shape)}")
     if k_cache.shape[:2] != (B, Hkv) or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
         raise ValueError(f"{name}: caches {tuple(k_cache.shape)} do not fit k {tuple(k.shape)}")
+    scores = slot_pos if scores is None else scores  # a ring write may have no scores to zero
     if slot_pos.shape != k_cache.shape[:3] or scores.shape != slot_pos.shape or tuple(pos.shape) != (B, T):
         raise ValueError(f"{name}: slot_pos/scores must be {tuple(k_cache.shape[:3])} and positions {(B, T)}, "
                          f"got {tuple(slot_pos.shape)}, {tuple(scores.shape)}, {tuple(pos.shape)}")
@@ -91,9 +93,9 @@ def _check_one_token(k, pos) -> None:
         raise ValueError(f"evict_write: k must be [B, Hkv, 1, D] and pos [B]; got {tuple(k.shape)} and {tuple(pos.shape)}")
 
 
-def ring_write(k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
+def ring_write(k, v, pos, k_cache, v_cache, slot_pos, scores=None) -> None:
     """A step's write without eviction, in one kernel: k, v [B, Hkv, T, D], pos [B, T] (or [B]
-    for T == 1). Token t goes to slot pos % C with a zero score; a padding token (pos < 0)
+    for T == 1). Token t goes to slot pos % C (with a zero score when the site has scores); a padding token (pos < 0)
     marks its slot empty; of a chunk longer than C only the last C tokens are written.
     What runtime.attention_op.write_tokens does in ~7 PyTorch kernels."""
     pos = pos[:, None] if pos.dim() == 1 else pos
@@ -109,11 +111,11 @@ def _launch(name, k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window,
     C = k_cache.shape[2]
     pos = pos.contiguous()  # the kernel reads pos[b, t]: an expanded (stride-0) tensor would read past it
     _evict_write_kernel[(B * Hkv, T)](
-        k, v, pos, k_cache, v_cache, slot_pos, scores,
+        k, v, pos, k_cache, v_cache, slot_pos, slot_pos if scores is None else scores,
         Hkv, C, D, n_sink, window,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slot_pos.stride(0), slot_pos.stride(1), pos.stride(0),
-        BY_POSITION=by_position, RING=ring, BLOCK_C=min(1024, triton.next_power_of_2(C)), BLOCK_D=triton.next_power_of_2(D),
+        BY_POSITION=by_position, RING=ring, SCORES=scores is not None, BLOCK_C=min(1024, triton.next_power_of_2(C)), BLOCK_D=triton.next_power_of_2(D),
         num_warps=4,
     )
 

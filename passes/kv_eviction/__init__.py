@@ -1,10 +1,10 @@
 """KV-cache eviction: every attention site keeps at most `budget` tokens (lossy).
 
 Runs after `kv_runtime` (which binds each site to a slot store). For every
-`slimfx::attention` node the pass shrinks the site's store buffers to the layer's
-budget (real memory: the buffers are reallocated at that size) and replaces the node
-by `slimfx::attention_evict`, which writes each new token into the slot its policy
-frees and lets the fused decode kernel accumulate the attention mass the policy ranks
+`slimfx::attention` node the pass relays the site out: its main tier shrinks to the
+layer's budget (real memory: the buffers are reallocated at that size) and the node's
+layout becomes the `evict` variant, which writes each new token into the slot its
+policy frees and lets the decode kernel accumulate the attention mass the policy ranks
 by (eviction_op.py). Policies: policies.py. Per-layer budgets and policies come from
 `[passes.kv_eviction.layers."a-b"]`.
 
@@ -29,7 +29,6 @@ the unmodified model's (tested for every policy).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import torch
@@ -37,7 +36,13 @@ import torch.fx
 
 from slimfx.compiler.config import ConfigError, Option
 from slimfx.compiler.passmanager import PassContext, PassResult
+from slimfx.passes._graph import attention_sites, relayout_site
+from slimfx.passes.kv_eviction.duo_op import duo_layout, duo_tiers
+from slimfx.passes.kv_eviction.eviction_op import evict_layout
+from slimfx.passes.kv_eviction.mikv_op import FORMATS as MIKV_FORMATS
+from slimfx.passes.kv_eviction.mikv_op import channel_groups, low_tier, mikv_layout
 from slimfx.passes.kv_eviction.policies import POLICIES, make_policy
+from slimfx.runtime.kv_store import plain_tier
 
 NAME = "kv_eviction"
 DESCRIPTION = "keeps a fixed token budget per attention site, chosen by a policy (StreamingLLM, H2O, A2SF, TOVA, Keyformer, SnapKV, DuoAttention; SCOPE budgets)"
@@ -89,16 +94,6 @@ def _policy_param(opts: dict) -> float:
     return {"a2sf": opts["alpha"], "keyformer": opts["tau"], "snapkv": float(opts["obs_window"])}.get(opts["policy"], 0.0)
 
 
-def _site_index(node: torch.fx.Node) -> int | None:
-    return node.meta.get("slimfx_site")  # set by kv_runtime on every op it creates
-
-
-def _bind_site(gm: torch.fx.GraphModule, prefix: str, cache) -> None:
-    """Point the graph's buffer attributes at a site's (new) buffers."""
-    for field in ("k", "v", "slot_pos", "scores"):
-        setattr(gm, f"{prefix}_{field}", getattr(cache, field))
-
-
 def _check_options(index: int, opts: dict) -> None:
     def at_layer(exc: ConfigError) -> ConfigError:  # "budget: got ..." -> the full key path and the layer
         return ConfigError(f"passes.kv_eviction.{exc}".replace(":", f" (layer {index}):", 1))
@@ -125,58 +120,28 @@ def _check_options(index: int, opts: dict) -> None:
                                    "(MiKV and SCOPE budgets do not combine)"))
 
 
-def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node, target, args: tuple) -> None:
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(target, args)
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+def _evict_tiers(capacity: int):
+    def make(cache):
+        return {"main": plain_tier(cache.k.shape[0], cache.n_kv_heads, capacity, cache.head_dim,
+                                   dtype=cache.k.dtype, device=cache.k.device, scores=True)}
+    return make
 
 
-def _rewrite_evict(gm, node, store, index: int, opts: dict) -> int:
-    """One store of `budget` (+ `decode_budget`) slots for every head; returns bytes saved."""
-    before = store.sites[index].nbytes()
-    capacity = opts["budget"] + opts["decode_budget"]
-    cache = store.sites[index]
-    if cache.capacity != capacity:  # another graph of this model (prefill/decode) may have resized it
-        cache = store.resize_site(index, capacity)
-    _bind_site(gm, f"_slimfx_kv{index}", cache)
-    q, k, v, pos, kc, vc, sp, sc, scale = node.args[:9]
-    for attr, field in ((kc, "k"), (vc, "v"), (sp, "slot_pos"), (sc, "scores")):
-        attr.meta["example_value"] = getattr(cache, field)
+def _rewrite_evict(gm, store, index: int, opts: dict) -> int:
+    """One tier of `budget` (+ `decode_budget`) slots for every head."""
     prefill_slots = opts["budget"] if opts["decode_budget"] else 0
-    _replace(gm, node, torch.ops.slimfx.attention_evict.default,
-             (q, k, v, pos, kc, vc, sp, sc, float(scale), opts["policy"], opts["n_sink"], opts["window"], _policy_param(opts), prefill_slots))
-    return before - cache.nbytes()
+    layout = evict_layout(opts["policy"], opts["n_sink"], opts["window"], _policy_param(opts), prefill_slots)
+    return relayout_site(gm, store, index, layout, _evict_tiers(opts["budget"] + opts["decode_budget"]))
 
 
-def _rewrite_duo(gm, node, store, index: int, opts: dict, retrieval: list[int]) -> int:
-    """Retrieval heads keep the full store, streaming heads a `budget`-slot one."""
-    import slimfx.passes.kv_eviction.duo_op  # noqa: F401  registers torch.ops.slimfx.attention_duo
-    from slimfx.passes._graph import bind_tensor
+def _rewrite_duo(gm, store, index: int, opts: dict, retrieval: list[int]) -> int:
+    """Retrieval heads keep the full capacity, streaming heads a `budget`-slot tier."""
+    def make(cache):
+        streaming = [h for h in range(cache.total_kv_heads) if h not in retrieval]
+        return duo_tiers(cache.k.shape[0], retrieval, streaming, cache.capacity, opts["budget"], cache.head_dim,
+                         dtype=cache.k.dtype, device=cache.k.device)
 
-    old = store.sites[index]
-    before = old.nbytes()
-    streaming = [h for h in range(old.total_kv_heads) if h not in retrieval]
-    if old.heads == tuple(streaming) and old.companion is not None:
-        cache, full = old, old.companion  # split already by another graph of this model
-    else:
-        full = store.resize_site(index, old.capacity, heads=tuple(retrieval))
-        cache = store.resize_site(index, opts["budget"], heads=tuple(streaming))
-        cache.companion = full
-    _bind_site(gm, f"_slimfx_kv{index}", cache)
-    q, k, v, pos = node.args[:4]
-    dev = old.k.device
-    extra = []
-    for name, tensor in (("retrieval_heads", torch.tensor(retrieval, device=dev)), ("streaming_heads", torch.tensor(streaming, device=dev))):
-        extra.append(bind_tensor(gm, f"_slimfx_duo{index}_{name}", tensor, node))
-    bufs = [bind_tensor(gm, f"_slimfx_duo{index}_full_{f}", getattr(full, f), node) for f in ("k", "v", "slot_pos", "scores")]
-    kc, vc, sp, sc = node.args[4:8]
-    for attr, field in ((kc, "k"), (vc, "v"), (sp, "slot_pos"), (sc, "scores")):
-        attr.meta["example_value"] = getattr(cache, field)
-    _replace(gm, node, torch.ops.slimfx.attention_duo.default,
-             (q, k, v, pos, *extra, *bufs, kc, vc, sp, sc, float(node.args[8]), opts["n_sink"], opts["window"]))
-    return before - cache.nbytes()
+    return relayout_site(gm, store, index, duo_layout(opts["n_sink"], opts["window"]), make)
 
 
 # ----------------------------------------------------------------------------- MiKV sites
@@ -184,19 +149,14 @@ def _rewrite_duo(gm, node, store, index: int, opts: dict, retrieval: list[int]) 
 
 def _mikv_format(cache, index: int, opts: dict):
     """The site's low-tier format (a KVFormat), or ConfigError naming the key and what is allowed."""
-    from slimfx.passes.kv_eviction.mikv_op import FORMATS, channel_groups
     from slimfx.runtime.kv_quant import get_format
 
     key = f"passes.kv_eviction.evicted (layer {index})"
     evicted = opts["evicted"]
-    if evicted not in FORMATS:
-        raise ConfigError(f"{key}: got {evicted!r}; allowed for a low-precision tier: one of {', '.join(FORMATS)} ('drop' evicts)")
-    if opts["policy"] == "duo":
-        raise ConfigError(f"{key}: got {evicted!r} with policy 'duo'; allowed: 'drop' (DuoAttention's head split and MiKV's tiers do not combine)")
-    if opts.get("decode_budget"):
-        raise ConfigError(f"{key}: got {evicted!r} with decode_budget {opts['decode_budget']}; allowed: 'drop' (MiKV and SCOPE budgets do not combine)")
-    if cache.heads is not None or cache.companion is not None:
-        raise ConfigError(f"{key}: got {evicted!r} for a site whose store is already split; allowed: 'drop'")
+    if evicted not in MIKV_FORMATS:
+        raise ConfigError(f"{key}: got {evicted!r}; allowed for a low-precision tier: one of {', '.join(MIKV_FORMATS)} ('drop' evicts)")
+    if cache.layout not in ("plain",) and not cache.layout.startswith("mikv/"):
+        raise ConfigError(f"{key}: got {evicted!r} for a site whose store is already laid out as {cache.layout!r}; allowed: 'drop'")
     fmt = get_format(evicted)
     why = fmt.unsupported_reason(cache.head_dim // channel_groups(fmt, cache.head_dim))
     if why:
@@ -204,40 +164,17 @@ def _mikv_format(cache, index: int, opts: dict):
     return fmt
 
 
-def _mikv_tiers(store, index: int, fmt, budget: int):
-    """Site `index`'s tiers (a MiKVCache): those another graph of this model (prefill /
-    decode) set up already, else a fresh high tier of `budget` slots and low tier of the
-    site's capacity."""
-    from slimfx.passes.kv_eviction.mikv_op import MiKVCache, low_tier
-    from slimfx.runtime.kv_store import SiteCache
-
-    cache = store.sites[index]
-    if isinstance(cache, MiKVCache) and cache.low.fmt == fmt.name and cache.capacity == budget:
-        return cache
-    low = low_tier(cache, fmt.name)
-    high = store.resize_site(index, budget)
-    tiers = MiKVCache(**{f.name: getattr(high, f.name) for f in dataclasses.fields(SiteCache)}, low=low)
-    store.sites[index] = tiers  # the store resets and counts the site through this object
-    return tiers
-
-
-def rewrite_mikv(gm, node, store, index: int, opts: dict) -> int:
-    """Replace site `index`'s slimfx::attention node by slimfx::attention_mikv: a high tier of
-    `budget` slots and a low tier of the site's capacity. Returns bytes saved (both tiers counted)."""
-    from slimfx.passes._graph import bind_tensor
-    from slimfx.passes.kv_eviction.mikv_op import LOW_FIELDS  # the import registers torch.ops.slimfx.attention_mikv
-
+def rewrite_mikv(gm, store, index: int, opts: dict) -> int:
+    """A main tier of `budget` slots and a low tier of the site's capacity. Returns bytes
+    saved (both tiers counted)."""
     fmt = _mikv_format(store.sites[index], index, opts)  # before anything changes
-    before = store.sites[index].nbytes()
-    tiers = _mikv_tiers(store, index, fmt, opts["budget"])
-    _bind_site(gm, f"_slimfx_kv{index}", tiers)
-    q, k, v, pos, kc, vc, sp, sc, scale = node.args[:9]
-    for attr, field in ((kc, "k"), (vc, "v"), (sp, "slot_pos"), (sc, "scores")):
-        attr.meta["example_value"] = getattr(tiers, field)
-    lo_nodes = [bind_tensor(gm, f"_slimfx_mikv{index}_{f}", getattr(tiers.low, f), node) for f in LOW_FIELDS]
-    _replace(gm, node, torch.ops.slimfx.attention_mikv.default,
-             (q, k, v, pos, kc, vc, sp, sc, *lo_nodes, float(scale), opts["policy"], opts["n_sink"], opts["window"], _policy_param(opts), fmt.name))
-    return before - tiers.nbytes()
+
+    def make(cache):
+        main = _evict_tiers(opts["budget"])(cache)["main"]
+        return {"main": main, "low": low_tier(cache.k.shape[0], cache.n_kv_heads, cache.capacity, cache.head_dim, fmt.name, cache.k.device)}
+
+    layout = mikv_layout(opts["policy"], opts["n_sink"], opts["window"], _policy_param(opts), fmt.name)
+    return relayout_site(gm, store, index, layout, make)
 
 
 def _duo_retrieval_heads(ctx: PassContext, cfg, store) -> dict[int, list[int]]:
@@ -252,58 +189,33 @@ def _duo_retrieval_heads(ctx: PassContext, cfg, store) -> dict[int, list[int]]:
     return {site: mask[row].nonzero().flatten().tolist() for row, site in enumerate(sites)}
 
 
-def _rewrite_site(gm, node, store, ctx, cfg, index: int, opts: dict, duo_heads) -> tuple[int, str | None]:
+OWN_KINDS = ("evict", "duo", "mikv")  # the layouts this pass gives sites
+
+
+def _rewrite_site(gm, store, index: int, opts: dict, duo_heads) -> tuple[int, str | None]:
     """Rewrite one site by its options; returns (bytes saved, a note or None)."""
     cache = store.sites[index]
     if cache.owner is not None:
         return 0, f"site {index} reads site {cache.owner}'s cache: evicted there"
-    if opts["budget"] + opts["decode_budget"] > cache.capacity:
+    kind = cache.layout.split("/")[0]
+    if kind not in ("plain", *OWN_KINDS):
+        return 0, f"site {index}: laid out as {cache.layout!r} by another pass, left as it is"
+    if opts["budget"] + opts["decode_budget"] > cache.capacity and kind == "plain":
         return 0, f"site {index}: budget {opts['budget'] + opts['decode_budget']} > store capacity {cache.capacity}, nothing to evict"
     if opts["evicted"] != "drop":
-        return rewrite_mikv(gm, node, store, index, opts), None
+        return rewrite_mikv(gm, store, index, opts), None
     if opts["policy"] == "duo":
         retrieval = duo_heads(index)
         if len(retrieval) == cache.total_kv_heads:
             return 0, f"site {index}: every kv head is a retrieval head, full store kept"
         if retrieval:
-            return _rewrite_duo(gm, node, store, index, opts, retrieval), None
-    return _rewrite_evict(gm, node, store, index, opts), None
+            return _rewrite_duo(gm, store, index, opts, retrieval), None
+    return _rewrite_evict(gm, store, index, opts), None
 
 
-def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
-    import slimfx.passes.kv_eviction.eviction_op  # noqa: F401  registers torch.ops.slimfx.attention_evict
-    from slimfx.runtime.kv_store import get_store
-
-    target = getattr(getattr(torch.ops, "slimfx", None), "attention", None)
-    nodes = [n for n in gm.graph.nodes if target is not None and n.op == "call_function" and n.target == target.default]
-    if not nodes:
-        return PassResult.skipped(NAME, "no slimfx::attention sites (run kv_runtime first, through slimfx.runtime.generate)")
-    store = get_store(ctx.config.pass_config("kv_runtime").options["store"])
-    if store is None:
-        return PassResult.skipped(NAME, "the KV store of kv_runtime is gone")
-    for node in nodes:  # validate everything before touching anything
-        if _site_index(node) in store.sites:
-            _check_options(_site_index(node), cfg.for_layer(_site_index(node)))
-    retrieval = {}
-    if any(cfg.for_layer(_site_index(n))["policy"] == "duo" for n in nodes if _site_index(n) in store.sites):
-        retrieval = _duo_retrieval_heads(ctx, cfg, store)
-    saved, rewritten, notes = 0, 0, []
-    for node in nodes:
-        index = _site_index(node)
-        if index is None or index not in store.sites:
-            notes.append(f"{node.name}: site buffers not recognised")
-            continue
-        bytes_saved, note = _rewrite_site(gm, node, store, ctx, cfg, index, cfg.for_layer(index), lambda i: retrieval.get(i, []))
-        if note:
-            notes.append(note)
-        else:
-            saved += bytes_saved
-            rewritten += 1
-    if not rewritten:
-        return PassResult(NAME, applied=False, sites_matched=len(nodes), notes=notes)
-    gm.recompile()
+def _details(store, cfg, retrieval: dict) -> dict:
     details = {"budgets": {i: cfg.for_layer(i)["budget"] for i in sorted(store.sites)}}
-    low = {i: c.low for i, c in store.sites.items() if getattr(c, "low", None) is not None}
+    low = {i: c.tiers["low"] for i, c in store.sites.items() if "low" in c.tiers}
     if low:
         # MiKV: demoted tokens stay in a quantized tier; the footprint counts them at its bytes per token.
         details["low_tier_bytes_per_token"] = {i: t.nbytes() / (store.batch * t.capacity) for i, t in low.items()}
@@ -311,4 +223,33 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
         details["retrieval_heads"] = {i: h for i, h in retrieval.items() if h}
         # Retrieval heads keep every token: the footprint counts them at full length.
         details["full_fraction"] = {i: len(h) / store.sites[i].total_kv_heads for i, h in retrieval.items() if h}
-    return PassResult(NAME, applied=True, sites_matched=len(nodes), nodes_rewritten=rewritten, bytes_saved=saved, notes=notes, details=details)
+    return details
+
+
+def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
+    from slimfx.runtime.kv_store import get_store
+
+    store = get_store(ctx.config.pass_config("kv_runtime").options["store"])
+    sites = [(i, n) for i, n in attention_sites(gm) if store is not None and i in store.sites]
+    if not attention_sites(gm):
+        return PassResult.skipped(NAME, "no slimfx::attention sites (run kv_runtime first, through slimfx.runtime.generate)")
+    if store is None:
+        return PassResult.skipped(NAME, "the KV store of kv_runtime is gone")
+    for index, _ in sites:  # validate everything before touching anything
+        _check_options(index, cfg.for_layer(index))
+    retrieval = {}
+    if any(cfg.for_layer(index)["policy"] == "duo" for index, _ in sites):
+        retrieval = _duo_retrieval_heads(ctx, cfg, store)
+    saved, rewritten, notes = 0, 0, []
+    for index, _ in sites:
+        bytes_saved, note = _rewrite_site(gm, store, index, cfg.for_layer(index), lambda i: retrieval.get(i, []))
+        if note:
+            notes.append(note)
+        else:
+            saved += bytes_saved
+            rewritten += 1
+    if not rewritten:
+        return PassResult(NAME, applied=False, sites_matched=len(sites), notes=notes)
+    gm.recompile()
+    return PassResult(NAME, applied=True, sites_matched=len(sites), nodes_rewritten=rewritten, bytes_saved=saved,
+                      notes=notes, details=_details(store, cfg, retrieval))

@@ -1,20 +1,19 @@
-"""`torch.ops.slimfx.attention_duo`: one attention site whose kv heads are split in two
-groups with stores of different sizes (DuoAttention; per-head budgets with real memory).
+"""The `duo` variant of `slimfx::attention` (runtime/attention_op.py): a site whose kv
+heads are split in two groups with tiers of different sizes (DuoAttention; per-head
+budgets with real memory).
 
-    out = torch.ops.slimfx.attention_duo(q, k, v, positions, retrieval_heads, streaming_heads,
-                                         k_full, v_full, pos_full, scores_full,
-                                         k_stream, v_stream, pos_stream, scores_stream,
-                                         scale, n_sink, window)
+    layout  duo/<n_sink>/<window>
+    tiers   main:      the streaming heads: k, v [B, Hs, budget, D], slot_pos, scores,
+                       heads [Hs] int64 (their kv-head indices)
+            retrieval: the retrieval heads: k, v [B, Hr, C, D], slot_pos, heads [Hr] int64
 
-- retrieval heads (`retrieval_heads`, int64 kv-head indices) keep every token in a
-  full-capacity store and attend like `slimfx::attention` (runtime/attention_op.py);
-- streaming heads (`streaming_heads`) keep only the first `n_sink` tokens and a recent
-  window in a store whose capacity is the site's budget, with the StreamingLLM rule of
-  `slimfx::attention_evict` (eviction_op.py).
+- retrieval heads keep every token in a full-capacity tier and attend like the plain
+  variant;
+- streaming heads keep only the first `n_sink` tokens and a recent window in a tier
+  whose capacity is the site's budget, with the StreamingLLM rule of the evict variant
+  (eviction_op.py).
 Each group's query heads are its kv heads' GQA groups; the two outputs are written back
-in head order, so the op is a drop-in for the site's attention. The two stores are
-separate tensors of their own capacity: a streaming head holds `budget` slots, not a
-masked full-length buffer.
+in head order, so the op is a drop-in for the site's attention.
 """
 
 from __future__ import annotations
@@ -22,8 +21,32 @@ from __future__ import annotations
 import torch
 
 import slimfx.passes.kv_eviction.eviction_op as eviction_op
-from slimfx.codegen.kernels import use_attention_kernels
-from slimfx.runtime import attention_op
+from slimfx.runtime.attention_op import Plain, Tiers, layout_string, register_variant
+from slimfx.runtime.kv_store import SiteCache, Tier, plain_tier
+
+FIELDS = ("main.k", "main.v", "main.slot_pos", "main.scores", "main.heads",
+          "retrieval.k", "retrieval.v", "retrieval.slot_pos", "retrieval.heads")
+
+
+def duo_layout(n_sink: int, window: int) -> str:
+    return layout_string("duo", n_sink, window)
+
+
+def duo_tiers(batch: int, retrieval: list[int], streaming: list[int], capacity: int, budget: int, head_dim: int, *,
+              dtype=torch.float32, device="cpu") -> dict[str, Tier]:
+    """Empty tiers: the streaming heads' `budget` slots (main) and the retrieval heads' `capacity`."""
+    tiers = {"main": plain_tier(batch, len(streaming), budget, head_dim, dtype=dtype, device=device, scores=True, heads=tuple(streaming)),
+             "retrieval": plain_tier(batch, len(retrieval), capacity, head_dim, dtype=dtype, device=device, heads=tuple(retrieval))}
+    for tier in tiers.values():
+        tier.buffers["heads"] = torch.tensor(tier.heads, device=device, dtype=torch.int64)
+    return tiers
+
+
+def duo_site(batch: int, retrieval: list[int], streaming: list[int], capacity: int, budget: int, head_dim: int, *,
+             n_sink: int = 4, window: int = 64, dtype=torch.float32, device="cpu", index: int = 0) -> SiteCache:
+    """A standalone site of this layout (empty), outside any store."""
+    tiers = duo_tiers(batch, retrieval, streaming, capacity, budget, head_dim, dtype=dtype, device=device)
+    return SiteCache(index, head_dim, tiers, layout=duo_layout(n_sink, window))
 
 
 def query_heads(kv_heads: torch.Tensor, group: int) -> torch.Tensor:
@@ -31,44 +54,45 @@ def query_heads(kv_heads: torch.Tensor, group: int) -> torch.Tensor:
     return (kv_heads[:, None] * group + torch.arange(group, device=kv_heads.device)).reshape(-1)
 
 
-def _retrieval_part(q, k, v, positions, caches, scale):
-    k_cache, v_cache, slot_pos, scores = caches
-    use_triton = use_attention_kernels(q)
-    return attention_op._run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, 1.0, False, True, use_triton)
+_PLAIN = Plain()
 
 
-def _streaming_part(q, k, v, positions, caches, scale, n_sink, window):
-    k_cache, v_cache, slot_pos, scores = caches
-    policy = eviction_op._policy("duo", k_cache.shape[2], n_sink, window, 0.0)
-    run = eviction_op._decode if q.shape[2] == 1 else eviction_op._prefill
-    return run(q, k, v, positions, k_cache, v_cache, slot_pos, scores, scale, policy)
+class Duo:
+    fields = FIELDS
+
+    def __init__(self, n_sink: str, window: str):
+        self.n_sink, self.window = int(n_sink), int(window)
+
+    def run(self, q, k, v, positions, tiers: Tiers, scale: float, triton: bool):
+        stream, full = tiers["main"], tiers["retrieval"]
+        group = q.shape[1] // k.shape[1]
+        out = q.new_empty(q.shape)
+        for tier, part in ((full, self._retrieval), (stream, self._streaming)):
+            heads = tier["heads"]
+            qh = query_heads(heads, group)
+            res = part(q.index_select(1, qh), k.index_select(1, heads), v.index_select(1, heads), positions, tier, scale, triton)
+            out.index_copy_(1, qh, res.to(out.dtype))
+        return out
+
+    def read(self, q, positions, tiers: Tiers, scale: float, triton: bool):
+        """Each head group over its own tier, as it is."""
+        groups = (tiers["retrieval"], tiers["main"])
+        group = q.shape[1] // sum(t["heads"].numel() for t in groups)
+        out = q.new_empty(q.shape)
+        for tier in groups:
+            qh = query_heads(tier["heads"], group)
+            res = _PLAIN.read(q.index_select(1, qh), positions, {"main": tier}, scale, triton)
+            out.index_copy_(1, qh, res.to(out.dtype))
+        return out
+
+    @staticmethod
+    def _retrieval(q, k, v, positions, tier, scale, triton):
+        return _PLAIN.run(q, k, v, positions, {"main": tier}, scale, triton)
+
+    def _streaming(self, q, k, v, positions, tier, scale, triton):
+        policy = eviction_op.policy_for("duo", tier["k"].shape[2], self.n_sink, self.window, 0.0)
+        step = eviction_op.decode if q.shape[2] == 1 else eviction_op.prefill
+        return step(q, k, v, positions, tier, scale, policy, triton)
 
 
-@torch.library.custom_op(
-    "slimfx::attention_duo",
-    mutates_args=("k_full", "v_full", "pos_full", "scores_full", "k_stream", "v_stream", "pos_stream", "scores_stream"),
-)
-def attention_duo(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-    retrieval_heads: torch.Tensor, streaming_heads: torch.Tensor,
-    k_full: torch.Tensor, v_full: torch.Tensor, pos_full: torch.Tensor, scores_full: torch.Tensor,
-    k_stream: torch.Tensor, v_stream: torch.Tensor, pos_stream: torch.Tensor, scores_stream: torch.Tensor,
-    scale: float, n_sink: int, window: int,
-) -> torch.Tensor:
-    group = q.shape[1] // k.shape[1]
-    q_full = query_heads(retrieval_heads, group)
-    q_stream = query_heads(streaming_heads, group)
-    out = q.new_empty(q.shape)
-    full = _retrieval_part(q.index_select(1, q_full), k.index_select(1, retrieval_heads), v.index_select(1, retrieval_heads),
-                           positions, (k_full, v_full, pos_full, scores_full), scale)
-    stream = _streaming_part(q.index_select(1, q_stream), k.index_select(1, streaming_heads), v.index_select(1, streaming_heads),
-                             positions, (k_stream, v_stream, pos_stream, scores_stream), scale, n_sink, window)
-    out.index_copy_(1, q_full, full.to(out.dtype))
-    out.index_copy_(1, q_stream, stream.to(out.dtype))
-    return out
-
-
-@attention_duo.register_fake
-def _attention_duo_fake(q, k, v, positions, retrieval_heads, streaming_heads, k_full, v_full, pos_full, scores_full,
-                        k_stream, v_stream, pos_stream, scores_stream, scale, n_sink, window):
-    return q.new_empty(q.shape)
+register_variant("duo", Duo)

@@ -1,0 +1,186 @@
+"""Cross-layer KV sharing: a layer attends over an earlier layer's KV cache instead of its own (lossy).
+
+The relation is a map reader layer -> owner layer (block numbers of the unmodified model),
+from the first of these options that is set:
+- `map = "3:2,5:4"`: explicit pairs;
+- `plan = "KEY"`: `[artifacts] KEY = "share.json"`, a map calibrated by `slimfx calibrate
+  share` (KVSharer), refused for a model it was not made for;
+- `pattern` with `fraction` (round(fraction x layers) readers, spread evenly over the
+  intermediate layers, never the first or the last):
+  `adjacent`: CLA-style pairs, a reader reads the layer just below it;
+  `bottom`: groups of `group` consecutive layers all read the group's first layer.
+An owner is always an earlier layer: within one forward pass a later layer's KV does not
+exist yet when an earlier layer attends, so owners above their readers (YOCO-style, or
+the study's "top" and "middle" configurations) need a second pass and are not offered. A
+chain (5 reads 4, 4 reads 3) resolves to its root: both read layer 3.
+
+The rewrite runs after `layer_skip` and before `kv_runtime`. A reader's attention becomes
+one slimfx::attention op over its owner's KV store with the owner's layout read-only
+(runtime/attention_op.Read): its queries are its own; its k/v projections and rotary work
+lose their last use and dead-code elimination removes them; its store is never allocated
+(KVStore.share). Passes that later relay the owner out (kv_eviction, kv_quantize) carry the
+readers along (passes/_graph.relayout_site): a shared store is evicted once, by its
+owner's policy, and quantized once. An owner removed by `layer_skip` is an error.
+
+Works where slimfx runs the KV store (slimfx.runtime.generate, slimfx run / eval / bench);
+a model that keeps its own cache (plain torch.compile + model.generate) is left alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from slimfx.compiler.anatomy import Anatomy, shape_of
+from slimfx.compiler.config import ConfigError, Option
+from slimfx.compiler.passmanager import PassContext, PassResult
+from slimfx.passes._graph import bind_site, bind_tensor, sdpa_operands, sdpa_scale
+
+NAME = "kv_share"
+DESCRIPTION = "lets chosen layers attend over an earlier layer's KV cache (explicit map, calibrated KVSharer plan, CLA pairs or groups); their k/v projections and stores go (lossy)"
+LOSSY = True
+RUNS_AFTER = ("layer_skip",)  # an owner must survive layer skipping
+RUNS_BEFORE = ("kv_runtime",)  # readers are bound before the owners' stores are laid out
+PATTERNS = ("none", "adjacent", "bottom")
+OPTIONS: dict = {
+    "map": Option(str, "none", "explicit pairs 'reader:owner,...' of layer numbers (owner < reader), or 'none'", per_layer=False),
+    "plan": Option(str, "none", "artifact key of a `slimfx calibrate share` map, or 'none'", per_layer=False),
+    "pattern": Option(str, "none", "adjacent: CLA pairs (a layer reads the one below); bottom: groups read their first layer",
+                      choices=PATTERNS, per_layer=False),
+    "fraction": Option(float, 0.0, "share of the model's layers that read another layer's KV (pattern only)", lo=0.0, hi=1.0,
+                       per_layer=False),
+    "group": Option(int, 2, "bottom: consecutive layers per group (the first owns, the others read)", lo=2, hi=64, per_layer=False),
+}
+
+
+# ----------------------------------------------------------------------------- the map
+
+
+def parse_map(text: str) -> dict[int, int]:
+    """'5:4,7:6' -> {5: 4, 7: 6}; ConfigError naming the key and the allowed form."""
+    pairs: dict[int, int] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        reader, sep, owner = item.partition(":")
+        if not sep or not reader.strip().isdigit() or not owner.strip().isdigit():
+            raise ConfigError(f"passes.{NAME}.map: got {text!r}; allowed: pairs 'reader:owner' of layer numbers, "
+                              "separated by commas, e.g. '5:4,7:6'")
+        if int(reader) in pairs:
+            raise ConfigError(f"passes.{NAME}.map: layer {int(reader)} is given two owners in {text!r}")
+        pairs[int(reader)] = int(owner)
+    return pairs
+
+
+def pattern_map(pattern: str, fraction: float, group: int, n_layers: int) -> dict[int, int]:
+    """The readers of `pattern` (module doc) for a model of `n_layers` layers."""
+    count = round(fraction * n_layers)
+    if pattern == "none" or count == 0:
+        return {}
+    size = 2 if pattern == "adjacent" else group
+    # Groups of `size` consecutive intermediate layers: the first owns, the rest read.
+    groups = [list(range(start, start + size)) for start in range(1, n_layers - size, size)]
+    most = len(groups) * (size - 1)
+    if count > most:
+        raise ConfigError(f"passes.{NAME}.fraction: got {fraction} ({count} of {n_layers} layers); allowed: at most "
+                          f"{most / n_layers:.3f} for pattern {pattern!r} with groups of {size} (the first and last layers own their KV)")
+    chosen = [groups[int((j + 0.5) * len(groups) / -(-count // (size - 1)))] for j in range(-(-count // (size - 1)))]
+    readers = [(layer, g[0]) for g in chosen for layer in g[1:]][:count]
+    return dict(readers)
+
+
+def resolve_chains(pairs: dict[int, int]) -> dict[int, int]:
+    """Every reader mapped to the root of its chain (an owner that reads no one)."""
+    roots = {}
+    for reader, owner in pairs.items():
+        while owner in pairs:
+            owner = pairs[owner]
+        roots[reader] = owner
+    return roots
+
+
+def check_map(pairs: dict[int, int], anatomy: Anatomy, where: str) -> None:
+    """ConfigError (one line) unless every pair names two present layers, the owner first."""
+    present = {site.index: site for site in anatomy.attention_sites}
+    n_layers = anatomy.model_blocks
+    for reader, owner in sorted(pairs.items()):
+        if owner >= reader:
+            raise ConfigError(f"{where}: layer {reader} reads layer {owner}; allowed: an owner below its reader")
+        for layer in (reader, owner):
+            if layer >= n_layers:
+                raise ConfigError(f"{where}: layer {layer} does not exist; allowed: layers 0-{n_layers - 1} of this model")
+        if owner in anatomy.removed_blocks:
+            raise ConfigError(f"{where}: owner layer {owner} (of reader {reader}) is removed by layer_skip; "
+                              "allowed: an owner that stays (skip the reader too, or choose another owner)")
+        if owner not in present and reader in present:
+            raise ConfigError(f"{where}: owner layer {owner} has no attention site in this graph; allowed: layers {sorted(present)}")
+        a, b = present.get(reader), present.get(owner)
+        if a and b and (a.n_kv_heads, a.head_dim) != (b.n_kv_heads, b.head_dim):
+            raise ConfigError(f"{where}: layer {reader} has {a.n_kv_heads} kv heads x {a.head_dim}, owner {owner} has "
+                              f"{b.n_kv_heads} x {b.head_dim}; allowed: an owner of the same head shape")
+
+
+def sharing_map(gm, cfg, ctx: PassContext, anatomy: Anatomy) -> tuple[dict[int, int], str]:
+    """(reader -> root owner, where the map came from), validated against the model."""
+    opts = cfg.options
+    if opts["map"] != "none":
+        pairs, where = parse_map(opts["map"]), f"passes.{NAME}.map"
+    elif opts["plan"] != "none":
+        from slimfx.passes.kv_share.plan import load_plan
+
+        pairs, where = load_plan(gm, ctx, opts["plan"], anatomy), f"passes.{NAME}.plan"
+    else:
+        pairs = pattern_map(opts["pattern"], opts["fraction"], opts["group"], anatomy.model_blocks)
+        where = f"passes.{NAME}.pattern"
+    check_map(pairs, anatomy, where)
+    return resolve_chains(pairs), where
+
+
+# ----------------------------------------------------------------------------- the rewrite
+
+
+def _bind_reader(gm: torch.fx.GraphModule, site, node: torch.fx.Node, store) -> None:
+    """The reader's SDPA -> slimfx::attention over the owner's tiers, read-only. k and v
+    are not read: the op gets q in their place, so their projections become dead code."""
+    q, _, _ = sdpa_operands(gm, site)
+    shape = shape_of(q) if q is not None else None
+    if shape is None:
+        raise ConfigError(f"passes.{NAME}: layer {site.index}'s query operand was not found; allowed: SDPA attention sites")
+    cache = store.site(site.index, site.n_kv_heads, site.head_dim)  # the owner's tiers, read-only
+    positions = bind_tensor(gm, f"_slimfx_pos{int(shape[2])}", store.step_positions(int(shape[2])), node)
+    args = (q, q, q, positions, bind_site(gm, cache, node), sdpa_scale(node, site.head_dim), cache.layout)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(torch.ops.slimfx.attention.default, args)
+    new.meta = dict(node.meta)
+    new.meta["slimfx_site"] = site.index
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
+    import slimfx.runtime.attention_op  # noqa: F401  registers torch.ops.slimfx.attention
+    from slimfx.runtime.kv_store import get_store
+
+    anatomy = ctx.anatomy if ctx.anatomy is not None else ctx.refresh_anatomy(gm)
+    pairs, where = sharing_map(gm, cfg, ctx, anatomy)
+    if not pairs:
+        return PassResult.skipped(NAME, f"no layer reads another's KV ({where} names none)")
+    store = get_store(ctx.config.pass_config("kv_runtime").options["store"])
+    if store is None:
+        return PassResult.skipped(NAME, "no slimfx KV store (it works through slimfx.runtime.generate / slimfx run; "
+                                        "the model's own cache keeps every layer's KV)")
+    by_name = {n.name: n for n in gm.graph.nodes}
+    sites = {site.index: site for site in anatomy.attention_sites}
+    owners = {o: sites[o] for o in set(pairs.values()) if o in sites}
+    for owner, site in owners.items():  # bound first, so readers find their tiers
+        store.site(owner, site.n_kv_heads, site.head_dim)
+    readers = [r for r in sorted(pairs) if r in sites]
+    for reader in readers:
+        if store.sites.get(reader) is None or store.sites[reader].owner is None:
+            store.share(reader, pairs[reader])
+        _bind_reader(gm, sites[reader], by_name[sites[reader].node], store)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    shared = {r: pairs[r] for r in readers}
+    n_layers = anatomy.model_blocks
+    return PassResult(NAME, applied=True, sites_matched=len(sites), nodes_rewritten=len(readers),
+                      notes=[f"{where}: layers {sorted(set(pairs) - set(readers))} are not in this graph"] if len(readers) < len(pairs) else [],
+                      details={"map": shared, "shared_layers": len(shared), "kv_fraction_shared": len(shared) / n_layers})

@@ -1,0 +1,174 @@
+"""Cross-layer KV sharing (passes/kv_share): the map, the graph rewrite, the bytes, and the
+tokens against an independent eager forward in which a reader attends over its owner's
+keys and values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import slimfx
+from slimfx.compiler.anatomy import capture_graph, param_path
+from slimfx.compiler.config import ConfigError, load_config
+from slimfx.compiler.passmanager import PassContext, PassManager
+from slimfx.passes.kv_share import parse_map, pattern_map, resolve_chains
+from slimfx.runtime.generate import generate, get_generator
+from slimfx.runtime.kv_store import KVStore
+from tests.test_runtime_generate import lively_tiny
+
+LAYERS = 4
+
+
+def _config(*passes, **share):
+    return {"pipelines": {"s": ["kv_share", *passes]}, "compile": {"pipeline": "s"}, "passes": {"kv_share": share}}
+
+
+def shared_forward(model, ids: torch.Tensor, pairs: dict[int, int]) -> torch.Tensor:
+    """Logits of a llama model in which layer r attends over layer pairs[r]'s (rotated)
+    keys and values: written from the HF modules' weights, not through slimfx."""
+    m = model.model
+    B, T = ids.shape
+    x = m.embed_tokens(ids)
+    cos, sin = m.rotary_emb(x, torch.arange(T)[None].expand(B, T))
+    kv = {}
+    for i, layer in enumerate(m.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        D = attn.head_dim
+        q = attn.q_proj(h).view(B, T, -1, D).transpose(1, 2)
+        k = attn.k_proj(h).view(B, T, -1, D).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        kv[i] = kv[pairs[i]] if i in pairs else (k, attn.v_proj(h).view(B, T, -1, D).transpose(1, 2))
+        keys, vals = kv[i]
+        group = q.shape[1] // keys.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, keys.repeat_interleave(group, 1), vals.repeat_interleave(group, 1), is_causal=True, scale=attn.scaling)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(m.norm(x))
+
+
+def greedy(model, ids, steps: int, pairs: dict[int, int]) -> torch.Tensor:
+    out = ids
+    with torch.no_grad():
+        for _ in range(steps):
+            out = torch.cat([out, shared_forward(model, out, pairs)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lively_tiny(layers=LAYERS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+
+
+def test_map_forms():
+    assert parse_map("3:2, 5:4") == {3: 2, 5: 4}
+    assert resolve_chains({5: 4, 4: 3}) == {5: 3, 4: 3}
+    assert pattern_map("adjacent", 0.2, 2, 30) == {4: 3, 8: 7, 12: 11, 18: 17, 22: 21, 26: 25}  # spread evenly
+    adjacent = pattern_map("adjacent", 0.3, 2, 30)
+    assert len(adjacent) == 9 and all(owner == reader - 1 for reader, owner in adjacent.items())
+    assert not set(adjacent) & set(adjacent.values())  # no owner is also a reader
+    bottom = pattern_map("bottom", 0.3, 4, 30)
+    assert len(bottom) == 9 and all(0 < reader - owner < 4 for reader, owner in bottom.items())
+    assert 0 not in bottom and 29 not in bottom
+
+
+@pytest.mark.parametrize("share, message", [
+    (dict(map="3-2"), "passes.kv_share.map: got '3-2'; allowed: pairs 'reader:owner'"),
+    (dict(map="2:3"), "passes.kv_share.map: layer 2 reads layer 3; allowed: an owner below its reader"),
+    (dict(map="9:1"), "passes.kv_share.map: layer 9 does not exist; allowed: layers 0-3 of this model"),
+    (dict(pattern="adjacent", fraction=0.9), "passes.kv_share.fraction: got 0.9"),
+])
+def test_bad_maps_are_one_line_config_errors(model, ids, share, message):
+    with pytest.raises(ConfigError) as err:
+        generate(model, ids, max_new_tokens=2, config=_config(**share))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_an_owner_removed_by_layer_skip_is_refused(model, ids):
+    cfg = _config("layer_skip", map="2:1")
+    cfg["passes"]["layer_skip"] = {"blocks": [1]}
+    with pytest.raises(ConfigError, match="owner layer 1 .of reader 2. is removed by layer_skip"):
+        generate(model, ids, max_new_tokens=2, config=cfg)
+
+
+def test_graph_loses_the_readers_kv_projections_and_binds_no_store_for_them(model, ids):
+    gm = capture_graph(model, input_ids=ids, position_ids=torch.arange(10).expand(2, 10), use_cache=False)
+    store = KVStore(2, 32)
+    raw = _config(map="2:1,3:1")
+    raw["pipelines"]["s"].append("kv_runtime")
+    raw["passes"]["kv_runtime"] = {"store": store.id}
+    ctx = PassContext(config=load_config(raw), example_inputs=[])
+    ctx.refresh_anatomy(gm)
+    results = {r.name: r for r in PassManager(ctx.config).run(gm, ctx)}
+    # The weights the graph still reads (a weight read by no node is no longer a graph input's use).
+    read = {param_path(n) for n in gm.graph.nodes if n.op in ("get_attr", "placeholder") and n.users}
+    for layer in (2, 3):
+        assert f"model.layers.{layer}.self_attn.k_proj.weight" not in read and f"model.layers.{layer}.self_attn.v_proj.weight" not in read
+        assert f"model.layers.{layer}.self_attn.q_proj.weight" in read
+    assert "model.layers.1.self_attn.k_proj.weight" in read
+    assert results["kv_share"].nodes_rewritten == 2 and results["kv_runtime"].nodes_rewritten == LAYERS
+    assert store.sites[2].owner == 1 and store.sites[3].owner == 1 and store.sites[2].nbytes() == 0
+    layouts = [n.args[-1] for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.slimfx.attention.default]
+    assert sorted(layouts) == ["plain", "plain", "read/plain", "read/plain"]
+
+
+def test_tokens_match_an_eager_forward_reading_the_owners_kv_and_bytes_fall_by_the_share(model, ids):
+    pairs = {2: 1, 3: 1}
+    tokens, stats = generate(model, ids, max_new_tokens=8, capacity=64, config=_config(map="2:1,3:1"))
+    _, full = generate(model, ids, max_new_tokens=8, capacity=64)
+    assert torch.equal(tokens, greedy(model, ids, 8, pairs))
+    assert not torch.equal(tokens, generate(model, ids, max_new_tokens=8, capacity=64)[0])  # sharing changed something
+    assert stats["kv_bytes"] == full["kv_bytes"] * (LAYERS - len(pairs)) // LAYERS
+
+
+def test_an_empty_map_is_the_unmodified_model(model, ids):
+    tokens, stats = generate(model, ids, max_new_tokens=8, capacity=64, config=_config(map="none"))
+    ref, ref_stats = generate(model, ids, max_new_tokens=8, capacity=64)
+    assert torch.equal(tokens, ref) and stats["kv_bytes"] == ref_stats["kv_bytes"]
+
+
+def test_owner_evicted_once_and_readers_follow_it(model, ids):
+    slimfx.clear_reports()
+    cfg = _config("kv_eviction", map="2:1,3:1")
+    cfg["passes"]["kv_eviction"] = {"policy": "h2o", "budget": 12, "n_sink": 2, "window": 4}
+    tokens, stats = generate(model, ids, max_new_tokens=8, capacity=64, config=cfg)
+    store = get_generator(model, 2, 64, config=cfg).store
+    assert [store.sites[i].layout for i in range(LAYERS)] == ["evict/h2o/2/4/0.0/0"] * 2 + ["read/evict/h2o/2/4/0.0/0"] * 2
+    assert store.sites[2].tiers is store.sites[1].tiers and stats["kv_bytes"] == sum(store.sites[i].nbytes() for i in (0, 1))
+    notes = [n for rep in slimfx.reports() for r in rep.passes if r.name == "kv_eviction" for n in r.notes]
+    assert any("reads site 1's cache: evicted there" in n for n in notes)
+
+
+def test_owner_quantized_once_and_readers_read_its_codes(model, ids):
+    cfg = _config("kv_quantize", map="3:2")
+    cfg["passes"]["kv_quantize"] = {"format": "int8", "residual": 4, "n_sink": 2}
+    tokens, _ = generate(model, ids, max_new_tokens=8, capacity=64, config=cfg)
+    store = get_generator(model, 2, 64, config=cfg).store
+    assert store.sites[3].layout == "read/" + store.sites[2].layout and store.sites[2].layout.startswith("kvq/int8")
+    # int8 KV is close to full precision: the tokens equal the shared model's at full precision here.
+    assert torch.equal(tokens, greedy(model, ids, 8, {3: 2}))
+
+
+def test_plan_is_validated_and_refused_for_another_model(model, ids, tmp_path):
+    from slimfx.passes.kv_share.plan import PLAN_KIND, write_plan
+
+    plan = {"kind": PLAN_KIND, "version": 1, "method": "kvsharer", "map": {"3": 1}, "calibration": {},
+            "model": {"blocks": LAYERS, "hidden": 64, "vocab": 128, "fingerprint": "000000000000"}}
+    path = write_plan(plan, tmp_path / "share.json")
+    cfg = _config(plan="share")
+    cfg["artifacts"] = {"share": str(path)}
+    with pytest.raises(ConfigError, match="the plan was made for another model"):
+        generate(model, ids, max_new_tokens=2, config=cfg)
+    (tmp_path / "bad.json").write_text(json.dumps(dict(plan, map={"1": 3})))
+    cfg["artifacts"] = {"share": str(tmp_path / "bad.json")}
+    with pytest.raises(Exception, match="field map must pair layers"):
+        generate(model, ids, max_new_tokens=2, config=cfg)
