@@ -27,7 +27,7 @@ from slimfx.codegen.kernels.gemv_int8 import gemv_int8, gemv_int8_ref
 from slimfx.measure.report import stamp
 from slimfx.measure.shapes import SHAPES
 from slimfx.measure.timing import time_ms
-from slimfx.runtime import quant_formats as qf
+from slimfx.passes.quantize import formats as qf
 
 MAIN_SHAPES = [(28672, 4096), (4096, 4096)]  # (N, K)
 DECODE_SUM_SHAPES = ["llama-3.2-1b", "llama-3.1-8b"]

@@ -19,7 +19,7 @@ import torch
 from slimfx.codegen.kernels.gemv_int4 import gemv_int4
 from slimfx.codegen.kernels.gemv_int8 import gemv_int8
 from slimfx.measure.timing import time_ms
-from slimfx.runtime import quant_formats as qf
+from slimfx.passes.quantize import formats as qf
 
 SHAPES = [(28672, 4096), (4096, 4096), (8192, 2048), (2048, 2048)]
 COPY_BYTES = 150 * 2**20

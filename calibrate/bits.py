@@ -1,6 +1,6 @@
 """Per-linear bit allocation (HAWQ-V3 style): sensitivity x candidate formats, then an
 exact multiple-choice knapsack under a byte budget. Produces a plan (JSON artifact;
-its format and reader: passes/quantize_plan.py) that the quantize pass reads
+its format and reader: passes/quantize/plan.py) that the quantize pass reads
 (`[passes.quantize] plan = "KEY"`, `[artifacts] KEY = PATH`).
 
 Sensitivity of linear i in format f: the activation-weighted output error on
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from slimfx.compiler.errors import UsageError
-from slimfx.passes.quantize_plan import PLAN_KIND, PLAN_VERSION, format_plan
+from slimfx.passes.quantize.plan import PLAN_KIND, PLAN_VERSION, format_plan
 
 DEFAULT_CANDIDATES = ("none", "int8", "int4_g128", "int4_g64")
 
@@ -165,7 +165,7 @@ def output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float
 
 def measure_sensitivity(rec: dict, candidates, *, hqq: bool = True, include_head: bool = False) -> list[dict]:
     """Per linear: its shape, role and, per candidate spec, (bytes, cost). Specs a shape cannot take are left out."""
-    from slimfx.runtime.quant_formats import parse_spec, quantize
+    from slimfx.passes.quantize.formats import parse_spec, quantize
 
     items = []
     for path, (w, info) in rec["linears"].items():
@@ -193,7 +193,7 @@ def measure_kl_sensitivity(model, input_ids: torch.Tensor, rec: dict, candidates
     calibration text, in nats. Summing these over linears (the knapsack's objective) assumes
     the layers' effects add, as HAWQ-style allocation does; unlike the output-error proxy it
     weighs each linear by how much the model's prediction moves."""
-    from slimfx.runtime.quant_formats import parse_spec, quantize
+    from slimfx.passes.quantize.formats import parse_spec, quantize
 
     keep_whole = [c for c in candidates if parse_spec(c, "candidate").kind == "none"]
     items = measure_sensitivity(rec, keep_whole, hqq=hqq, include_head=include_head)  # shapes, roles; "none" costs 0
@@ -352,7 +352,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from slimfx.runtime.models import load_model
-    from slimfx.runtime.quant_formats import parse_spec
+    from slimfx.passes.quantize.formats import parse_spec
 
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
     for c in candidates:

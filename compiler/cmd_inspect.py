@@ -68,11 +68,11 @@ def _format_plan(path: str, model, anatomy) -> str:
     try:
         kind = json.loads(Path(path).read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
-        kind = None  # quantize_plan.read_plan says what is wrong with the file
+        kind = None  # the bit plan's reader says what is wrong with the file
     if kind != layer_skip.PLAN_KIND:
-        from slimfx.passes import quantize_plan
+        from slimfx.passes.quantize import plan as bit_plan
 
-        return quantize_plan.format_plan(quantize_plan.read_plan(path))
+        return bit_plan.format_plan(bit_plan.read_plan(path))
     try:
         plan = layer_skip.read_plan(path)
     except ValueError as exc:

@@ -59,7 +59,7 @@ def test_no_fusion_across_an_in_place_write(interpreter):
 
 
 def test_custom_ops_stay_single_nodes(no_interpreter):
-    import slimfx.runtime.quant_linear  # noqa: F401 - registers torch.ops.slimfx.qlinear_int8
+    import slimfx.passes.quantize.op  # noqa: F401 - registers torch.ops.slimfx.qlinear_int8
 
     def fn(x, q, s):
         return torch.nn.functional.silu(torch.ops.slimfx.qlinear_int8(x, q, s, None)) * 2.0

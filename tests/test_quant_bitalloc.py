@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimfx.calibrate import bits as B
-from slimfx.passes.quantize_plan import format_plan, read_plan
+from slimfx.passes.quantize.plan import format_plan, read_plan
 
 
 def brute_force(costs, sizes, budget):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimfx.codegen.kernels.gemv_int4 import unpack_int4
-from slimfx.runtime import quant_formats as qf
+from slimfx.passes.quantize import formats as qf
 
 
 def _weight(n, k, seed, heavy=False):

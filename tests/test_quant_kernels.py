@@ -14,7 +14,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 import slimfx.codegen.kernels.gemv_int4 as k4
 import slimfx.codegen.kernels.gemv_int8 as k8
-from slimfx.runtime import quant_formats as qf
+from slimfx.passes.quantize import formats as qf
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}

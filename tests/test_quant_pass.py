@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import slimfx
+import slimfx.passes.quantize.op  # noqa: F401  registers the ops
 from slimfx.compiler.report import last_report
-from slimfx.runtime import quant_formats as qf
-from slimfx.runtime import quant_linear  # noqa: F401  registers the ops
+from slimfx.passes.quantize import formats as qf
 from slimfx.runtime.models import tiny_model
 
 QOPS = {torch.ops.slimfx.qlinear_int8.default: "int8", torch.ops.slimfx.qlinear_int4.default: "int4",

@@ -9,7 +9,7 @@ Triplet (DESIGN.md decision 5):
     gemv_int4_ref(...)  plain PyTorch (unpack, dequantize, matmul), the definition
 
 Shapes: x [..., K] float32/float16/bfloat16; qweight uint8 [N, K // 2] (byte j of a
-row: k = 2j low nibble, k = 2j + 1 high nibble; runtime/quant_formats.py); scale,
+row: k = 2j low nibble, k = 2j + 1 high nibble; passes/quantize/formats.py); scale,
 offset float16 [N, K // G]; G in 32, 64, 128; bias [N] or None. Returns [..., N].
 
 Why this layout and loop: with the nibbles of one byte adjacent in K, a row's bytes
@@ -185,7 +185,7 @@ def _launch_gemm(x2, qweight, scale, offset, bias_arg, has_bias, G, M, N, NG, bl
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K // 2] -> uint8 codes [N, K] (inverse of the packing in
-    runtime/quant_formats.py's quantize_int4: low nibble k = 2j, high nibble k = 2j + 1)."""
+    passes/quantize/formats.py's quantize_int4: low nibble k = 2j, high nibble k = 2j + 1)."""
     lo = packed & 0xF
     hi = packed >> 4
     return torch.stack([lo, hi], dim=-1).view(packed.shape[0], packed.shape[1] * 2)

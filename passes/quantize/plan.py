@@ -4,7 +4,7 @@
 with `[artifacts] KEY = PATH` applies it. A JSON object:
 
     kind        "slimfx.bit_allocation"      version  1
-    formats     {weight path: format spec}   what the pass applies (specs: runtime/quant_formats.py)
+    formats     {weight path: format spec}   what the pass applies (specs: passes/quantize/formats.py)
     linears     {weight path: {format, role, block, shape, options: {spec: {bytes, cost}}}}
     budget, calibration, totals              how the plan was made (printed by format_plan)
 """
@@ -22,7 +22,7 @@ PLAN_VERSION = 1
 
 def read_plan(path) -> dict:
     """Load and validate a plan JSON; ValueError (one line) when it is not one."""
-    from slimfx.runtime.quant_formats import parse_spec
+    from slimfx.passes.quantize.formats import parse_spec
 
     path = Path(path)
     plan = read_json_artifact(path, "slimfx calibrate bits")

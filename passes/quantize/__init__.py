@@ -7,9 +7,9 @@ that no dead weight is quantized; before code generation.
 
 For every `F.linear` node of the anatomy the pass picks a format (a bit-allocation
 plan's entry when `plan` names one, else the per-layer options), quantizes the
-weight at compile time (runtime/quant_formats.py), registers the packed tensors as
+weight at compile time (passes/quantize/formats.py), registers the packed tensors as
 buffers of the GraphModule and replaces the node by the matching op of
-runtime/quant_linear.py (slimfx::qlinear_int8 / _int4 / _fp8). Linears a format
+passes/quantize/op.py (slimfx::qlinear_int8 / _int4 / _fp8). Linears a format
 cannot take (in_features not a multiple of the group; fp8 on a GPU without it) are
 left in their original precision and named in the notes.
 
@@ -76,7 +76,7 @@ _CACHE: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDiction
 
 
 def quantize_cached(w: torch.Tensor, spec, hqq: bool):
-    from slimfx.runtime.quant_formats import quantize
+    from slimfx.passes.quantize.formats import quantize
 
     per_weight = _CACHE.setdefault(w, {})
     key = (spec.name, hqq, w._version)
@@ -91,7 +91,7 @@ def quantize_cached(w: torch.Tensor, spec, hqq: bool):
 
 def load_plan(path: Path) -> dict[str, str]:
     """A plan's {weight path: format spec}; ConfigError for a missing or malformed file."""
-    from slimfx.passes.quantize_plan import read_plan
+    from slimfx.passes.quantize.plan import read_plan
 
     try:
         return read_plan(path)["formats"]
@@ -101,7 +101,7 @@ def load_plan(path: Path) -> dict[str, str]:
 
 def _choose(info: LinearInfo, cfg, plan: dict | None, device: torch.device):
     """(FormatSpec, hqq) for one linear, or (None, why-not)."""
-    from slimfx.runtime.quant_formats import FormatSpec, fp8_supported, parse_spec
+    from slimfx.passes.quantize.formats import FormatSpec, fp8_supported, parse_spec
 
     opts = cfg.for_layer(info.block) if info.block is not None else cfg.options
     if plan is not None:
@@ -143,7 +143,7 @@ def check_plan_matches(plan: dict[str, str], anatomy, where: str) -> None:
 
 
 def _rewrite(gm, node: torch.fx.Node, qw, prefix: str) -> None:
-    from slimfx.runtime.quant_linear import op_for
+    from slimfx.passes.quantize.op import op_for
 
     x = node.args[0] if node.args else node.kwargs["input"]
     bias = linear_bias_node(node)
@@ -160,7 +160,7 @@ def _rewrite(gm, node: torch.fx.Node, qw, prefix: str) -> None:
 
 
 def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
-    import slimfx.runtime.quant_linear  # noqa: F401  registers torch.ops.slimfx.qlinear_*
+    import slimfx.passes.quantize.op  # noqa: F401  registers torch.ops.slimfx.qlinear_*
 
     anatomy = ctx.anatomy if ctx.anatomy is not None else ctx.refresh_anatomy(gm)
     if not anatomy.linears:

@@ -4,7 +4,7 @@
     torch.ops.slimfx.qlinear_fp8(x, qweight, scale, bias)                       float8_e4m3fn [N, K], scale f32 [N]
     torch.ops.slimfx.qlinear_int4(x, qweight, scale, offset, group_size, bias)  uint8 [N, K/2], f16 [N, K/G] x2
 
-x [..., K] -> [..., N] in x's dtype; layouts in runtime/quant_formats.py. On CUDA the
+x [..., K] -> [..., N] in x's dtype; layouts in passes/quantize/formats.py. On CUDA the
 Triton kernels run (codegen/kernels/gemv_int8.py, gemv_int4.py); elsewhere the
 references (dequantize + matmul). SLIMFX_QLINEAR=ref|triton|auto overrides (triton
 on CPU needs TRITON_INTERPRET=1 set before the kernels are imported).
