@@ -125,3 +125,12 @@ def _register_layer_skip() -> None:
 
 
 _register_layer_skip()
+
+
+def _register_kv_share() -> None:
+    from slimfx.calibrate import kv_share
+
+    register("share", "which layers read another layer's KV cache (KVSharer on calibration text)", kv_share.add_arguments, kv_share.main)
+
+
+_register_kv_share()

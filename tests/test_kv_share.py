@@ -172,3 +172,26 @@ def test_plan_is_validated_and_refused_for_another_model(model, ids, tmp_path):
     cfg["artifacts"] = {"share": str(tmp_path / "bad.json")}
     with pytest.raises(Exception, match="field map must pair layers"):
         generate(model, ids, max_new_tokens=2, config=cfg)
+
+
+def test_kvsharer_calibration_writes_a_plan_the_pass_applies(model, ids, tmp_path):
+    from slimfx.calibrate.kv_share import calibrate_share, ranked_pairs
+    from slimfx.passes.kv_share.plan import read_plan, write_plan
+
+    calibration = torch.randint(1, 128, (1, 48), generator=torch.Generator().manual_seed(5))
+    plan = calibrate_share(model, calibration, count=2, threshold=0.0, progress=False)
+    pairs = {int(r): o for r, o in plan["map"].items()}
+    # Threshold 0 accepts the first admissible pairs in order of dissimilarity.
+    tried = plan["calibration"]["tried"]
+    assert [t["distance"] for t in tried] == sorted((t["distance"] for t in tried), reverse=True)
+    assert len(pairs) == 2 and not set(pairs) & set(pairs.values()) and all(o < r for r, o in pairs.items())
+    strict = calibrate_share(model, calibration, count=2, threshold=1.0, progress=False)
+    assert strict["map"] == {} and all(t["similarity"] < 1.0 for t in strict["calibration"]["tried"])
+    path = write_plan(plan, tmp_path / "share.json")
+    assert read_plan(path)["map"] == plan["map"]
+    cfg = _config(plan="share")
+    cfg["artifacts"] = {"share": str(path)}
+    tokens, _ = generate(model, ids, max_new_tokens=6, capacity=64, config=cfg)
+    assert torch.equal(tokens, greedy(model, ids, 6, pairs))
+    means = {(layer, which): torch.full((2,), float(layer)) for layer in range(3) for which in (0, 1)}
+    assert [(r, o) for r, o, _ in ranked_pairs(means, [0, 1, 2])] == [(2, 0), (1, 0), (2, 1)]

@@ -1,0 +1,192 @@
+"""Which layers read another layer's KV: `slimfx calibrate share` writes a KV-sharing plan (KVSharer).
+
+KVSharer (Yang et al., 2024), training-free, on calibration text:
+1. one forward records every layer's key and value projections; each layer is summarised
+   by their mean over the tokens, and layer pairs (reader above owner) are ranked by the
+   Euclidean distance of those summaries, the most *dissimilar* first (the paper's
+   finding: sharing dissimilar KV hurts less than sharing similar KV);
+2. greedily, each pair in that order is tried on top of those accepted so far: the reader
+   attends over the owner's keys and values, and the pair is kept when the last hidden
+   state stays close to the unmodified model's (mean cosine similarity over the tokens at
+   least `threshold`); it stops at the target number of readers.
+A layer is never both reader and owner, and the first layer always owns its KV.
+
+How sharing is applied here: forward hooks replace a reader's k and v projection outputs
+by its owner's (computed earlier in the same forward). Rotary embedding is the same
+function of position for every layer, so this equals attending over the owner's rotated
+keys, which is what the kv_share pass does. Models whose attention reads fused qkv
+projections, or normalises keys per layer after the projection (q/k norms), are refused:
+there the projection outputs are not the cached keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from slimfx.compiler.errors import UsageError
+from slimfx.passes.kv_share.plan import PLAN_KIND, PLAN_VERSION, write_plan
+
+
+def _projections(model) -> tuple[dict[int, tuple[torch.nn.Module, torch.nn.Module]], dict]:
+    """{layer: (k_proj module, v_proj module)} from the model's anatomy, and its identity."""
+    from slimfx.compiler.anatomy import analyze, capture_graph
+    from slimfx.passes._identity import identity_of_model
+
+    ids = torch.zeros(1, 4, dtype=torch.long, device=next(model.parameters()).device)
+    anatomy = analyze(capture_graph(model, input_ids=ids, use_cache=False))
+    weights = {l.node: l.weight for l in anatomy.linears}
+    found = {}
+    for site in anatomy.attention_sites:
+        if site.fused_qkv or site.k_proj not in weights or site.v_proj not in weights:
+            raise UsageError(f"calibrate share: layer {site.index}'s keys and values do not come from separate k/v "
+                             "projections; allowed: models with k_proj and v_proj linears (Llama, Qwen2, Mistral, SmolLM)")
+        modules = tuple(model.get_submodule(weights[p].removesuffix(".weight")) for p in (site.k_proj, site.v_proj))
+        found[site.index] = modules
+    norms = [name for name, _ in model.named_modules() if name.endswith(("k_norm", "q_norm"))]
+    if norms:
+        raise UsageError(f"calibrate share: the model normalises keys after the projection ({norms[0]}); "
+                         "allowed: models whose cached keys are the rotated k projection")
+    if len(found) < 3:
+        raise UsageError(f"calibrate share: {len(found)} attention layers found; allowed: a decoder with at least 3")
+    return found, identity_of_model(model, anatomy)
+
+
+class ShareProbe:
+    """The model with hooks on every layer's k/v projections: records their outputs, and
+    replaces a reader's by its owner's according to `self.map`."""
+
+    def __init__(self, model, ids: torch.Tensor):
+        self.model, self.ids = model, ids
+        self.layers, self.identity = _projections(model)
+        self.map: dict[int, int] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.handles = [mod.register_forward_hook(self._hook(layer, which))
+                        for layer, mods in self.layers.items() for which, mod in enumerate(mods)]
+        self.reference = self.last_hidden()
+        self.means = {key: t.float().mean(dim=(0, 1)) for key, t in self.outputs.items()}
+
+    def _hook(self, layer: int, which: int):
+        def hook(_module, _inputs, output):
+            owner = self.map.get(layer)
+            if owner is not None:
+                return self.outputs[(owner, which)]
+            self.outputs[(layer, which)] = output
+            return output
+        return hook
+
+    def last_hidden(self) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.model(input_ids=self.ids, use_cache=False, output_hidden_states=True)
+        return out.hidden_states[-1][0].float()
+
+    def similarity(self, sharing: dict[int, int]) -> float:
+        """Mean cosine similarity of the last hidden state with `sharing` to the unmodified one."""
+        self.map = dict(sharing)
+        try:
+            return float(F.cosine_similarity(self.last_hidden(), self.reference, dim=-1).mean())
+        finally:
+            self.map = {}
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def ranked_pairs(means: dict[tuple[int, int], torch.Tensor], layers: list[int]) -> list[tuple[int, int, float]]:
+    """(reader, owner, distance) for every reader above its owner, most dissimilar first."""
+    summary = {layer: torch.cat([means[(layer, 0)], means[(layer, 1)]]) for layer in layers}
+    pairs = [(r, o, float((summary[r] - summary[o]).norm())) for r in layers for o in layers if o < r]
+    return sorted(pairs, key=lambda p: (-p[2], p[0], p[1]))
+
+
+def calibrate_share(model, input_ids: torch.Tensor, *, count: int, threshold: float = 0.9, progress: bool = True,
+                    model_name: str = "model", text: str = "") -> dict:
+    """A KV-sharing plan (the dict passes/kv_share/plan.py validates) with up to `count` readers."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
+        raise UsageError(f"calibrate share: calibration ids of shape {tuple(input_ids.shape)}; allowed: [1, T] with T >= 2")
+    if not -1.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold {threshold}: allowed: a cosine similarity in [-1, 1]")
+    probe = ShareProbe(model, input_ids)
+    try:
+        layers = sorted(probe.layers)
+        if not 0 <= count <= len(layers) // 2:
+            raise UsageError(f"--count {count}: allowed: 0-{len(layers) // 2} (a layer is never both reader and owner)")
+        accepted, tried = {}, []
+        for reader, owner, distance in _progress(ranked_pairs(probe.means, layers), progress):
+            if len(accepted) >= count:
+                break
+            if reader in accepted or reader in accepted.values() or owner in accepted:
+                continue
+            sim = probe.similarity({**accepted, reader: owner})
+            tried.append({"reader": reader, "owner": owner, "distance": round(distance, 6), "similarity": round(sim, 6)})
+            if sim >= threshold:
+                accepted[reader] = owner
+        final = probe.similarity(accepted)
+    finally:
+        probe.close()
+    return {
+        "kind": PLAN_KIND, "version": PLAN_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": model_name, **probe.identity},
+        "method": "kvsharer", "map": {str(r): o for r, o in sorted(accepted.items())},
+        "calibration": {"tokens": int(input_ids.shape[1]), "text": text, "threshold": threshold, "count": count,
+                        "similarity": round(final, 6), "tried": tried},
+    }
+
+
+def _progress(items: list, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(items, desc="KVSharer", unit="pair", disable=not enabled, file=sys.stderr)
+
+
+def format_plan(plan: dict) -> str:
+    pairs = ", ".join(f"{r} reads {o}" for r, o in plan["map"].items()) or "none"
+    cal = plan["calibration"]
+    return (f"KV-sharing plan ({plan['method']}): {len(plan['map'])} of {plan['model']['blocks']} layers read another's KV: {pairs}\n"
+            f"last hidden state similarity {cal['similarity']:.4f} (threshold {cal['threshold']}), {len(cal['tried'])} pairs tried")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `slimfx calibrate share`."""
+    p.add_argument("--model", default=None, help="local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", "--output", dest="output", required=True, help="where to write the plan JSON")
+    p.add_argument("--count", type=int, default=None, help="how many layers read another layer's KV")
+    p.add_argument("--fraction", type=float, default=None, help="instead of --count: this share of the layers, rounded")
+    p.add_argument("--threshold", type=float, default=0.9, help="least mean cosine similarity of the last hidden state (default 0.9)")
+    p.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")
+    p.add_argument("--text", default=None, help="UTF-8 calibration text file (default: the model's own greedy text)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from slimfx.calibrate.bits import calibration_ids
+    from slimfx.runtime.models import load_model
+
+    if args.tokens < 16:
+        raise UsageError(f"--tokens {args.tokens}: allowed: an integer >= 16")
+    if (args.count is None) == (args.fraction is None):
+        raise UsageError("calibrate share: give exactly one of --count or --fraction")
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
+    model, tokenizer = load_model(args.model)
+    ids = calibration_ids(model, tokenizer, args.tokens, text)
+    n_layers = model.config.num_hidden_layers
+    if args.fraction is not None and not 0 <= args.fraction <= 0.5:
+        raise UsageError(f"--fraction {args.fraction}: allowed: a number in [0, 0.5] (a layer is never both reader and owner)")
+    count = args.count if args.count is not None else round(args.fraction * n_layers)
+    plan = calibrate_share(model, ids, count=count, threshold=args.threshold, progress=not args.no_progress,
+                           model_name=args.model or "SmolLM2-135M-Instruct", text=args.text or "the model's own greedy text")
+    write_plan(plan, args.output)
+    print(format_plan(plan))
+    print(f"plan written to {args.output}; use it with [passes.kv_share] plan = \"KEY\" and [artifacts] KEY = \"{args.output}\"")
+    return 0
