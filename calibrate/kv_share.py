@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from slimfx.compiler.errors import UsageError
-from slimfx.passes.kv_share.plan import PLAN_KIND, PLAN_VERSION, write_plan
+from slimfx.passes.kv_share.plan import PLAN_KIND, PLAN_VERSION, format_plan, write_plan
 
 
 def _projections(model) -> tuple[dict[int, tuple[torch.nn.Module, torch.nn.Module]], dict]:
@@ -143,13 +143,6 @@ def _progress(items: list, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(items, desc="KVSharer", unit="pair", disable=not enabled, file=sys.stderr)
-
-
-def format_plan(plan: dict) -> str:
-    pairs = ", ".join(f"{r} reads {o}" for r, o in plan["map"].items()) or "none"
-    cal = plan["calibration"]
-    return (f"KV-sharing plan ({plan['method']}): {len(plan['map'])} of {plan['model']['blocks']} layers read another's KV: {pairs}\n"
-            f"last hidden state similarity {cal['similarity']:.4f} (threshold {cal['threshold']}), {len(cal['tried'])} pairs tried")
 
 
 # ----------------------------------------------------------------------------- CLI

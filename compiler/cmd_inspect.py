@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", metavar="ARCH", help="inspect a tiny random-weight model instead: llama_mha, llama_gqa, llama_untied, qwen2, mistral, phi3, gptfast")
     p.add_argument("--tokens", type=int, default=8, help="length of the probe input (default 8)")
     p.add_argument("--plan", metavar="PATH", help="also print a plan: bit allocation (slimfx calibrate bits: format and bytes per linear) "
-                                                 "or layer skipping (slimfx calibrate skip: which blocks it removes)")
+                                                 "or layer skipping (slimfx calibrate skip: which blocks it removes) "
+                                                 "or KV sharing (slimfx calibrate share: which layers read which)")
 
 
 def _tiny(arch: str):
@@ -29,6 +30,13 @@ def _tiny(arch: str):
     if arch not in TINY_ARCHITECTURES:
         raise UsageError(f"--tiny {arch}: unknown; allowed: {', '.join(TINY_ARCHITECTURES + ('gptfast',))}")
     return tiny_model(arch), lambda ids: ((ids,), {})
+
+
+def _read(reader, path) -> dict:
+    try:
+        return reader(path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -57,25 +65,27 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _format_plan(path: str, model, anatomy) -> str:
-    """A bit-allocation or layer-skip plan as text, by the kind the file declares; a
-    layer-skip plan made for another model is refused."""
+    """A bit-allocation, layer-skip or KV-sharing plan as text, by the kind the file
+    declares; a layer-skip or KV-sharing plan made for another model is refused."""
     import json
     from pathlib import Path
 
     from slimfx.passes import layer_skip
     from slimfx.passes._identity import check_plan_model, identity_of_model
+    from slimfx.passes.kv_share import plan as share_plan
 
     try:
         kind = json.loads(Path(path).read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
         kind = None  # the bit plan's reader says what is wrong with the file
+    if kind == share_plan.PLAN_KIND:
+        plan = _read(share_plan.read_plan, path)
+        check_plan_model(plan, identity_of_model(model, anatomy), f"--plan {path}", share_plan.WRITTEN_BY)
+        return share_plan.format_plan(plan)
     if kind != layer_skip.PLAN_KIND:
         from slimfx.passes.quantize import plan as bit_plan
 
         return bit_plan.format_plan(bit_plan.read_plan(path))
-    try:
-        plan = layer_skip.read_plan(path)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    plan = _read(layer_skip.read_plan, path)
     check_plan_model(plan, identity_of_model(model, anatomy), f"--plan {path}")
     return layer_skip.format_plan(plan)

@@ -193,5 +193,15 @@ def test_kvsharer_calibration_writes_a_plan_the_pass_applies(model, ids, tmp_pat
     cfg["artifacts"] = {"share": str(path)}
     tokens, _ = generate(model, ids, max_new_tokens=6, capacity=64, config=cfg)
     assert torch.equal(tokens, greedy(model, ids, 6, pairs))
+    # `slimfx inspect --plan` shows it, for this model only.
+    from slimfx.compiler.anatomy import analyze
+    from slimfx.compiler.cmd_inspect import _format_plan
+
+    anatomy = analyze(capture_graph(model, input_ids=ids[:1], use_cache=False))
+    shown = _format_plan(str(path), model, anatomy)
+    assert shown.startswith(f"KV-sharing plan (kvsharer): 2 of {LAYERS} layers read another's KV: ")
+    other = lively_tiny(layers=LAYERS, seed=9)
+    with pytest.raises(ConfigError, match="the plan was made for another model"):
+        _format_plan(str(path), other, analyze(capture_graph(other, input_ids=ids[:1], use_cache=False)))
     means = {(layer, which): torch.full((2,), float(layer)) for layer in range(3) for which in (0, 1)}
     assert [(r, o) for r, o, _ in ranked_pairs(means, [0, 1, 2])] == [(2, 0), (1, 0), (2, 1)]

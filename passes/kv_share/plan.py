@@ -68,3 +68,10 @@ def load_plan(gm, ctx, key: str, anatomy) -> dict[int, int]:
         raise UsageError(str(exc)) from None
     check_plan_model(plan, model_identity(gm, anatomy, ctx.example_inputs), where, WRITTEN_BY)
     return {int(r): o for r, o in plan["map"].items()}
+
+
+def format_plan(plan: dict) -> str:
+    pairs = ", ".join(f"{r} reads {o}" for r, o in plan["map"].items()) or "none"
+    cal = plan["calibration"]
+    return (f"KV-sharing plan ({plan['method']}): {len(plan['map'])} of {plan['model']['blocks']} layers read another's KV: {pairs}\n"
+            f"last hidden state similarity {cal['similarity']:.4f} (threshold {cal['threshold']}), {len(cal['tried'])} pairs tried")
