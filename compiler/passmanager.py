@@ -89,23 +89,31 @@ class PassContext:
 
 def ordered(pipeline: list[str], passes: dict) -> list[str]:
     """`pipeline` in an order every pass accepts: after the passes its RUNS_AFTER names and
-    before those its RUNS_BEFORE names (where they are in the pipeline). A stable
-    topological order: each step takes the earliest pass whose predecessors have run, so
-    a pipeline that already satisfies every declaration is returned unchanged."""
-    before: dict[str, set] = {name: set() for name in pipeline}  # pass -> passes that must run first
+    before those its RUNS_BEFORE names (where they are in the pipeline). Each pass keeps
+    its place unless one listed before it must run after it: then it moves up to just
+    before the first such pass. So a pipeline that already satisfies every declaration
+    is returned unchanged, and a pass appended to a pipeline lands where it is needed."""
+    needs: dict[str, set] = {name: set() for name in pipeline}  # pass -> passes that must run first
     for name in pipeline:
-        before[name] |= {p for p in getattr(passes[name], "RUNS_AFTER", ()) if p in before}
+        needs[name] |= {p for p in getattr(passes[name], "RUNS_AFTER", ()) if p in needs}
         for later in getattr(passes[name], "RUNS_BEFORE", ()):
-            if later in before:
-                before[later].add(name)
+            if later in needs:
+                needs[later].add(name)
     done: list[str] = []
     left = list(pipeline)
+
+    def place(name: str, waiting: tuple[str, ...]) -> None:
+        """Place `name` after the passes it needs; `waiting` are those placing it."""
+        if needs[name] & {name, *waiting}:
+            raise PassFailure(f"pipeline {pipeline}: RUNS_AFTER / RUNS_BEFORE of {', '.join(sorted({name, *waiting}))} contradict each other")
+        for first in [p for p in left if p in needs[name]]:
+            if first in left:  # not placed meanwhile as what an earlier one needed
+                left.remove(first)
+                place(first, waiting + (name,))
+        done.append(name)
+
     while left:
-        ready = next((p for p in left if before[p] <= set(done)), None)
-        if ready is None:
-            raise PassFailure(f"pipeline {pipeline}: RUNS_AFTER / RUNS_BEFORE of {', '.join(sorted(set(left)))} contradict each other")
-        done.append(ready)
-        left.remove(ready)
+        place(left.pop(0), ())
     return done
 
 

@@ -2,9 +2,9 @@
 
 Both backends compile through `run_pipeline`: the dynamo backend (compiler/backend.py)
 and the generator's (runtime/lowering.py); each lowers the rewritten graph its own way.
-Beside it, what the pass manager decides around a pipeline: where a pass goes that
-others work on (`with_pass`), and a configuration specialised for one prompt
-(`specialise`), which the runtime calls without knowing any pass.
+Beside it, what the runtime asks of the pass manager without knowing any pass: a
+pipeline with one more pass (`with_pass`, placed by the pass manager's ordering), and a
+configuration specialised for one prompt (`specialise`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.fx
 from slimfx.compiler import registry
 from slimfx.compiler.anatomy import record_parameter_paths
 from slimfx.compiler.config import Config, load_config
-from slimfx.compiler.passmanager import PassContext, PassManager
+from slimfx.compiler.passmanager import PassContext, PassManager, ordered
 from slimfx.compiler.report import CompileReport, next_graph_id, record
 
 # lower(gm, example_inputs, codegen) -> (callable, name of the codegen that made it)
@@ -69,10 +69,6 @@ def specialise(config, prompt_tokens: int):
 
 
 def with_pass(pipeline: list[str], name: str) -> list[str]:
-    """`pipeline` with pass `name` inserted before the first pass that works on its output
-    (declares it in RUNS_AFTER, as kv_eviction does kv_runtime), else at the end."""
-    passes = registry.registered_passes()
-    for i, step in enumerate(pipeline):
-        if name in getattr(passes[step], "RUNS_AFTER", ()):
-            return pipeline[:i] + [name] + pipeline[i:]
-    return pipeline + [name]
+    """`pipeline` with pass `name` where the pass manager runs it (passmanager.ordered):
+    before the first pass that works on its output, as kv_eviction does kv_runtime's."""
+    return ordered(pipeline + [name], registry.registered_passes())
