@@ -28,6 +28,10 @@ def __getattr__(name):
         from slimfx.compiler import backend
 
         return getattr(backend, name)
+    if name in {"load_package", "export_package"}:
+        from slimfx.export import build, package
+
+        return package.load_package if name == "load_package" else build.export_package
     if name == "analyze":
         from slimfx.compiler.anatomy import analyze
 

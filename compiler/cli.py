@@ -25,6 +25,7 @@ COMMAND_MODULES = {
     "config": ("slimfx.compiler.cmd_config", "validate a pass-configuration file or print the schema"),
     "eval": ("slimfx.measure.eval_cmd", "what a configuration costs in quality (passkey, fidelity, bytes)"),
     "bench": ("slimfx.measure.bench_cmd", "what a configuration buys in speed (GPU)"),
+    "export": ("slimfx.compiler.cmd_export", "write a package that generates without compiling (passes applied once)"),
     "calibrate": ("slimfx.compiler.cmd_calibrate", "compute calibration artifacts (codebooks, plans, head choices)"),
 }
 

@@ -10,12 +10,37 @@ from slimfx.compiler.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", help="a local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", help="a local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct), "
+                                        "or a package folder from `slimfx export` (prints its manifest)")
     p.add_argument("--tiny", metavar="ARCH", help="inspect a tiny random-weight model instead: llama_mha, llama_gqa, llama_untied, qwen2, mistral, phi3, gptfast")
     p.add_argument("--tokens", type=int, default=8, help="length of the probe input (default 8)")
     p.add_argument("--plan", metavar="PATH", help="also print a plan: bit allocation (slimfx calibrate bits: format and bytes per linear) "
                                                  "or layer skipping (slimfx calibrate skip: which blocks it removes) "
                                                  "or KV sharing (slimfx calibrate share: which layers read which)")
+
+
+def _is_package(path: str) -> bool:
+    from pathlib import Path
+
+    from slimfx.export.manifest import MANIFEST
+
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _inspect_package(path: str) -> int:
+    """A package's manifest (its own checksum verified) and whether every file is as exported."""
+    from slimfx.export.manifest import PackageError, read_manifest, verify_files
+    from slimfx.export.package import describe_manifest
+
+    manifest = read_manifest(path)
+    print(describe_manifest(manifest))
+    try:
+        verify_files(manifest, path)
+        print("files: all as exported (sha256 and sizes match the manifest)")
+    except PackageError as exc:
+        print(f"files: {exc}")
+        return 1
+    return 0
 
 
 def _tiny(arch: str):
@@ -45,6 +70,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.tokens < 1:
         raise UsageError(f"--tokens {args.tokens}: allowed: an integer >= 1")
+    if args.model and _is_package(args.model):
+        return _inspect_package(args.model)
     if args.tiny:
         model, make_inputs = _tiny(args.tiny)
         vocab = model.tok_embeddings.num_embeddings if args.tiny == "gptfast" else model.config.vocab_size

@@ -33,12 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of as it is generated")
+    p.add_argument("--package", help="a package from `slimfx export`: generate with it (no compiling; --model/--config/--dtype come from it)")
 
 
 def _check(args) -> str:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: allowed: an integer >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return check_device(args.device)
+
+
+def check_device(device: str | None) -> str:
+    """The device to run on: `device` when this machine has it, else a one-line UsageError."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA device on this machine; allowed: cpu")
     if device != "cpu" and not device.startswith("cuda"):
@@ -64,6 +70,8 @@ def main(args: argparse.Namespace) -> int:
     from slimfx.runtime import generate
     from slimfx.runtime.models import chat_input_ids, load_model
 
+    if args.package:
+        return _run_package(args)
     device = _check(args)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     config = load_config(args.config or _default_config_path())  # fail fast, before loading weights
@@ -84,6 +92,33 @@ def main(args: argparse.Namespace) -> int:
     answer = tokenizer.decode(tokens[0], skip_special_tokens=True)
     print(answer if printer is None else answer[len(printer.shown):], end="\n\n")
     _print_stats(args, device, dtype, load_s, input_ids, tokens, tokenizer, stats)
+    return 0
+
+
+def _run_package(args) -> int:
+    from slimfx.export.package import load_package
+    from slimfx.runtime.models import chat_input_ids
+
+    for flag in ("model", "config", "dtype"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} with --package: the package fixes the model, passes and dtype; allowed: one of the two")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: allowed: an integer >= 1")
+    t0 = time.perf_counter()
+    pkg = load_package(args.package, device=args.device)
+    load_s = time.perf_counter() - t0
+    tokenizer = pkg.tokenizer
+    if tokenizer is None:
+        raise UsageError(f"--package {args.package}: it holds no tokenizer; allowed: a package exported with one (slimfx export)")
+    input_ids = chat_input_ids(tokenizer, args.prompt)
+    printer = None if args.no_stream else _Printer(tokenizer)
+    tokens, stats = pkg.generate(input_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, callback=printer, stream_interval=8)
+    answer = tokenizer.decode(tokens[0], skip_special_tokens=True)
+    print(answer if printer is None else answer[len(printer.shown):], end="\n\n")
+    args.model = f"package {args.package} ({pkg.manifest['model']['name']})"
+    _print_stats(args, str(pkg.device), pkg.manifest["model"]["dtype"], load_s, input_ids, tokens, tokenizer, stats)
     return 0
 
 

@@ -197,7 +197,8 @@ class Generator:
     """A model bound to one KVStore (batch, capacity) with its compiled step function.
     Reused across generate() calls of the same shape: the store is reset in place."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, capacity: int, *, capacities: dict | None = None, config=None, codegen: str = "auto"):
+    def __init__(self, model: torch.nn.Module, batch: int, capacity: int, *, capacities: dict | None = None, config=None,
+                 codegen: str = "auto", on_graph=None):
         param = next(model.parameters())
         self.model = model
         self.store = KVStore(batch, capacity, dtype=param.dtype, device=param.device, capacities=capacities)
@@ -207,7 +208,7 @@ class Generator:
 
         loaded = load_config(config)  # once: a file is read and validated a single time
         self.codegen = _resolve_codegen(codegen, loaded if config is not None else None, param.is_cuda)
-        backend = runtime_backend(_runtime_config(loaded, self.store.id), self.codegen)
+        backend = runtime_backend(_runtime_config(loaded, self.store.id), self.codegen, on_graph)
         self.step_fn = torch.compile(_fresh_step_function(), backend=backend, dynamic=False, fullgraph=True)
         dev = param.device
         self.cur_tok = torch.zeros(batch, 1, dtype=torch.int64, device=dev)
@@ -220,7 +221,7 @@ class Generator:
         """Run the (left-padded) prompts through the model chunk by chunk; logits [B, V] of the last token."""
         B, T = input_ids.shape
         dev = self.store.device
-        padded_len = padded_prompt_length(T, chunk)
+        padded_len = self.padded_length(T, chunk)
         step = min(chunk, padded_len)
         ids = torch.zeros(B, padded_len, dtype=torch.int64, device=dev)
         ids[:, padded_len - T:] = input_ids.to(dev)
@@ -233,6 +234,10 @@ class Generator:
             logits = self.step_fn(self.model, ids[:, start:start + step], pos.clamp(min=0))
         self.store.seen.copy_(lengths.to(dev))
         return logits
+
+    @staticmethod
+    def padded_length(length: int, chunk: int) -> int:
+        return padded_prompt_length(length, chunk)
 
     def decode_step(self, sampling: tuple, eos: torch.Tensor | None, pad_id: int) -> None:
         """One token per sequence; device tensors only (capturable in a CUDA graph)."""
@@ -326,15 +331,7 @@ def generate(
     Returns GenerateOutput(tokens [B, max_new_tokens] int64 CPU, stats dict): see
     GenerateOutput for the stats keys (prefill_s, decode_s, tokens_per_s, kv_bytes...).
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerateError(f"max_new_tokens: got {max_new_tokens!r}; allowed: an integer >= 1")
-    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
-        raise GenerateError(f"min_new_tokens: got {min_new_tokens!r}; allowed: an integer >= 0")
-    if not isinstance(prefill_chunk, int) or prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
-        raise GenerateError(f"prefill_chunk: got {prefill_chunk!r}; allowed: a power of two >= 16")
-    if not isinstance(stream_interval, int) or stream_interval < 1:
-        raise GenerateError(f"stream_interval: got {stream_interval!r}; allowed: an integer >= 1")
-    _check_sampling(temperature, top_k, top_p)
+    check_generate_args(max_new_tokens, min_new_tokens, prefill_chunk, stream_interval, temperature, top_k, top_p)
     lengths = prompt_lengths(input_ids, attention_mask)
     B, T = input_ids.shape
     padded = padded_prompt_length(T, prefill_chunk)
@@ -350,14 +347,38 @@ def generate(
 
         config = specialise(config, int(lengths.max()))
     gen = get_generator(model, B, capacity, capacities=capacities, config=config, codegen=codegen)
+    return run_generation(gen, input_ids, lengths, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                          sampling=(float(temperature), int(top_k), float(top_p)), eos_token_id=eos_token_id,
+                          pad_token_id=pad_token_id, prefill_chunk=prefill_chunk, callback=callback,
+                          stream_interval=stream_interval, cuda_graph=cuda_graph)
+
+
+def check_generate_args(max_new_tokens, min_new_tokens, prefill_chunk, stream_interval, temperature, top_k, top_p) -> None:
+    """GenerateError (one line) for the first argument of generate() out of range."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens: got {max_new_tokens!r}; allowed: an integer >= 1")
+    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise GenerateError(f"min_new_tokens: got {min_new_tokens!r}; allowed: an integer >= 0")
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
+        raise GenerateError(f"prefill_chunk: got {prefill_chunk!r}; allowed: a power of two >= 16")
+    if not isinstance(stream_interval, int) or stream_interval < 1:
+        raise GenerateError(f"stream_interval: got {stream_interval!r}; allowed: an integer >= 1")
+    _check_sampling(temperature, top_k, top_p)
+
+
+def run_generation(gen, input_ids: torch.Tensor, lengths: torch.Tensor, *, max_new_tokens: int, min_new_tokens: int,
+                   sampling: tuple, eos_token_id, pad_token_id: int, prefill_chunk: int, callback, stream_interval: int,
+                   cuda_graph: bool | None) -> GenerateOutput:
+    """The generation loop over a generator (a Generator, or a loaded package's): prefill,
+    the first token, then the decode loop. Arguments are checked by the caller."""
     device = gen.store.device
+    B = input_ids.shape[0]
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
     if use_graph and device.type != "cuda":
         raise GenerateError("cuda_graph=True needs a model on a CUDA device")
     eos = None
     if eos_token_id is not None:
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.int64, device=device)
-    sampling = (float(temperature), int(top_k), float(top_p))
 
     with torch.inference_mode(), user_errors():
         gen.store.reset()

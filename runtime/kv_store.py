@@ -61,11 +61,14 @@ class Tier:
     """Buffers holding some of a site's tokens (module doc). `heads`: the site's kv heads
     this tier holds when a pass splits them (None: all, in order). `exact_rollback`: False
     when forgetting the newest tokens cannot restore the tier as it was before them
-    (accumulated scores, evicted or demoted tokens, overwritten full-precision copies)."""
+    (accumulated scores, evicted or demoted tokens, overwritten full-precision copies).
+    `fixed`: buffers whose contents are data rather than tokens (a saved package keeps
+    them; every other buffer starts empty)."""
 
     buffers: dict[str, torch.Tensor]
     heads: tuple[int, ...] | None = None
     exact_rollback: bool = True
+    fixed: tuple[str, ...] = ()  # buffers holding fixed data (head indices), not tokens
 
     def __post_init__(self):
         if "slot_pos" not in self.buffers:

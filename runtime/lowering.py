@@ -21,12 +21,16 @@ def _fx_code(gm, example_inputs, codegen: str):
     return gm.forward, "eager"
 
 
-def runtime_backend(config: dict, codegen: str):
-    """A dynamo backend: the slimfx passes (incl. kv_runtime) then `codegen` ('eager' | 'inductor' | 'slimfx')."""
+def runtime_backend(config: dict, codegen: str, on_graph=None):
+    """A dynamo backend: the slimfx passes (incl. kv_runtime) then `codegen` ('eager' | 'inductor' | 'slimfx').
+    on_graph(gm, example_inputs), when given, sees every rewritten graph before it is lowered
+    (the ahead-of-time export collects them)."""
 
     def backend(gm, example_inputs, **_):
         start = time.perf_counter()
         forward = run_pipeline(gm, example_inputs, load_config(config), _fx_code, start=start)
+        if on_graph is not None:
+            on_graph(gm, example_inputs)
         if codegen == "eager":
             return with_prefill_cudagraph(forward, example_inputs)
         if codegen == "slimfx":

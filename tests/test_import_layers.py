@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root is the
 NOT_PACKAGE = {"tests", "benchmarks", "examples", "results", "build", "dist"}
 
 UTILS, CORE, CODEGEN, RUNTIME, PASSES, TOOLS, ENTRY = range(7)
-LAYER_NAMES = ("errors and utilities", "compiler core", "codegen", "runtime", "passes", "calibrate / measure", "entry points")
+LAYER_NAMES = ("errors and utilities", "compiler core", "codegen", "runtime", "passes", "calibrate / measure / export", "entry points")
 
 # The layer of each part of the package; the longest matching name decides. A module may
 # import its own layer and those below it.
@@ -33,6 +33,7 @@ LAYERS = {
     "slimfx.passes": PASSES,
     "slimfx.calibrate": TOOLS,
     "slimfx.measure": TOOLS,
+    "slimfx.export": TOOLS,
     "slimfx.compiler.backend": ENTRY,
     "slimfx.compiler.generate_hook": ENTRY,  # HF generate on slimfx-compiled models -> the runtime
     "slimfx.compiler.hf_generate": ENTRY,
@@ -143,3 +144,14 @@ def test_the_checks_see_lazy_upward_imports_and_cycles(tmp_path):
     edges = import_edges({"slimfx.runtime.loop": loop, "slimfx.passes.kv_eviction": rewrite})
     assert upward_imports(edges) == ["slimfx.runtime.loop (runtime) imports slimfx.passes.kv_eviction (passes)"]
     assert import_cycles(edges) == [["slimfx.passes.kv_eviction", "slimfx.runtime.loop"]]
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists every folder of the package (a regular install copies only those)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"slimfx." + ".".join(p.parent.relative_to(ROOT).parts) if p.parent != ROOT else "slimfx"
+               for p in ROOT.rglob("__init__.py") if p.relative_to(ROOT).parts[0] not in NOT_PACKAGE
+               and not p.relative_to(ROOT).parts[0].startswith(".")}
+    assert folders <= listed, f"not in pyproject.toml's packages: {sorted(folders - listed)}"

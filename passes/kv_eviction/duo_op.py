@@ -39,6 +39,7 @@ def duo_tiers(batch: int, retrieval: list[int], streaming: list[int], capacity: 
              "retrieval": plain_tier(batch, len(retrieval), capacity, head_dim, dtype=dtype, device=device, heads=tuple(retrieval))}
     for tier in tiers.values():
         tier.buffers["heads"] = torch.tensor(tier.heads, device=device, dtype=torch.int64)
+        tier.fixed = ("heads",)
     return tiers
 
 
