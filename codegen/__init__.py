@@ -68,9 +68,6 @@ class CodegenResult:
     wrapper: torch.fx.GraphModule
     cudagraph: object | None = None
 
-    def kernel_sources(self) -> dict:
-        return {g.group.name: g.source for g in self.groups if g.source is not None}
-
     def group_inputs(self, group: FusionGroup, args) -> list:
         """The values `group` reads when the graph runs on `args`, such as w.t() for a linear's
         weight: what its kernel is called with (to time or check one kernel alone)."""

@@ -49,7 +49,6 @@ EMBEDDING = _targets("F.embedding", "torch.embedding")
 ADD = _targets("operator.add", "torch.add", "operator.iadd")
 MUL = _targets("operator.mul", "torch.mul")
 CAT = _targets("torch.cat", "torch.concat", "torch.concatenate")
-LAYER_NORM = _targets("F.layer_norm", "F.rms_norm", "torch.layer_norm", "torch.rms_norm")
 ACTIVATIONS = _targets("F.silu", "F.gelu", "F.relu", "torch.tanh", "F.tanh", "torch.sigmoid", "F.sigmoid")
 ACTIVATION_METHODS = {"silu", "gelu", "relu", "tanh", "sigmoid"}
 
@@ -122,10 +121,6 @@ def shape_of(node) -> tuple | None:
     # Symbolic sizes stay symbolic: int() on a SymInt would specialise it (a guard
     # pinning one prompt length, so every new length recompiles).
     return tuple(s if isinstance(s, torch.SymInt) else int(s) for s in value.shape)
-
-
-def tensor_inputs(node: Node) -> list[Node]:
-    return [a for a in node.all_input_nodes]
 
 
 # ----------------------------------------------------------------------------- parameter names
@@ -277,12 +272,6 @@ class AttentionSite:
     k_input: str | None = None
     v_input: str | None = None
     output: str | None = None  # node whose value is the attention output [B, H, S, D]
-
-    @property
-    def gqa_group(self) -> int | None:
-        if self.n_q_heads and self.n_kv_heads:
-            return self.n_q_heads // self.n_kv_heads
-        return None
 
 
 @dataclass

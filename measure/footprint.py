@@ -5,21 +5,22 @@ compiled configuration they are the unmodified figures minus what the passes rep
 in `PassResult.details["footprint"]` (see `apply_pass_reports`); a pass that reports
 nothing changes nothing here. The KV bytes an HF cache really held after a prefill are
 measured separately by the passkey run (`kv_bytes_after_prefill` per case).
+
+Keys a pass may put in PassResult.details["footprint"] (all optional):
+
+    weight_bytes_saved: int   weight bytes (outside the LM head) no longer held
+    head_bytes_saved: int     LM-head bytes no longer held
+    kv_bytes_per_token: int   KV bytes per cached token per sequence, all layers, after the pass
+    kv_capacity_tokens: int   tokens the KV store holds per sequence (a budget)
+    kv_fixed_bytes: int       KV bytes per sequence held at any length (KV quantization's
+                              full-precision sink and recent-window buffers)
+
+and, as kv_eviction reports it, PassResult.details["budgets"] = {site: tokens kept}.
 """
 
 from __future__ import annotations
 
 import torch
-
-# Keys a pass may put in PassResult.details["footprint"] (all optional):
-#   weight_bytes_saved: int   weight bytes (outside the LM head) no longer held
-#   head_bytes_saved: int     LM-head bytes no longer held
-#   kv_bytes_per_token: int   KV bytes per cached token per sequence, all layers, after the pass
-#   kv_capacity_tokens: int   tokens the KV store holds per sequence (a budget)
-#   kv_fixed_bytes: int       KV bytes per sequence held at any length (KV quantization's
-#                             full-precision sink and recent-window buffers)
-# and, as kv_eviction reports it, PassResult.details["budgets"] = {site: tokens kept}.
-FOOTPRINT_KEYS = ("weight_bytes_saved", "head_bytes_saved", "kv_bytes_per_token", "kv_capacity_tokens", "kv_fixed_bytes")
 
 
 def _unique_bytes(tensors) -> int:
