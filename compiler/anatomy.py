@@ -747,7 +747,14 @@ def _forward_cats(buf: Node) -> list[Node]:
 
 
 def _cat_with_empty(cat: Node) -> bool:
+    """A cat along the sequence axis (-2 of [B, H, T, D]) with an empty part: a dynamic
+    cache's first step. (Along the last axis it is a rotary split with nothing passed
+    through, as Phi-3 builds its keys with partial_rotary_factor 1.0.)"""
     parts = cat.args[0] if cat.args else []
+    dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+    shape = shape_of(cat)
+    if shape is None or not isinstance(dim, int) or dim % len(shape) != len(shape) - 2:
+        return False
     for p in parts if isinstance(parts, (list, tuple)) else []:
         shape = shape_of(p)
         if shape is not None and 0 in shape:

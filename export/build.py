@@ -158,15 +158,11 @@ def _fixed_buffers(store) -> dict[str, torch.Tensor]:
 
 
 def _model_info(model, name: str) -> dict:
-    from slimfx.runtime.exactness import sliding_window_layers
-
     cfg = getattr(model, "config", None)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or getattr(cfg, "eos_token_id", None)
-    window, layers = sliding_window_layers(cfg) if cfg is not None else (None, [])
     return {"name": name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "vocab_size": getattr(cfg, "vocab_size", None), "eos_token_id": eos,
-            "pad_token_id": getattr(cfg, "pad_token_id", None), "architecture": type(model).__name__,
-            "exact_limit": window if layers else None}
+            "pad_token_id": getattr(cfg, "pad_token_id", None), "architecture": type(model).__name__}
 
 
 def export_package(model, out, *, config=None, tokenizer=None, batch: int = 1, capacity: int = 2048, chunk: int = 64,

@@ -146,9 +146,6 @@ class Package:
         if need > shapes["capacity"]:
             raise GenerateError(f"max_new_tokens: prompt (padded to {need - max_new_tokens}) + {max_new_tokens} new tokens need "
                                 f"{need} KV slots; this package holds {shapes['capacity']} (slimfx export --capacity)")
-        limit = self.manifest["model"].get("exact_limit")
-        if limit is not None and int(lengths.max()) + max_new_tokens > limit:
-            raise GenerateError(f"max_new_tokens: the model's sliding-window layers match the runtime only up to {limit} tokens")
         if seed is not None:
             torch.manual_seed(seed)
         return run_generation(self.generator, input_ids.to(self.device), lengths, max_new_tokens=max_new_tokens,

@@ -5,9 +5,10 @@ covers the whole sequence). Needs: anatomy (ctx.anatomy) and a graph captured
 *without* a model-side cache, i.e. the model called with `use_cache=False` and its
 true `position_ids` (what `slimfx.runtime.generate` does): then each SDPA consumes
 exactly this step's k/v and the pass turns it into one op that writes them into the
-site's slot buffers and attends over the store. Sites that already carry a cache
-(HF DynamicCache / StaticCache, so `model.generate` keeps working untouched) are
-left alone and reported.
+site's slot buffers and attends over the store. A site that carries a cache of the
+model's own (HF DynamicCache / StaticCache) cannot occur under the runtime, which calls
+the model with `use_cache=False`: finding one means the anatomy misread the graph, and
+the pass refuses (as for any site it cannot bind) rather than run two caches.
 
 For every site the pass
   1. asks the store (found by id in the runtime registry, `passes.kv_runtime.store`)
@@ -48,7 +49,7 @@ def _site_skip_reason(site: AttentionSite, node: torch.fx.Node | None) -> str | 
     if node is None or not is_sdpa(node):
         return f"site {site.index}: not an SDPA call ({site.kind})"
     if site.cache.kind != "none":
-        return f"site {site.index}: the model already keeps a {site.cache.kind} cache (left to it)"
+        return f"site {site.index}: the graph keeps a {site.cache.kind} KV cache of its own (called with use_cache=True?)"
     if not (site.n_q_heads and site.n_kv_heads and site.head_dim):
         return f"site {site.index}: head counts unknown"
     return None
@@ -109,9 +110,6 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
             rewritten += 1
     sites = anatomy.attention_sites
     n_sites = len({s.index for s in sites} | bound)
-    if not rewritten and sites and all(site.cache.kind != "none" for site in sites):
-        # The model keeps its own cache (HF generate's DynamicCache / StaticCache): exact as it is.
-        return PassResult(NAME, applied=False, sites_matched=len(sites), notes=_unique(notes))
     if not n_sites and anatomy.lm_head is None:
         return PassResult.skipped(NAME, "no attention sites in this graph (a piece of a model split by graph breaks)")
     if rewritten != n_sites:

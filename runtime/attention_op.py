@@ -160,9 +160,10 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def prefill_read(q, positions, tiers: list[TierRead], scale: float, triton: bool, *, chunk=None, window=None):
+def prefill_read(q, positions, tiers: list[TierRead], scale: float, triton: bool, *, chunk=None, window=None, sliding=None):
     """Attention of a chunk of queries over the tiers (+ `chunk` = (k, v, positions), the
-    chunk's own keys, read where they are) -> [B, Hq, T, D]."""
+    chunk's own keys, read where they are) -> [B, Hq, T, D]. sliding: a sliding window
+    of that many positions per query (codegen/kernels/prefill_attention.py)."""
     qc = _contiguous(q)
     only = tiers[0]
     if len(tiers) == 1 and only.k_scale is None and window is None:
@@ -178,8 +179,8 @@ def prefill_read(q, positions, tiers: list[TierRead], scale: float, triton: bool
     if triton:
         from slimfx.codegen.kernels.prefill_attention import prefill_attention
 
-        return prefill_attention(qc, positions, keys, vals, kpos, extra=chunk, scale=scale)
-    return prefill_attention_ref(qc, positions, keys, vals, kpos, extra=chunk, scale=scale)
+        return prefill_attention(qc, positions, keys, vals, kpos, extra=chunk, scale=scale, window=sliding)
+    return prefill_attention_ref(qc, positions, keys, vals, kpos, extra=chunk, scale=scale, window=sliding)
 
 
 # ----------------------------------------------------------------------------- the plain variant
@@ -208,23 +209,42 @@ def write_tokens(k, v, positions, k_cache, v_cache, slot_pos, triton: bool = Fal
 
 class Plain:
     """Ring write to slot pos % C of the main tier, read the main tier. With capacity >= the
-    total length nothing is overwritten and the result is exact; with less it is a sliding
-    window."""
+    total length nothing is overwritten and the result is exact.
+
+    layout plain/<W>: a sliding-window layer (attends to its W most recent positions). Its
+    tier is a ring of at most W slots: after a decode step's write it holds exactly the
+    positions the query may see, and a prefill chunk, which reads its own keys where they
+    are, masks each query's older positions (prefill_read's `sliding`)."""
 
     fields = ("main.k", "main.v", "main.slot_pos")
+
+    def __init__(self, window: str = "0"):
+        self.window = int(window) or None
 
     def run(self, q, k, v, positions, tiers: Tiers, scale: float, triton: bool):
         main = tiers["main"]
         store = TierRead(main["k"], main["v"], main["slot_pos"])
         if q.shape[2] == 1:
             write_tokens(k, v, positions, main["k"], main["v"], main["slot_pos"], triton)
+            self._check_ring(main["k"].shape[2])
             return decode_read(q, positions[:, 0], [store], scale, triton)
-        out = prefill_read(q, positions, [store], scale, triton, chunk=(k, v, positions))
+        out = prefill_read(q, positions, [store], scale, triton, chunk=(k, v, positions), sliding=self.window)
         write_tokens(k, v, positions, main["k"], main["v"], main["slot_pos"], triton)
         return out
 
     def read(self, q, positions, tiers: Tiers, scale: float, triton: bool):
-        return read_tiers(q, positions, [TierRead(tiers["main"]["k"], tiers["main"]["v"], tiers["main"]["slot_pos"])], scale, triton)
+        main = tiers["main"]
+        if q.shape[2] == 1:
+            self._check_ring(main["k"].shape[2])
+        store = TierRead(main["k"], main["v"], main["slot_pos"])
+        if q.shape[2] == 1:
+            return decode_read(q, positions[:, 0], [store], scale, triton)
+        return prefill_read(q, positions, [store], scale, triton, sliding=self.window)
+
+    def _check_ring(self, capacity: int) -> None:
+        if self.window is not None and capacity > self.window:
+            raise ValueError(f"slimfx::attention layout 'plain/{self.window}': a ring of {capacity} slots would show the decode "
+                             f"query positions outside its window; allowed: at most {self.window} slots")
 
 
 def read_tiers(q, positions, reads: list[TierRead], scale: float, triton: bool, window=None):

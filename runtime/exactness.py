@@ -1,13 +1,12 @@
-"""What the runtime's KV store cannot reproduce exactly, found before anything runs.
+"""What the store needs to know to reproduce a model's attention exactly: which layers
+attend only to a sliding window of recent positions, and how wide it is.
 
-The store attends over every slot it holds (causal, full). A model whose attention
-reads less than that gives different logits through the runtime than through its own
-forward, so such a request is refused by name instead of answered wrongly.
+The generator gives each such layer's site a ring of at most `window` slots and the
+`plain/<window>` layout (runtime/attention_op.Plain), so those layers read what the
+model reads and hold no more than it can ever read.
 """
 
 from __future__ import annotations
-
-from slimfx.compiler.errors import UsageError
 
 
 def sliding_window_layers(config) -> tuple[int | None, list[int]]:
@@ -25,17 +24,8 @@ def sliding_window_layers(config) -> tuple[int | None, list[int]]:
     return int(window), list(range(int(getattr(config, "num_hidden_layers", 0))))
 
 
-def check_exact(model, total_tokens: int) -> None:
-    """UsageError when generating `total_tokens` (padded prompt + new tokens) through the
-    runtime would not give the model's own logits."""
+def site_windows(model) -> dict[int, int]:
+    """{layer index: window} of the model's sliding-window layers (empty for none)."""
     config = getattr(model, "config", None)
-    if config is None:
-        return
-    window, layers = sliding_window_layers(config)
-    if layers and total_tokens > window:
-        shown = ", ".join(map(str, layers[:8])) + (", ..." if len(layers) > 8 else "")
-        raise UsageError(
-            f"model: layers {shown} use sliding-window attention (window {window}) and this request spans "
-            f"{total_tokens} tokens; the slimfx runtime attends over the whole store and would not match the model; "
-            f"allowed: prompt + new tokens <= {window}, or plain torch.compile(model, backend='slimfx') with model.generate"
-        )
+    window, layers = sliding_window_layers(config) if config is not None else (None, [])
+    return {layer: window for layer in layers}

@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from slimfx.compiler.errors import user_errors
-from slimfx.runtime.exactness import check_exact
+from slimfx.runtime.exactness import site_windows
 from slimfx.runtime.kv_store import KVStore
 
 
@@ -201,7 +201,8 @@ class Generator:
                  codegen: str = "auto", on_graph=None):
         param = next(model.parameters())
         self.model = model
-        self.store = KVStore(batch, capacity, dtype=param.dtype, device=param.device, capacities=capacities)
+        self.store = KVStore(batch, capacity, dtype=param.dtype, device=param.device, capacities=capacities,
+                             windows=site_windows(model))
         from slimfx.runtime.lowering import runtime_backend
 
         from slimfx.compiler.config import load_config
@@ -339,7 +340,6 @@ def generate(
         capacity = -(-(padded + max_new_tokens) // 256) * 256  # rounded so nearby calls share a store
     elif not isinstance(capacity, int) or capacity < 1:
         raise GenerateError(f"capacity: got {capacity!r}; allowed: an integer >= 1")
-    check_exact(model, int(lengths.max()) + max_new_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     if config is not None:

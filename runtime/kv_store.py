@@ -127,9 +127,14 @@ def plain_tier(batch: int, n_heads: int, capacity: int, head_dim: int, *, dtype,
     return Tier(buffers, heads=heads, exact_rollback=not scores)
 
 
-def plain_site(batch: int, n_heads: int, capacity: int, head_dim: int, *, dtype=torch.float32, device="cpu", index: int = 0) -> "SiteCache":
-    """A standalone plain site (one main tier, empty), outside any store."""
-    return SiteCache(index, head_dim, {"main": plain_tier(batch, n_heads, capacity, head_dim, dtype=dtype, device=device)})
+def plain_site(batch: int, n_heads: int, capacity: int, head_dim: int, *, dtype=torch.float32, device="cpu", index: int = 0,
+               window: int | None = None) -> "SiteCache":
+    """A standalone plain site (one main tier, empty), outside any store. window: a
+    sliding-window layer's window; its ring holds at most that many slots."""
+    if window:
+        capacity = min(capacity, window)
+    tiers = {"main": plain_tier(batch, n_heads, capacity, head_dim, dtype=dtype, device=device)}
+    return SiteCache(index, head_dim, tiers, layout=f"plain/{window}" if window else "plain")
 
 
 @dataclass
@@ -230,10 +235,12 @@ class KVStore:
     """Fixed-capacity KV caches of all attention sites of one model (see module doc).
 
     batch: sequences per step. capacity: default slots per site. capacities: per-site
-    overrides {site index: slots}. dtype/device: of the k/v buffers.
+    overrides {site index: slots}. windows: {site index: W} for sliding-window layers
+    (their ring holds at most W slots). dtype/device: of the k/v buffers.
     """
 
-    def __init__(self, batch: int, capacity: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", capacities: dict[int, int] | None = None, store_id: str | None = None):
+    def __init__(self, batch: int, capacity: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 capacities: dict[int, int] | None = None, windows: dict[int, int] | None = None, store_id: str | None = None):
         if not isinstance(batch, int) or batch < 1:
             raise KVStoreError(f"KVStore batch: got {batch!r}; allowed: an integer >= 1")
         if not isinstance(capacity, int) or capacity < 1:
@@ -244,6 +251,7 @@ class KVStore:
         self.batch = batch
         self.capacity = capacity
         self.capacities = dict(capacities or {})
+        self.windows = dict(windows or {})
         self.dtype = dtype
         self.device = torch.device(device)
         self.id = store_id or f"kvstore-{next(_IDS)}"
@@ -273,7 +281,8 @@ class KVStore:
                 raise KVStoreError(f"KVStore site {index}: shares site {cache.owner}'s cache of {cache.total_kv_heads} kv heads x "
                                    f"{cache.head_dim} but has {n_kv_heads} x {head_dim}; allowed: an owner of the same head shape")
             return cache
-        cache = plain_site(self.batch, n_kv_heads, self.capacity_of(index), head_dim, dtype=self.dtype, device=self.device, index=index)
+        cache = plain_site(self.batch, n_kv_heads, self.capacity_of(index), head_dim, dtype=self.dtype, device=self.device,
+                           index=index, window=self.windows.get(index))
         self.sites[index] = cache
         return cache
 

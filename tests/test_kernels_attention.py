@@ -168,6 +168,28 @@ def test_prefill_extra_keys_equal_appended_keys(dtype):
         pre.prefill_attention(q, pos, kc, vc, slots, extra=(k2, v2, pos[:, 1:]))
 
 
+def test_prefill_sliding_window_kernel_matches_reference_and_the_sliding_mask():
+    """window W: a query sees its W most recent positions (HF's sliding-window mask), in the
+    store's keys and in the chunk's own."""
+    B, Hq, Hkv, C, p0, T, D, W = 2, 4, 2, 8, 8, 21, 16, 6
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Hq, T, D, generator=gen).to(DEVICE)
+    kc, vc = (torch.randn(B, Hkv, C, D, generator=gen).to(DEVICE) for _ in range(2))
+    slots = torch.arange(p0)[None, None].expand(B, Hkv, C).contiguous().to(DEVICE)
+    k2, v2 = (torch.randn(B, Hkv, T, D, generator=gen).to(DEVICE) for _ in range(2))
+    pos = torch.arange(p0, p0 + T).repeat(B, 1).to(DEVICE)
+    out = pre.prefill_attention(q, pos, kc, vc, slots, extra=(k2, v2, pos), window=W)
+    ref = pre.prefill_attention_ref(q, pos, kc, vc, slots, extra=(k2, v2, pos), window=W)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    keys, vals = torch.cat([kc, k2], 2), torch.cat([vc, v2], 2)
+    kpos = torch.arange(p0 + T, device=DEVICE)
+    mask = (kpos[None, :] <= pos[0][:, None]) & (kpos[None, :] > pos[0][:, None] - W)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, keys.repeat_interleave(2, 1), vals.repeat_interleave(2, 1), attn_mask=mask)
+    assert rel_err(ref, sdpa) < 1e-5
+    with pytest.raises(ValueError, match="window 0; allowed: None or an integer >= 1"):
+        pre.prefill_attention_ref(q, pos, kc, vc, slots, window=0)
+
+
 def test_prefill_reference_equals_causal_sdpa_on_plain_sequence():
     """With positions 0..T-1 in order, the position rule is the causal mask."""
     B, Hq, Hkv, T, D = 2, 4, 2, 11, 16

@@ -1,6 +1,7 @@
-"""The runtime never answers wrongly: what its KV store cannot reproduce (sliding-window
-layers past their window, attention it cannot bind) is refused by name, what it can
-is token-identical to the unmodified model."""
+"""The runtime never answers wrongly: sliding-window layers read exactly their window
+(a ring sized to it), attention the store cannot bind is refused by name, and what it
+runs is token-identical to the unmodified model. (The architecture matrix is in
+test_families.py.)"""
 
 from __future__ import annotations
 
@@ -27,11 +28,27 @@ def test_sliding_window_layers_read_from_the_config():
     assert sliding_window_layers(model.config) == (None, [])
 
 
-def test_request_past_the_window_is_refused_by_name():
+def test_request_past_the_window_runs_exactly_on_a_ring_of_the_window():
     model = _sliding_mistral(8)
-    ids = torch.randint(1, 128, (1, 6))
-    with pytest.raises(UsageError, match=r"layers 0, 1 use sliding-window attention \(window 8\).*spans 10 tokens.*allowed: prompt \+ new tokens <= 8"):
-        generate(model, ids, max_new_tokens=4)
+    ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(3))
+    tokens, stats = generate(model, ids, max_new_tokens=12, prefill_chunk=16)
+    assert torch.equal(tokens, hf_greedy(model, ids, torch.ones_like(ids), 12))
+    per_slot = 2 * (2 * 16 * 4 + 4)  # kv heads x (K and V fp32 + int32 position)
+    assert stats["kv_bytes"] == 2 * 8 * per_slot  # two layers, 8 slots each, whatever the length
+
+
+def test_eviction_leaves_sliding_layers_to_their_window():
+    import slimfx
+
+    model = _sliding_mistral(8)
+    ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(3))
+    slimfx.clear_reports()
+    cfg = {"pipelines": {"e": ["kv_eviction"]}, "compile": {"pipeline": "e"},
+           "passes": {"kv_eviction": {"policy": "h2o", "budget": 6, "n_sink": 1, "window": 2}}}
+    tokens, _ = generate(model, ids, max_new_tokens=6, prefill_chunk=16, config=cfg)
+    assert torch.equal(tokens, hf_greedy(model, ids, torch.ones_like(ids), 6))
+    notes = [n for rep in slimfx.reports() for r in rep.passes if r.name == "kv_eviction" for n in r.notes]
+    assert any("a sliding-window layer; its ring of 8 slots already bounds it" in n for n in notes)
 
 
 def test_request_within_the_window_runs_exactly():

@@ -149,16 +149,21 @@ def test_pass_replaces_every_sdpa_with_one_op_bound_to_the_store():
     assert ctx.state["kv_stores"][store.id] is store
 
 
-def test_pass_leaves_cached_graphs_alone_and_skips_without_store():
+def test_pass_refuses_a_graph_with_its_own_cache_and_skips_without_store():
+    """Under the runtime a graph never carries a cache of the model's own: one that does
+    (the model called with use_cache=True, or a graph the anatomy misread) is refused,
+    never run beside the store."""
+    from slimfx.compiler.errors import UsageError
+
     model = tiny_model("llama_gqa")
     ids = torch.randint(0, 128, (1, 4))
     gm = capture_graph(model, input_ids=ids, use_cache=True)
     store = KVStore(1, 16)
     ctx = PassContext(config=_runtime_config(store.id), example_inputs=[])
     ctx.refresh_anatomy(gm)
-    [result] = PassManager(ctx.config).run(gm, ctx)
-    assert not result.applied and any("cache" in n for n in result.notes)
-    assert any(is_sdpa(n) for n in gm.graph.nodes) and not store.sites
+    with pytest.raises(UsageError, match=r"bound 0 of 2 attention sites \(sites 0,1: the graph keeps a concat KV cache of its own"):
+        PassManager(ctx.config).run(gm, ctx)
+    assert not store.sites
     ctx = PassContext(config=_runtime_config("no-such-store"), example_inputs=[])
     ctx.refresh_anatomy(gm)
     [result] = PassManager(ctx.config).run(gm, ctx)

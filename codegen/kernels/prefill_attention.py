@@ -15,9 +15,11 @@ Shapes:
     extra  optional (k2, v2 [B, Hkv, N2, D], k2_pos [B, N2]): the chunk's own keys,
            attended after the store's where they are (no concatenated copy)
 
-A key is visible to a query iff 0 <= k_pos <= q_pos. The mask is made from
-positions, not from slot order, so causality, left padding and empty or evicted
-slots all come out of one rule and no mask tensor is materialised.
+A key is visible to a query iff 0 <= k_pos <= q_pos, and with a sliding `window` W
+also k_pos > q_pos - W (the W most recent positions, the query's own included, as HF's
+sliding-window layers read). The mask is made from positions, not from slot order, so
+causality, left padding and empty or evicted slots all come out of one rule and no mask
+tensor is materialised.
 returns out [B, Hq, T, D] in q's dtype.
 """
 
@@ -35,7 +37,7 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _attend_keys(q, qpos, q_last, m_i, l_i, acc, k_base, v_base, p_base, stride_kn, stride_vn, N,
-                 offs_n, offs_d, d_ok, BLOCK_N: tl.constexpr):
+                 offs_n, offs_d, d_ok, window, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr):
     """Online-softmax update of (m_i, l_i, acc) with the N keys at k_base / v_base whose
     positions are at p_base (a key is visible to a query iff 0 <= k_pos <= q_pos)."""
     for n0 in range(0, N, BLOCK_N):
@@ -48,6 +50,8 @@ def _attend_keys(q, qpos, q_last, m_i, l_i, acc, k_base, v_base, p_base, stride_
             k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32)
             visible = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
+            if WINDOWED:
+                visible = visible & (kpos[None, :] > qpos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -70,8 +74,9 @@ def _prefill_kernel(
     stride_v2b, stride_v2h, stride_v2n,
     stride_ob, stride_oh, stride_ot,
     stride_qpb, stride_kpb, stride_kph, stride_kp2b, stride_kp2h,
-    T, N, N2, HQ,
+    T, N, N2, HQ, window,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -95,11 +100,11 @@ def _prefill_kernel(
     m_i, l_i, acc = _attend_keys(q, qpos, q_last, m_i, l_i, acc,
                                  K + b * stride_kb + hkv * stride_kh, V + b * stride_vb + hkv * stride_vh,
                                  KPOS + b * stride_kpb + hkv * stride_kph, stride_kn, stride_vn, N,
-                                 offs_n, offs_d, d_ok, BLOCK_N)
+                                 offs_n, offs_d, d_ok, window, BLOCK_N, WINDOWED)
     m_i, l_i, acc = _attend_keys(q, qpos, q_last, m_i, l_i, acc,
                                  K2 + b * stride_k2b + hkv * stride_k2h, V2 + b * stride_v2b + hkv * stride_v2h,
                                  KPOS2 + b * stride_kp2b + hkv * stride_kp2h, stride_k2n, stride_v2n, N2,
-                                 offs_n, offs_d, d_ok, BLOCK_N)
+                                 offs_n, offs_d, d_ok, window, BLOCK_N, WINDOWED)
     out = acc * tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)[:, None]
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -136,12 +141,21 @@ def _extra_keys(q, k, v, k_pos, extra):
     return k2, v2, k2_pos, (k2_pos.stride(0), 0)  # one position row per sequence, shared by its heads
 
 
-def prefill_attention(q, q_pos, k, v, k_pos, *, extra=None, scale: float | None = None, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+def _check_window(window) -> int:
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"prefill_attention: window {window!r}; allowed: None or an integer >= 1")
+    return window or 0
+
+
+def prefill_attention(q, q_pos, k, v, k_pos, *, extra=None, scale: float | None = None, window: int | None = None,
+                      block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
     """Position-masked attention of a chunk of queries (see module doc). Returns [B, Hq, T, D].
 
     extra: optional (k2 [B, Hkv, N2, D], v2, k2_pos [B, N2]): more keys, attended after
-    k, v (the chunk's own keys, so the store need not be copied to append them)."""
+    k, v (the chunk's own keys, so the store need not be copied to append them).
+    window: a sliding window of that many positions, or None."""
     B, Hq, Hkv, T, N, D = _check(q, q_pos, k, v, k_pos)
+    window = _check_window(window)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("prefill_attention: the last (head_dim) dimension of q, k and v must be contiguous")
@@ -168,15 +182,16 @@ def prefill_attention(q, q_pos, k, v, k_pos, *, extra=None, scale: float | None 
         v2.stride(0), v2.stride(1), v2.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         q_pos.stride(0), k_pos.stride(0), k_pos.stride(1), *k2_pos_strides,
-        T, N, k2.shape[2], Hq,
-        GROUP=Hq // Hkv, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D,
+        T, N, k2.shape[2], Hq, window,
+        GROUP=Hq // Hkv, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, WINDOWED=window > 0,
         num_warps=warps, num_stages=stages,
     )
     return out
 
 
-def prefill_attention_ref(q, q_pos, k, v, k_pos, *, extra=None, scale: float | None = None):
+def prefill_attention_ref(q, q_pos, k, v, k_pos, *, extra=None, scale: float | None = None, window: int | None = None):
     """The definition in float32 PyTorch; same arguments and result as prefill_attention."""
+    window = _check_window(window)
     if extra is not None:  # extra keys are keys appended after the store's
         k2, v2, k2_pos = extra
         _extra_keys(q, k, v, k_pos, extra)
@@ -192,6 +207,8 @@ def prefill_attention_ref(q, q_pos, k, v, k_pos, *, extra=None, scale: float | N
     qp = q_pos.view(B, 1, 1, T, 1)
     kp = k_pos.view(B, Hkv, 1, 1, N)
     visible = (kp >= 0) & (kp <= qp)
+    if window:
+        visible = visible & (kp > qp - window)
     probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     out = torch.einsum("bhgtn,bhnd->bhgtd", probs, v.float()).reshape(B, Hq, T, D)
     return out.to(q.dtype)

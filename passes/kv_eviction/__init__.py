@@ -200,6 +200,8 @@ def _rewrite_site(gm, store, index: int, opts: dict, duo_heads) -> tuple[int, st
     kind = cache.layout.split("/")[0]
     if kind not in ("plain", *OWN_KINDS):
         return 0, f"site {index}: laid out as {cache.layout!r} by another pass, left as it is"
+    if cache.layout.startswith("plain/"):
+        return 0, f"site {index}: a sliding-window layer; its ring of {cache.capacity} slots already bounds it (budgets apply to global layers)"
     if opts["budget"] + opts["decode_budget"] > cache.capacity and kind == "plain":
         return 0, f"site {index}: budget {opts['budget'] + opts['decode_budget']} > store capacity {cache.capacity}, nothing to evict"
     if opts["evicted"] != "drop":
