@@ -346,6 +346,13 @@ def _launch_config(q: torch.Tensor, B: int, Hkv: int, C: int) -> dict:
     return {"BLOCK_N": block_n, "splits": max(1, min(4, triton.cdiv(C, block_n))), "num_warps": 4, "num_stages": 1}
 
 
+def _stages(cfg: dict, q: torch.Tensor, second: bool) -> int:
+    """Pipeline stages: the tuned count, but one for float32 with two tiers, whose two
+    pipelined loops need more shared memory than an H100 has (268 KB asked, 227 KB there,
+    measured 2026-12-06 with 128-slot blocks at head_dim 64)."""
+    return 1 if second and q.element_size() == 4 and q.is_cuda else cfg["num_stages"]
+
+
 def _split(C: int, want: int, block_n: int) -> tuple[int, int]:
     """(splits, slots per split) for a tier of C slots: every split gets a whole number of
     blocks; trailing splits may be empty (m stays -inf-like, l = 0), as does the one split
@@ -423,7 +430,7 @@ def decode_attention(q, k_cache, v_cache, slot_pos, q_pos, *, scale: float | Non
         C, C1, Hkv, total, n_splits, per_split, per_split1,
         GROUP=group, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, TRACK=track,
         SCALED0=k_scale is not None, SECOND=n_splits1 > 0, SCALED1=ks1 is not None, WINDOW=window is not None,
-        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or _stages(cfg, q, n_splits1 > 0),
     )
     m_final = torch.empty(B * Hq if track else 1, device=dev, dtype=torch.float32)
     inv_l = torch.empty(B * Hq if track else 1, device=dev, dtype=torch.float32)
