@@ -28,6 +28,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from slimfx.calibrate.common import add_common_arguments, load_for_calibration, model_name, text_name
 from slimfx.compiler.errors import UsageError
 from slimfx.passes.kv_share.plan import PLAN_KIND, PLAN_VERSION, format_plan, write_plan
 
@@ -150,35 +151,18 @@ def _progress(items: list, enabled: bool):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `slimfx calibrate share`."""
-    p.add_argument("--model", default=None, help="local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", "--output", dest="output", required=True, help="where to write the plan JSON")
-    p.add_argument("--count", type=int, default=None, help="how many layers read another layer's KV")
-    p.add_argument("--fraction", type=float, default=None, help="instead of --count: this share of the layers, rounded")
+    add_common_arguments(p, "layers read another layer's KV")
     p.add_argument("--threshold", type=float, default=0.9, help="least mean cosine similarity of the last hidden state (default 0.9)")
-    p.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")
-    p.add_argument("--text", default=None, help="UTF-8 calibration text file (default: the model's own greedy text)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from slimfx.calibrate.bits import calibration_ids
-    from slimfx.runtime.models import load_model
-
-    if args.tokens < 16:
-        raise UsageError(f"--tokens {args.tokens}: allowed: an integer >= 16")
-    if (args.count is None) == (args.fraction is None):
-        raise UsageError("calibrate share: give exactly one of --count or --fraction")
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
-    model, tokenizer = load_model(args.model)
-    ids = calibration_ids(model, tokenizer, args.tokens, text)
+    model, _, ids = load_for_calibration(args, "share")
     n_layers = model.config.num_hidden_layers
     if args.fraction is not None and not 0 <= args.fraction <= 0.5:
         raise UsageError(f"--fraction {args.fraction}: allowed: a number in [0, 0.5] (a layer is never both reader and owner)")
     count = args.count if args.count is not None else round(args.fraction * n_layers)
     plan = calibrate_share(model, ids, count=count, threshold=args.threshold, progress=not args.no_progress,
-                           model_name=args.model or "SmolLM2-135M-Instruct", text=args.text or "the model's own greedy text")
+                           model_name=model_name(args), text=text_name(args))
     write_plan(plan, args.output)
     print(format_plan(plan))
     print(f"plan written to {args.output}; use it with [passes.kv_share] plan = \"KEY\" and [artifacts] KEY = \"{args.output}\"")

@@ -22,6 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from slimfx.calibrate.common import add_common_arguments, load_for_calibration, model_name, text_name
 from slimfx.compiler.errors import UsageError
 from slimfx.passes.layer_skip import METHODS, PLAN_KIND, PLAN_VERSION, TARGETS, format_plan, write_plan
 
@@ -187,34 +188,16 @@ def calibrate_skip(model, input_ids: torch.Tensor, *, method: str = "block_influ
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `slimfx calibrate skip`."""
-    p.add_argument("--model", default=None, help="local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", "--output", dest="output", required=True, help="where to write the plan JSON")
+    add_common_arguments(p, "blocks (or MLPs) the plan removes")
     p.add_argument("--method", default="block_influence", choices=METHODS,
                    help="block_influence (ShortGPT, one forward) or sleb (greedy calibration NLL, a forward per candidate and step)")
     p.add_argument("--target", default="block", choices=TARGETS, help="remove whole blocks or only their MLPs")
-    p.add_argument("--count", type=int, default=None, help="how many blocks (or MLPs) the plan removes")
-    p.add_argument("--fraction", type=float, default=None, help="instead of --count: this share of the blocks, rounded")
-    p.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")
-    p.add_argument("--text", default=None, help="UTF-8 calibration text file (default: the model's own greedy text)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from slimfx.calibrate.bits import calibration_ids
-    from slimfx.runtime.models import load_model
-
-    if args.tokens < 16:
-        raise UsageError(f"--tokens {args.tokens}: allowed: an integer >= 16")
-    if (args.count is None) == (args.fraction is None):
-        raise UsageError("calibrate skip: give exactly one of --count or --fraction")
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
-    model, tokenizer = load_model(args.model)
-    ids = calibration_ids(model, tokenizer, args.tokens, text)
+    model, _, ids = load_for_calibration(args, "skip")
     plan = calibrate_skip(model, ids, method=args.method, target=args.target, count=args.count, fraction=args.fraction,
-                          progress=not args.no_progress, model_name=args.model or "SmolLM2-135M-Instruct",
-                          text=args.text or "the model's own greedy text")
+                          progress=not args.no_progress, model_name=model_name(args), text=text_name(args))
     write_plan(plan, args.output)
     print(format_plan(plan))
     cal = plan["calibration"]

@@ -6,35 +6,29 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from slimfx.compiler.config import load_config
 from slimfx.compiler.errors import UsageError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a local HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--config", help="a pass configuration (.toml); default: lossless passes only")
+    from slimfx.compiler.cmd_run import add_model_arguments
+
+    add_model_arguments(p)  # a package runs on the device kind it was built for
     p.add_argument("--out", required=True, help="the package folder to write")
     p.add_argument("--max-batch", type=int, default=1, help="sequences per call (default 1)")
     p.add_argument("--capacity", type=int, default=2048, help="KV slots per attention site: prompt + new tokens at most (default 2048)")
     p.add_argument("--chunk", type=int, default=64, help="prefill tokens per step, a power of two >= 16 (default 64)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); a package runs on the device kind it was built for")
-    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--force", action="store_true", help="replace an existing package folder")
 
 
 def main(args: argparse.Namespace) -> int:
-    from slimfx.compiler.cmd_run import check_device
+    from slimfx.compiler.cmd_run import check_device, model_dtype
     from slimfx.export.build import export_package
     from slimfx.export.package import describe_manifest
     from slimfx.export.manifest import read_manifest
     from slimfx.runtime.models import DEFAULT_MODEL_NAME, load_model
 
     device = check_device(args.device)
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = model_dtype(args.dtype, device)
     config = load_config(args.config or _default_config_path())  # fail fast, before loading weights
     t0 = time.perf_counter()
     print("[0/4] loading the model", flush=True)

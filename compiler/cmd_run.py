@@ -18,20 +18,25 @@ from slimfx.compiler.report import clear_reports, reports
 from slimfx.compiler.tables import format_table
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --config, --dtype and --device, as `run` and `export` take them."""
+    p.add_argument("--model", help="a local HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--config", help="a pass configuration (.toml); default: lossless passes only")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a local HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--config", help="a pass configuration (.toml); default: lossless passes only")
+    add_model_arguments(p)
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (the model's chat template is applied)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of as it is generated")
     p.add_argument("--package", help="a package from `slimfx export`: generate with it (no compiling; --model/--config/--dtype come from it)")
 
@@ -40,6 +45,11 @@ def _check(args) -> str:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: allowed: an integer >= 1")
     return check_device(args.device)
+
+
+def model_dtype(name: str | None, device: str) -> torch.dtype:
+    """The weights dtype `--dtype` names, else float32 on CPU and bfloat16 on CUDA."""
+    return DTYPES[name] if name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
 
 
 def check_device(device: str | None) -> str:
@@ -73,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
     if args.package:
         return _run_package(args)
     device = _check(args)
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = model_dtype(args.dtype, device)
     config = load_config(args.config or _default_config_path())  # fail fast, before loading weights
 
     t0 = time.perf_counter()

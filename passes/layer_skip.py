@@ -28,7 +28,6 @@ q/o projections and attention go.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 import torch.fx
 
 from slimfx.compiler.anatomy import BLOCK_META, REMOVED_META, Anatomy, Block, meta
-from slimfx.compiler.artifacts import read_json_artifact
+from slimfx.compiler.artifacts import check_fields, read_json_artifact, write_json_artifact
 from slimfx.compiler.config import ConfigError, Option
 from slimfx.compiler.passmanager import PassContext, PassResult
 from slimfx.passes._identity import IDENTITY_FIELDS, check_plan_model, describe_model, model_identity
@@ -70,10 +69,8 @@ def validate_plan(plan, where: str) -> dict:
     """`plan` when it is a valid layer-skip plan; else ValueError naming the first bad field."""
     if not isinstance(plan, dict) or plan.get("kind") != PLAN_KIND or plan.get("version") != PLAN_VERSION:
         raise ValueError(f"{where}: not a {PLAN_KIND} v{PLAN_VERSION} file (written by `slimfx calibrate skip`)")
-    for fields, table, prefix in ((_PLAN_FIELDS, plan, ""), (IDENTITY_FIELDS, plan.get("model"), "model.")):
-        for key, type_ in fields.items():
-            if not isinstance(table.get(key), type_) or isinstance(table.get(key), bool):
-                raise ValueError(f"{where}: field {prefix}{key} must be {type_.__name__}, got {table.get(key)!r:.40}")
+    check_fields(plan, _PLAN_FIELDS, where)
+    check_fields(plan["model"], IDENTITY_FIELDS, where, "model.")
     if plan["target"] not in TARGETS or plan["method"] not in METHODS:
         raise ValueError(f"{where}: target {plan['target']!r} / method {plan['method']!r}; allowed: {TARGETS} / {METHODS}")
     n = plan["model"]["blocks"]
@@ -94,13 +91,7 @@ def read_plan(path) -> dict:
 
 def write_plan(plan: dict, path) -> Path:
     """Validate and write `plan` atomically (a reader never sees half a plan)."""
-    validate_plan(plan, "plan")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
-    tmp.replace(out)
-    return out
+    return write_json_artifact(validate_plan(plan, "plan"), path)
 
 
 def format_plan(plan: dict) -> str:

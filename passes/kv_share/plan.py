@@ -11,10 +11,9 @@ refused for another model."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from slimfx.compiler.artifacts import read_json_artifact
+from slimfx.compiler.artifacts import check_fields, read_json_artifact, write_json_artifact
 from slimfx.compiler.errors import UsageError
 from slimfx.passes._identity import IDENTITY_FIELDS, check_plan_model, model_identity
 
@@ -29,10 +28,8 @@ def validate_plan(plan, where: str) -> dict:
     """`plan` when it is a valid sharing plan; else ValueError naming the first bad field."""
     if not isinstance(plan, dict) or plan.get("kind") != PLAN_KIND or plan.get("version") != PLAN_VERSION:
         raise ValueError(f"{where}: not a {PLAN_KIND} v{PLAN_VERSION} file (written by `{WRITTEN_BY}`)")
-    for fields, table, prefix in ((_FIELDS, plan, ""), (IDENTITY_FIELDS, plan.get("model"), "model.")):
-        for key, type_ in fields.items():
-            if not isinstance(table.get(key), type_) or isinstance(table.get(key), bool):
-                raise ValueError(f"{where}: field {prefix}{key} must be {type_.__name__}, got {table.get(key)!r:.40}")
+    check_fields(plan, _FIELDS, where)
+    check_fields(plan["model"], IDENTITY_FIELDS, where, "model.")
     if plan["method"] not in METHODS:
         raise ValueError(f"{where}: method {plan['method']!r}; allowed: {', '.join(METHODS)}")
     n = plan["model"]["blocks"]
@@ -49,13 +46,7 @@ def read_plan(path) -> dict:
 
 def write_plan(plan: dict, path) -> Path:
     """Validate and write `plan` atomically (a reader never sees half a plan)."""
-    validate_plan(plan, "plan")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
-    tmp.replace(out)
-    return out
+    return write_json_artifact(validate_plan(plan, "plan"), path)
 
 
 def load_plan(gm, ctx, key: str, anatomy) -> dict[int, int]:

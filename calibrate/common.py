@@ -1,0 +1,43 @@
+"""What the calibration commands share: their model / output / count arguments, and
+loading the model with its calibration text."""
+
+from __future__ import annotations
+
+import argparse
+
+from slimfx.compiler.errors import UsageError
+
+
+def add_common_arguments(p: argparse.ArgumentParser, counted: str) -> None:
+    """--model, --out, --count / --fraction (of `counted`), --tokens, --text, --no-progress."""
+    p.add_argument("--model", default=None, help="local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", "--output", dest="output", required=True, help="where to write the plan JSON")
+    p.add_argument("--count", type=int, default=None, help=f"how many {counted}")
+    p.add_argument("--fraction", type=float, default=None, help="instead of --count: this share of the layers, rounded")
+    p.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")
+    p.add_argument("--text", default=None, help="UTF-8 calibration text file (default: the model's own greedy text)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_for_calibration(args: argparse.Namespace, command: str):
+    """(model, tokenizer, calibration ids [1, T]) after checking the shared arguments."""
+    from pathlib import Path
+
+    from slimfx.calibrate.bits import calibration_ids
+    from slimfx.runtime.models import load_model
+
+    if args.tokens < 16:
+        raise UsageError(f"--tokens {args.tokens}: allowed: an integer >= 16")
+    if (args.count is None) == (args.fraction is None):
+        raise UsageError(f"calibrate {command}: give exactly one of --count or --fraction")
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
+    model, tokenizer = load_model(args.model)
+    return model, tokenizer, calibration_ids(model, tokenizer, args.tokens, text)
+
+
+def model_name(args: argparse.Namespace) -> str:
+    return args.model or "SmolLM2-135M-Instruct"
+
+
+def text_name(args: argparse.Namespace) -> str:
+    return args.text or "the model's own greedy text"
