@@ -34,6 +34,10 @@ EXACT = {
     "stablelm": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**_COMMON)),
 }
 
+# An eviction budget covering every token is identical too; checked on one family of each
+# attention layout (plain GQA, fused projections, sliding/global alternation) to keep CI short.
+EVICTED = {"qwen3", "gpt_neox", "gemma3_sliding_global"}
+
 REFUSED = {
     # logit softcapping in eager matmul-softmax attention: not a site the store binds
     "gemma2_softcap": (lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_COMMON, head_dim=16, sliding_window=WINDOW)), "eager",
@@ -68,9 +72,10 @@ def test_family_runs_token_identical_past_its_window(family):
     want = hf_greedy(model, ids, mask, 10)
     got = generate(model, ids, attention_mask=mask, max_new_tokens=10, prefill_chunk=16)
     assert torch.equal(got.tokens, want)
-    evict = {"pipelines": {"e": ["kv_eviction"]}, "compile": {"pipeline": "e"},
-             "passes": {"kv_eviction": {"policy": "h2o", "budget": 64, "n_sink": 2, "window": 4}}}
-    assert torch.equal(generate(model, ids, attention_mask=mask, max_new_tokens=10, prefill_chunk=16, capacity=64, config=evict).tokens, want)
+    if family in EVICTED:
+        evict = {"pipelines": {"e": ["kv_eviction"]}, "compile": {"pipeline": "e"},
+                 "passes": {"kv_eviction": {"policy": "h2o", "budget": 64, "n_sink": 2, "window": 4}}}
+        assert torch.equal(generate(model, ids, attention_mask=mask, max_new_tokens=10, prefill_chunk=16, capacity=64, config=evict).tokens, want)
 
 
 def test_sliding_layers_hold_only_their_window():
