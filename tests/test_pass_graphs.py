@@ -72,7 +72,7 @@ def _with_runtime(raw: dict, store_id: str) -> dict:
 def test_every_registered_pass_has_a_graph_test_here():
     names = {m.rsplit(".", 1)[1] for m in PASS_MODULES}
     assert set(registered_passes()) == names
-    covered = {"fold_noop_casts", "kv_runtime", "kv_eviction", "kv_quantize", "quantize", "vq_logits", "layer_skip"}
+    covered = {"fold_noop_casts", "kv_runtime", "kv_eviction", "kv_quantize", "quantize", "vq_logits", "layer_skip", "kv_share"}
     assert names == covered, f"a new pass needs a before/after graph test: {sorted(names - covered)}"
 
 
@@ -164,6 +164,25 @@ def test_kv_quantize_gives_each_attention_op_the_kvq_layout():
     assert kvq.details["formats"] == {0: "int8", 1: "int8"}
     assert all(getattr(gm, f"_slimfx_kv{i}_main_k").dtype == torch.int8 for i in (0, 1))
     assert all(getattr(gm, f"_slimfx_kv{i}_full_k").dtype == torch.float32 for i in (0, 1))
+
+
+# ----------------------------------------------------------------------------- kv_share
+
+
+def test_kv_share_binds_the_reader_to_its_owner_and_drops_its_kv_projections():
+    gm = _runtime_graph(layers=2)
+    linears_before = _linears(gm)
+    store = KVStore(B, CAPACITY)
+    raw = {"pipelines": {"s": ["kv_share", "kv_runtime"]}, "compile": {"pipeline": "s"},
+           "passes": {"kv_share": {"map": "1:0"}, "kv_runtime": {"store": store.id}}}
+    results = _run_pipeline(gm, raw)
+    assert list(results) == ["kv_share", "kv_runtime"]
+    assert results["kv_share"].nodes_rewritten == 1 and results["kv_runtime"].nodes_rewritten == 2
+    layouts = {n.meta["slimfx_site"]: n.args[-1] for n in gm.graph.nodes
+               if n.op == "call_function" and n.target == torch.ops.slimfx.attention.default}
+    assert layouts == {0: "plain", 1: "read/plain"} and _sdpa(gm) == 0
+    assert _linears(gm) == linears_before - 2  # the reader's k and v projections are dead code
+    assert store.sites[1].owner == 0 and store.sites[1].nbytes() == 0
 
 
 # ----------------------------------------------------------------------------- quantize
