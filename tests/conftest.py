@@ -34,8 +34,24 @@ def default_model():
     return model, tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
+# A test that would recompile a frame past dynamo's limit fails instead of silently
+# running eager (and passing without testing the compiled path).
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo_per_file():
+    """Each test file starts from a clean dynamo, so it runs alike alone and in the suite.
+    Within a file, tests reuse each other's compiled frames (a module-scoped model's
+    generator compiles once, not once per test)."""
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean dynamo before and after the test, for tests that count compilations or
+    recompiles, or whose graphs must not follow earlier compiles of the same code (dynamo
+    makes a size dynamic once a frame has seen two)."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

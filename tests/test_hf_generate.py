@@ -226,7 +226,7 @@ def test_plain_forward_calls_still_go_through_the_backend():
     assert torch.allclose(logits, model(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_no_recompilation_across_200_tokens_through_torch_compile():
+def test_no_recompilation_across_200_tokens_through_torch_compile(fresh_dynamo):
     model = tiny()
     compiled = through_torch_compile(model, None)
     ids, mask = padded_batch([7, 5], seed=3)

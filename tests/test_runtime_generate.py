@@ -99,7 +99,7 @@ def test_prompt_longer_than_capacity_keeps_the_most_recent_tokens(tiny):
     assert torch.equal(store.seen.cpu(), torch.tensor([53]))
 
 
-def test_no_recompilation_across_200_decode_steps(tiny):
+def test_no_recompilation_across_200_decode_steps(tiny, fresh_dynamo):
     ids, mask = padded_batch([7, 5], seed=3)
     generate(tiny, ids, attention_mask=mask, max_new_tokens=4, capacity=256)  # warm-up: compiles
     graphs_before = counters["stats"]["unique_graphs"]

@@ -78,7 +78,7 @@ def test_approx_logits_are_code_logits(tmp_path):
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
-def test_last_position_only_broadcasts_last_logits(tmp_path):
+def test_last_position_only_broadcasts_last_logits(tmp_path, fresh_dynamo):
     model = tiny_model("llama_gqa")
     fn, graphs = _compile(model, _artifact(model, 8, tmp_path), mode="exact", last_position_only=True)
     ids = torch.randint(0, 128, (2, 6))
