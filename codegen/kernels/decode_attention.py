@@ -18,7 +18,8 @@ Shapes (one query token per sequence):
     scores     [B, Hkv, C] f32   optional, tier 0 only, updated in place:
                                  scores = decay * scores + sum over the GQA group of p(slot)
     k_scale,   [B, Hkv, C] f32   optional (both or neither): tier 0 holds int8 or
-    v_scale                      float8_e4m3fn codes, slot value ~ code * scale
+    v_scale                      float8_e4m3fn codes, or unit directions in a float dtype
+                                 (MiniCache's merged layers), slot value ~ code * scale
     second     optional tier 1: (k1, v1, pos1) or (k1, v1, pos1, k1_scale, v1_scale),
                k1, v1 [B, Hkv, C1, D], pos1 [B, Hkv, C1] int, scales [B, Hkv, C1] f32
     window     optional (lo: int, hi: [B] int): which tier serves which positions
@@ -271,8 +272,8 @@ def _check_tier(names: tuple[str, str, str, str], k, v, pos, k_scale, v_scale, B
     if (k_scale is None) != (v_scale is None):
         raise ValueError(f"decode_attention: {ks_name} and {vs_name} go together (a tier of codes needs both), got only {ks_name if v_scale is None else vs_name}")
     coded = k_scale is not None
-    if k.dtype not in (_CODES if coded else _FLOATS) or v.dtype != k.dtype:
-        allowed = "both int8 or both float8_e4m3fn (codes, with scales)" if coded else f"both float16, bfloat16 or float32 (without {ks_name}/{vs_name})"
+    if k.dtype not in (_CODES + _FLOATS if coded else _FLOATS) or v.dtype != k.dtype:
+        allowed = "both int8, float8_e4m3fn or a float dtype (codes, with scales)" if coded else f"both float16, bfloat16 or float32 (without {ks_name}/{vs_name})"
         raise ValueError(f"decode_attention: {kv} dtype {k.dtype}/{v.dtype}; allowed: {allowed}")
     for name, t in ((ks_name, k_scale), (vs_name, v_scale)):
         if coded and (tuple(t.shape) != (B, Hkv, C) or t.dtype != torch.float32):
