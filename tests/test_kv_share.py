@@ -79,6 +79,7 @@ def test_map_forms():
     bottom = pattern_map("bottom", 0.3, 4, 30)
     assert len(bottom) == 9 and all(0 < reader - owner < 4 for reader, owner in bottom.items())
     assert 0 not in bottom and 29 not in bottom
+    assert pattern_map("upper", 0.1, 2, 30) == {29: 28, 27: 26, 25: 24}  # MiniCache: adjacent pairs from the top down
 
 
 @pytest.mark.parametrize("share, message", [
@@ -205,3 +206,133 @@ def test_kvsharer_calibration_writes_a_plan_the_pass_applies(model, ids, tmp_pat
         _format_plan(str(path), other, analyze(capture_graph(other, input_ids=ids[:1], use_cache=False)))
     means = {(layer, which): torch.full((2,), float(layer)) for layer in range(3) for which in (0, 1)}
     assert [(r, o) for r, o, _ in ranked_pairs(means, [0, 1, 2])] == [(2, 0), (1, 0), (2, 1)]
+
+
+# ----------------------------------------------------------------------------- MiniCache merging
+
+
+def _merge_ref(ka, va, kb, vb, threshold, kept, slots):
+    """Both layers' vectors of a pair after merging, token by token [B, H, n, D]: magnitude x
+    normalised sum of the unit vectors, or both whole when their angle exceeds `threshold`
+    and the (sequence, head) still has one of its `slots` free. `kept` [B, H] counts them."""
+    out_a, out_b = [ka.clone(), va.clone()], [kb.clone(), vb.clone()]
+    for t in range(ka.shape[2]):
+        unit = [x[:, :, t] / x[:, :, t].norm(dim=-1, keepdim=True) for x in (ka, va, kb, vb)]
+        cos = [torch.nn.functional.cosine_similarity(unit[i], unit[i + 2], dim=-1) for i in (0, 1)]
+        far = torch.maximum(*(torch.arccos(c.clamp(-1, 1)) / torch.pi for c in cos)) > threshold
+        apart = far & (kept < slots)
+        kept += apart.long()
+        for i, (xa, xb) in enumerate(((ka, kb), (va, vb))):
+            d = unit[i] + unit[i + 2]
+            d = d / d.norm(dim=-1, keepdim=True)
+            merged_a = xa[:, :, t].norm(dim=-1, keepdim=True) * d
+            merged_b = xb[:, :, t].norm(dim=-1, keepdim=True) * d
+            out_a[i][:, :, t] = torch.where(apart[..., None], xa[:, :, t], merged_a)
+            out_b[i][:, :, t] = torch.where(apart[..., None], xb[:, :, t], merged_b)
+    return out_a, out_b
+
+
+@torch.no_grad()
+def minicache_greedy(model, ids, steps: int, pairs: dict[int, int], threshold: float, slots: int) -> torch.Tensor:
+    """Greedy tokens of a llama model whose pairs (reader: owner) merge their KV as MiniCache
+    does: the prompt attends exactly and is merged afterwards; a decode token is merged
+    before the upper layer attends (the lower layer sees its own raw token). Written from
+    the HF modules' weights, with per-layer lists of reconstructed keys, not through slimfx."""
+    m = model.model
+    B = ids.shape[0]
+    lower = {o: r for r, o in pairs.items()}
+    cache: dict[int, list] = {}
+    kept = {r: 0 for r in pairs}
+
+    def step(tokens, start):
+        n = tokens.shape[1]
+        x = m.embed_tokens(tokens)
+        pos = torch.arange(start, start + n)
+        cos, sin = m.rotary_emb(x, pos[None].expand(B, n))
+        raw = {}
+        for i, layer in enumerate(m.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            D = attn.head_dim
+            q = attn.q_proj(h).view(B, n, -1, D).transpose(1, 2)
+            k = attn.k_proj(h).view(B, n, -1, D).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            v = attn.v_proj(h).view(B, n, -1, D).transpose(1, 2)
+            old = cache.get(i)
+            if i in pairs and n == 1:  # decode, upper layer: merge first, attend over merged
+                if isinstance(kept[i], int):
+                    kept[i] = torch.zeros(k.shape[:2], dtype=torch.long)
+                (a_k, a_v), (b_k, b_v) = _merge_ref(*raw[pairs[i]], k, v, threshold, kept[i], slots)
+                cache[pairs[i]] = [torch.cat([c, x_], 2) for c, x_ in zip(cache[pairs[i]], (a_k, a_v))]
+                cache[i] = [torch.cat([c, x_], 2) for c, x_ in zip(cache[i], (b_k, b_v))]
+                keys, vals = cache[i]
+            else:
+                keys, vals = (k, v) if old is None else (torch.cat([old[0], k], 2), torch.cat([old[1], v], 2))
+                if i in lower:
+                    raw[i] = (k, v)
+                elif i in pairs:  # prefill, upper layer: merge the chunk after attending
+                    if isinstance(kept[i], int):
+                        kept[i] = torch.zeros(k.shape[:2], dtype=torch.long)
+                    (a_k, a_v), (b_k, b_v) = _merge_ref(*raw[pairs[i]], k, v, threshold, kept[i], slots)
+                    prev = cache.get(pairs[i])
+                    cache[pairs[i]] = [a if prev is None else torch.cat([c, a], 2) for c, a in zip(prev or (None, None), (a_k, a_v))]
+                    cache[i] = [b if old is None else torch.cat([c, b], 2) for c, b in zip(old or (None, None), (b_k, b_v))]
+                else:
+                    cache[i] = [keys, vals]
+            group = q.shape[1] // keys.shape[1]
+            mask = torch.arange(keys.shape[2])[None, :] <= pos[:, None]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, keys.repeat_interleave(group, 1), vals.repeat_interleave(group, 1), attn_mask=mask, scale=attn.scaling)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(B, n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return model.lm_head(m.norm(x))[:, -1].argmax(-1, keepdim=True)
+
+    out = [step(ids, 0)]
+    for s in range(steps - 1):
+        out.append(step(out[-1], ids.shape[1] + s))
+    return torch.cat(out, dim=1)
+
+
+def test_merged_pair_matches_a_minicache_reference_and_holds_about_half_the_pair(model, ids):
+    """Threshold 0.45 keeps apart about half of the tiny model's tokens (random weights:
+    angles near 0.5); 4 keep slots fill up during the prompt, so both paths run."""
+    cfg = _config(map="3:2", merge="minicache", merge_threshold=0.45, keep_fraction=4 / 64)
+    tokens, stats = generate(model, ids, max_new_tokens=8, capacity=64, config=cfg)
+    assert torch.equal(tokens, minicache_greedy(model, ids, 8, {3: 2}, 0.45, 4))
+    assert not torch.equal(tokens, minicache_greedy(model, ids, 8, {3: 2}, 1.0, 0))  # kept tokens mattered
+    store = get_generator(model, 2, 64, config=cfg).store
+    pair, plain = store.sites[2], store.sites[0]
+    assert (pair.layout, store.sites[3].layout, store.sites[3].nbytes()) == ("minicache/0", "minicache/1/0.45", 0)
+    keep = pair.tiers["keep"]
+    assert keep.capacity == 4 and int((keep.slot_pos >= 0).sum()) == keep.slot_pos.numel()  # every keep slot used
+    B, H, C, D = pair.k.shape
+    e = pair.k.element_size()
+    expected = B * H * (C * (2 * D * e + 4 * 4 + 4) + 4 * (4 * D * e + 4))  # directions, 4 magnitudes, positions; keep tier
+    assert pair.nbytes() == expected and stats["kv_bytes"] == 2 * plain.nbytes() + expected
+    assert pair.nbytes() < plain.nbytes() * 2 * 0.8
+
+
+def test_merged_pair_keeps_both_layers_kv_projections(model, ids):
+    gm = capture_graph(model, input_ids=ids, position_ids=torch.arange(10).expand(2, 10), use_cache=False)
+    store = KVStore(2, 32)
+    raw = _config("kv_runtime", map="3:2", merge="minicache")
+    raw["passes"]["kv_runtime"] = {"store": store.id}
+    ctx = PassContext(config=load_config(raw), example_inputs=[])
+    ctx.refresh_anatomy(gm)
+    results = {r.name: r for r in PassManager(ctx.config).run(gm, ctx)}
+    read = {param_path(n) for n in gm.graph.nodes if n.op in ("get_attr", "placeholder") and n.users}
+    assert {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (2, 3) for p in "kv"} <= read
+    layouts = sorted(n.args[-1] for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.slimfx.attention.default)
+    assert layouts == ["minicache/0", "minicache/1/0.6", "plain", "plain"]
+    assert results["kv_share"].bytes_saved == 2 * store.sites[0].nbytes() - store.sites[2].nbytes() > 0
+
+
+@pytest.mark.parametrize("extra, share, message", [
+    ((), dict(map="3:1,2:1", merge="minicache"), "passes.kv_share.map: layer 1 is merged with 2 readers"),
+    (("kv_eviction",), dict(map="3:2", merge="minicache"), "passes.kv_share.merge: 'minicache' with kv_eviction in the pipeline"),
+    (("kv_quantize",), dict(map="3:2", merge="minicache"), "passes.kv_share.merge: 'minicache' with kv_quantize in the pipeline"),
+])
+def test_merge_refusals_are_one_line_config_errors(model, ids, extra, share, message):
+    with pytest.raises(ConfigError) as err:
+        generate(model, ids, max_new_tokens=2, config=_config(*extra, **share))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)

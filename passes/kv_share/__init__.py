@@ -8,7 +8,8 @@ from the first of these options that is set:
 - `pattern` with `fraction` (round(fraction x layers) readers, spread evenly over the
   intermediate layers, never the first or the last):
   `adjacent`: CLA-style pairs, a reader reads the layer just below it;
-  `bottom`: groups of `group` consecutive layers all read the group's first layer.
+  `bottom`: groups of `group` consecutive layers all read the group's first layer;
+  `upper`: adjacent pairs from the top layer down (the last layer reads the one below it).
 An owner is always an earlier layer: within one forward pass a later layer's KV does not
 exist yet when an earlier layer attends, so owners above their readers (YOCO-style, or
 the study's "top" and "middle" configurations) need a second pass and are not offered. A
@@ -22,11 +23,22 @@ lose their last use and dead-code elimination removes them; its store is never a
 readers along (passes/_graph.relayout_site): a shared store is evicted once, by its
 owner's policy, and quantized once. An owner removed by `layer_skip` is an error.
 
+`merge = "minicache"`: the pairs of the map merge their caches instead (MiniCache,
+passes/kv_share/minicache.py): every owner has exactly one reader, both layers keep their
+k/v projections and write every token, and the owner's store holds one shared unit
+direction per token plus each layer's magnitudes, and the tokens whose two vectors are more
+than `merge_threshold` apart (normalised angle) whole, in `keep_fraction` of the slots: about
+half of the pair's KV bytes. `pattern = "upper"` gives MiniCache's placement: adjacent pairs
+from the top layer down (from mid-depth when a quarter of the layers read). Merged pairs are
+neither evicted nor quantized: a pipeline with kv_eviction or kv_quantize is refused.
+
 Works where slimfx runs the KV store (slimfx.runtime.generate, slimfx run / eval / bench);
 a model that keeps its own cache (plain torch.compile + model.generate) is left alone.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx
@@ -41,7 +53,8 @@ DESCRIPTION = "lets chosen layers attend over an earlier layer's KV cache (expli
 LOSSY = True
 RUNS_AFTER = ("layer_skip",)  # an owner must survive layer skipping
 RUNS_BEFORE = ("kv_runtime",)  # readers are bound before the owners' stores are laid out
-PATTERNS = ("none", "adjacent", "bottom")
+PATTERNS = ("none", "adjacent", "bottom", "upper")
+MERGES = ("none", "minicache")
 OPTIONS: dict = {
     "map": Option(str, "none", "explicit pairs 'reader:owner,...' of layer numbers (owner < reader), or 'none'", per_layer=False),
     "plan": Option(str, "none", "artifact key of a `slimfx calibrate share` map, or 'none'", per_layer=False),
@@ -50,6 +63,11 @@ OPTIONS: dict = {
     "fraction": Option(float, 0.0, "share of the model's layers that read another layer's KV (pattern only)", lo=0.0, hi=1.0,
                        per_layer=False),
     "group": Option(int, 2, "bottom: consecutive layers per group (the first owns, the others read)", lo=2, hi=64, per_layer=False),
+    "merge": Option(str, "none", "none: a reader reads its owner's KV; minicache: each pair merges its two caches "
+                    "(shared directions, per-layer magnitudes)", choices=MERGES, per_layer=False),
+    "merge_threshold": Option(float, 0.6, "minicache: normalised angle arccos(cos)/pi above which a token's two vectors stay apart",
+                              lo=0.0, hi=1.0, per_layer=False),
+    "keep_fraction": Option(float, 0.05, "minicache: share of a pair's slots for tokens kept apart", lo=0.0, hi=1.0, per_layer=False),
 }
 
 
@@ -75,6 +93,11 @@ def pattern_map(pattern: str, fraction: float, group: int, n_layers: int) -> dic
     count = round(fraction * n_layers)
     if pattern == "none" or count == 0:
         return {}
+    if pattern == "upper":
+        if count > n_layers // 2:
+            raise ConfigError(f"passes.{NAME}.fraction: got {fraction} ({count} of {n_layers} layers); allowed: at most "
+                              f"{n_layers // 2 / n_layers:.3f} for pattern 'upper' (pairs of layers)")
+        return {n_layers - 1 - 2 * j: n_layers - 2 - 2 * j for j in range(count)}
     size = 2 if pattern == "adjacent" else group
     # Groups of `size` consecutive intermediate layers: the first owns, the rest read.
     groups = [list(range(start, start + size)) for start in range(1, n_layers - size, size)]
@@ -155,6 +178,52 @@ def _bind_reader(gm: torch.fx.GraphModule, site, node: torch.fx.Node, store) -> 
     gm.graph.erase_node(node)
 
 
+def check_merge(pairs: dict[int, int], sites: dict, pipeline: list[str], where: str) -> None:
+    """ConfigError (one line) unless `pairs` can merge as MiniCache pairs in this pipeline."""
+    clash = [p for p in ("kv_eviction", "kv_quantize") if p in pipeline]
+    if clash:
+        raise ConfigError(f"passes.{NAME}.merge: 'minicache' with {clash[0]} in the pipeline; allowed: merged pairs without "
+                          "eviction or KV quantization (merge = 'none' composes with both)")
+    owners = sorted(pairs.values())
+    for owner in owners:
+        if owners.count(owner) > 1 or owner in pairs:
+            raise ConfigError(f"{where}: layer {owner} is merged with {owners.count(owner)} readers or is a reader itself; "
+                              "allowed with merge = 'minicache': disjoint pairs (one reader per owner)")
+    for layer in (*pairs, *owners):
+        if layer in sites and sites[layer].variant.window:
+            raise ConfigError(f"{where}: layer {layer} is a sliding-window layer; allowed with merge = 'minicache': global layers")
+
+
+def _merge_pair(gm, owner, reader, node, store, opts) -> int:
+    """Lay the owner's store out as a merged pair (once per model) and bind the reader's SDPA
+    to it with its own k/v; the owner's node is bound by kv_runtime. Returns the keep slots."""
+    from slimfx.passes.kv_share.minicache import layouts, merged_tiers
+
+    lower, upper = layouts(opts["merge_threshold"])
+    cache = store.site(owner.index, owner.n_kv_heads, owner.head_dim)
+    if cache.layout != lower:
+        keep = math.ceil(opts["keep_fraction"] * cache.capacity)
+        store.relayout(owner.index, lower, merged_tiers(store.batch, owner.n_kv_heads, cache.capacity, owner.head_dim, keep,
+                                                        dtype=store.dtype, device=store.device))
+    if store.sites.get(reader.index) is None:
+        store.share(reader.index, owner.index)
+    shared = store.site(reader.index, reader.n_kv_heads, reader.head_dim)
+    shared.layout = upper  # the reader writes too: its own variant, not read/<owner's>
+    q, k, v = sdpa_operands(gm, reader)
+    shape = shape_of(q) if q is not None else None
+    if shape is None or k is None or v is None:
+        raise ConfigError(f"passes.{NAME}: layer {reader.index}'s q/k/v operands were not found; allowed: SDPA attention sites")
+    positions = bind_tensor(gm, f"_slimfx_pos{int(shape[2])}", store.step_positions(int(shape[2])), node)
+    args = (q, k, v, positions, bind_site(gm, shared, node), sdpa_scale(node, reader.head_dim), upper)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(torch.ops.slimfx.attention.default, args)
+    new.meta = dict(node.meta)
+    new.meta["slimfx_site"] = reader.index
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return store.sites[owner.index].tiers["keep"].capacity
+
+
 def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     import slimfx.runtime.attention_op  # noqa: F401  registers torch.ops.slimfx.attention
     from slimfx.runtime.kv_store import get_store
@@ -169,6 +238,8 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
                                         "the model's own cache keeps every layer's KV)")
     by_name = {n.name: n for n in gm.graph.nodes}
     sites = {site.index: site for site in anatomy.attention_sites}
+    if cfg.options["merge"] == "minicache":
+        return _run_merge(gm, pairs, sites, by_name, store, cfg.options, ctx, where, anatomy.model_blocks)
     owners = {o: sites[o] for o in set(pairs.values()) if o in sites}
     for owner, site in owners.items():  # bound first, so readers find their tiers
         store.site(owner, site.n_kv_heads, site.head_dim)
@@ -184,3 +255,20 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     return PassResult(NAME, applied=True, sites_matched=len(sites), nodes_rewritten=len(readers),
                       notes=[f"{where}: layers {sorted(set(pairs) - set(readers))} are not in this graph"] if len(readers) < len(pairs) else [],
                       details={"map": shared, "shared_layers": len(shared), "kv_fraction_shared": len(shared) / n_layers})
+
+
+def _run_merge(gm, pairs, sites, by_name, store, opts, ctx, where, n_layers) -> PassResult:
+    check_merge(pairs, sites, ctx.config.pipeline, where)
+    import slimfx.passes.kv_share.minicache  # noqa: F401  registers the minicache variant
+
+    merged = {r: o for r, o in sorted(pairs.items()) if r in sites and o in sites}
+    before = {o: store.site(o, sites[o].n_kv_heads, sites[o].head_dim).nbytes() for o in merged.values()}
+    plain = {o: (n if store.sites[o].layout != "minicache/0" else None) for o, n in before.items()}
+    keep = {r: _merge_pair(gm, sites[o], sites[r], by_name[sites[r].node], store, opts) for r, o in merged.items()}
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    saved = sum(2 * n - store.sites[o].nbytes() for o, n in plain.items() if n is not None)
+    return PassResult(NAME, applied=True, sites_matched=len(sites), nodes_rewritten=len(merged), bytes_saved=saved,
+                      notes=[f"{where}: layers {sorted(set(pairs) - set(merged))} are not in this graph"] if len(merged) < len(pairs) else [],
+                      details={"map": merged, "merge": "minicache", "merged_layers": len(merged), "keep_slots": keep,
+                               "merge_threshold": opts["merge_threshold"], "kv_fraction_shared": len(merged) / n_layers})
