@@ -18,7 +18,7 @@ from slimfx.compiler.config import ConfigError, load_config, set_path
 from slimfx.measure.errors import UsageError
 
 ALIASES = {"kv": "passes.kv_eviction", "vq": "passes.vq_logits", "quant": "passes.quantize",
-           "skip": "passes.layer_skip", "share": "passes.kv_sharing"}
+           "skip": "passes.layer_skip", "share": "passes.kv_share"}
 
 
 @dataclass
