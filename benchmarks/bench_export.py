@@ -61,7 +61,7 @@ pkg.generate(prompt, max_new_tokens=2)
 torch.cuda.synchronize()
 first = time.perf_counter() - t1
 out = pkg.generate(prompt, max_new_tokens={steps})
-print(json.dumps({{"load_s": load, "first_token_s": first, "process_s": time.perf_counter() - t0, "ms_per_token": out.stats["ms_per_step"],
+print(json.dumps({{"load_s": load, "load_stages_s": pkg.load_times, "first_token_s": first, "process_s": time.perf_counter() - t0, "ms_per_token": out.stats["ms_per_step"],
                   "transformers_imported": any(m.startswith("transformers.models") for m in sys.modules)}}))
 """
 

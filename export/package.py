@@ -12,6 +12,8 @@ token ids, the positions, the weights, the pass constants and the KV store's buf
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 import torch
@@ -108,20 +110,35 @@ class Package:
         from safetensors.torch import load_file
 
         self.folder = Path(folder)
-        built_for = _built_device(self.folder)
-        self.device = torch.device(device or built_for)
-        self.manifest = verify(self.folder, self.device)
-        _import_op_modules(self.manifest)
-        weights = load_file(str(self.folder / "weights.safetensors"), device=str(self.device))
-        constants = load_file(str(self.folder / "constants.safetensors"), device=str(self.device))
-        self.store = build_store(self.manifest["store"], constants, self.device)
+        self.load_times: dict[str, float] = {}  # seconds per loading stage, for `slimfx inspect` and benchmarks
+        with self._timed("verify"):
+            built_for = _built_device(self.folder)
+            self.device = torch.device(device or built_for)
+            self.manifest = verify(self.folder, self.device)
+        with self._timed("op_modules"):
+            _import_op_modules(self.manifest)
+        with self._timed("weights"):
+            weights = load_file(str(self.folder / "weights.safetensors"), device=str(self.device))
+            constants = load_file(str(self.folder / "constants.safetensors"), device=str(self.device))
+        with self._timed("store"):
+            self.store = build_store(self.manifest["store"], constants, self.device)
         programs = {}
-        for entry in self.manifest["programs"]:
-            module = torch.export.load(str(self.folder / entry["file"])).module()
-            programs[entry["tokens"]] = StepProgram(module, entry["inputs"], weights, constants, self.store)
+        with self._timed("programs"):
+            for entry in self.manifest["programs"]:
+                module = torch.export.load(str(self.folder / entry["file"])).module()
+                programs[entry["tokens"]] = StepProgram(module, entry["inputs"], weights, constants, self.store)
         self.chunk = self.manifest["shapes"]["chunk"]
         self.generator = PackageGenerator(self.store, programs, self.chunk)
         self._tokenizer = None
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        device = getattr(self, "device", None)  # set by the first stage
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.load_times[stage] = time.perf_counter() - t0
 
     @property
     def tokenizer(self):
@@ -191,7 +208,7 @@ def describe_manifest(m: dict) -> str:
         f"KV sites: {len(m['store']['sites'])}, layouts: {', '.join(sorted({s['layout'] for s in m['store']['sites']}))}",
         f"files ({total / 2**20:.1f} MiB):",
     ]
-    lines += [f"  {rel:<32} {f['bytes'] / 2**20:9.2f} MiB  sha256 {f['sha256'][:16]}" for rel, f in m["files"].items()]
+    lines += [f"  {rel:<32} {f['bytes'] / 2**20:9.2f} MiB  sha256 {f['sha256'][0][:16]}" for rel, f in m["files"].items()]
     return "\n".join(lines)
 
 

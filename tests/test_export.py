@@ -144,6 +144,6 @@ def test_cli_export_inspect_and_run(tmp_path, capsys):
     assert main(["export", "--out", str(out), "--capacity", "128", "--chunk", "32", "--device", "cpu"]) == 0
     assert main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out
-    assert "slimfx package v1 of SmolLM2" in shown and "files: all as exported" in shown
+    assert "slimfx package v2 of SmolLM2" in shown and "files: all as exported" in shown
     assert main(["run", "--package", str(out), "--max-new-tokens", "8", "--no-stream"]) == 0
     assert "package" in capsys.readouterr().out
