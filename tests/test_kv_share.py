@@ -101,6 +101,16 @@ def test_an_owner_removed_by_layer_skip_is_refused(model, ids):
         generate(model, ids, max_new_tokens=2, config=cfg)
 
 
+@pytest.mark.parametrize("merge", ["none", "minicache"])
+def test_a_reader_removed_by_layer_skip_drops_out_of_the_map(model, ids, merge):
+    """Skipping a reader is fine (its owner keeps its KV as it is); skipping an owner is refused (above)."""
+    cfg = _config("layer_skip", map="3:2", merge=merge)
+    cfg["passes"]["layer_skip"] = {"blocks": [3]}
+    generate(model, ids, max_new_tokens=2, capacity=64, config=cfg)
+    store = get_generator(model, 2, 64, config=cfg).store
+    assert sorted(store.sites) == [0, 1, 2] and store.sites[2].layout == "plain" and store.sites[2].owner is None
+
+
 def test_graph_loses_the_readers_kv_projections_and_binds_no_store_for_them(model, ids):
     gm = capture_graph(model, input_ids=ids, position_ids=torch.arange(10).expand(2, 10), use_cache=False)
     store = KVStore(2, 32)
@@ -120,6 +130,8 @@ def test_graph_loses_the_readers_kv_projections_and_binds_no_store_for_them(mode
     assert store.sites[2].owner == 1 and store.sites[3].owner == 1 and store.sites[2].nbytes() == 0
     layouts = [n.args[-1] for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.slimfx.attention.default]
     assert sorted(layouts) == ["plain", "plain", "read/plain", "read/plain"]
+    _, H, _, D = store.sites[0].k.shape
+    assert results["kv_share"].details["footprint"] == {"kv_bytes_per_token": 2 * (2 * H * D * 4)}  # two float32 owners
 
 
 def test_tokens_match_an_eager_forward_reading_the_owners_kv_and_bytes_fall_by_the_share(model, ids):
@@ -325,6 +337,10 @@ def test_merged_pair_keeps_both_layers_kv_projections(model, ids):
     layouts = sorted(n.args[-1] for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.slimfx.attention.default)
     assert layouts == ["minicache/0", "minicache/1/0.6", "plain", "plain"]
     assert results["kv_share"].bytes_saved == 2 * store.sites[0].nbytes() - store.sites[2].nbytes() > 0
+    _, H, C, D = store.sites[2].k.shape
+    keep = store.sites[2].tiers["keep"].capacity  # ceil(0.05 x 32) = 2
+    pair = (H * C * (2 * D * 4 + 4 * 4) + H * keep * 4 * D * 4) / C
+    assert results["kv_share"].details["footprint"] == {"kv_bytes_per_token": round(2 * (2 * H * D * 4) + pair)}
 
 
 @pytest.mark.parametrize("extra, share, message", [

@@ -21,7 +21,9 @@ one slimfx::attention op over its owner's KV store with the owner's layout read-
 lose their last use and dead-code elimination removes them; its store is never allocated
 (KVStore.share). Passes that later relay the owner out (kv_eviction, kv_quantize) carry the
 readers along (passes/_graph.relayout_site): a shared store is evicted once, by its
-owner's policy, and quantized once. An owner removed by `layer_skip` is an error.
+owner's policy, and quantized once. An owner removed by `layer_skip` is an error (the map
+is not repaired: which layer should own instead is a quality choice); a removed reader drops
+out of the map and its owner keeps its KV as it is.
 
 `merge = "minicache"`: the pairs of the map merge their caches instead (MiniCache,
 passes/kv_share/minicache.py): every owner has exactly one reader, both layers keep their
@@ -178,6 +180,25 @@ def _bind_reader(gm: torch.fx.GraphModule, site, node: torch.fx.Node, store) -> 
     gm.graph.erase_node(node)
 
 
+def kv_footprint(sites: dict, readers: dict[int, int], store) -> dict:
+    """KV bytes one cached token of one sequence adds, all layers (measure/footprint.py):
+    K and V of every site that owns its KV, nothing for a reader; a merged pair's owner
+    counts its directions, magnitudes and keep slots per slot. Slot positions are left out,
+    as in the unmodified figure."""
+    elem = torch.empty((), dtype=store.dtype).element_size()
+    per_token = 0.0
+    for index, site in sites.items():
+        if index in readers:
+            continue
+        cache = store.sites.get(index)
+        if cache is None or cache.layout != "minicache/0":
+            per_token += 2 * site.n_kv_heads * site.head_dim * elem
+            continue
+        data = sum(t.nbytes() - t.slot_pos.numel() * t.slot_pos.element_size() for t in cache.tiers.values())
+        per_token += data / (store.batch * cache.capacity)
+    return {"kv_bytes_per_token": round(per_token)}
+
+
 def check_merge(pairs: dict[int, int], sites: dict, pipeline: list[str], where: str) -> None:
     """ConfigError (one line) unless `pairs` can merge as MiniCache pairs in this pipeline."""
     clash = [p for p in ("kv_eviction", "kv_quantize") if p in pipeline]
@@ -254,7 +275,8 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     n_layers = anatomy.model_blocks
     return PassResult(NAME, applied=True, sites_matched=len(sites), nodes_rewritten=len(readers),
                       notes=[f"{where}: layers {sorted(set(pairs) - set(readers))} are not in this graph"] if len(readers) < len(pairs) else [],
-                      details={"map": shared, "shared_layers": len(shared), "kv_fraction_shared": len(shared) / n_layers})
+                      details={"map": shared, "shared_layers": len(shared), "kv_fraction_shared": len(shared) / n_layers,
+                               "footprint": kv_footprint(sites, shared, store)})
 
 
 def _run_merge(gm, pairs, sites, by_name, store, opts, ctx, where, n_layers) -> PassResult:
@@ -271,4 +293,5 @@ def _run_merge(gm, pairs, sites, by_name, store, opts, ctx, where, n_layers) -> 
     return PassResult(NAME, applied=True, sites_matched=len(sites), nodes_rewritten=len(merged), bytes_saved=saved,
                       notes=[f"{where}: layers {sorted(set(pairs) - set(merged))} are not in this graph"] if len(merged) < len(pairs) else [],
                       details={"map": merged, "merge": "minicache", "merged_layers": len(merged), "keep_slots": keep,
-                               "merge_threshold": opts["merge_threshold"], "kv_fraction_shared": len(merged) / n_layers})
+                               "merge_threshold": opts["merge_threshold"], "kv_fraction_shared": len(merged) / n_layers,
+                               "footprint": kv_footprint(sites, merged, store)})
