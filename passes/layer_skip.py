@@ -24,6 +24,13 @@ It also runs before `quantize`, so no dead weight is quantized.
 With the model's own cache (HF DynamicCache / StaticCache through plain torch.compile),
 a removed block's k/v projections still feed that cache and are kept (noted); the MLP,
 q/o projections and attention go.
+
+Modes (`mode`): "remove" rewrites the graph as above. "speculative" (lossless) and
+"schedule" (SkipDecode) keep every block in this graph: slimfx.runtime.generate runs them
+(runtime/speculative.py, runtime/skip_schedule.py) with extra graphs of the same model
+bound to the same KV store, compiled with mode "remove" (the draft; each schedule level
+through `schedule_level`, which removes the first share level/(levels - 1) of the chosen
+blocks in their choice order: a plan's order, least important first, or as listed).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from slimfx.compiler.passmanager import PassContext, PassResult
 from slimfx.passes._identity import IDENTITY_FIELDS, check_plan_model, describe_model, model_identity
 
 NAME = "layer_skip"
+MODES = ("remove", "speculative", "schedule")
 DESCRIPTION = ("removes decoder blocks or their MLPs: listed, from a calibrated plan (Block Influence, SLEB), "
                "or evenly spread for a target speedup (lossy)")
 LOSSY = True
@@ -51,6 +59,18 @@ OPTIONS: dict = {
     "mlp_only": Option(bool, False, "remove only the chosen blocks' MLPs (attention and KV cache stay exact)", per_layer=False),
     "target_speedup": Option(float, 0.0, "unified skipping: remove the fewest evenly spread intermediate blocks whose weight "
                              "bytes give this decode speedup (0: off)", lo=0.0, hi=100.0, per_layer=False),
+    "mode": Option(str, "remove", "remove: the graph loses the blocks (lossy); speculative: lossless self-speculative decoding "
+                   "drafting with them removed; schedule: SkipDecode, removed progressively over the generated tokens (lossy)",
+                   choices=MODES, per_layer=False),
+    "draft_length": Option(int, 4, "speculative: most tokens drafted per verification", lo=1, hi=16, per_layer=False),
+    "adaptive_draft": Option(bool, True, "speculative: draft length follows the running acceptance rate (else always draft_length)",
+                             per_layer=False),
+    "schedule_levels": Option(int, 4, "schedule: depths (compiled graphs) from the full model to all chosen blocks removed",
+                              lo=2, hi=16, per_layer=False),
+    "schedule_tokens": Option(int, 64, "schedule: generated tokens over which the depth falls to its last level", lo=1,
+                              hi=1 << 20, per_layer=False),
+    "schedule_level": Option(int, -1, "set by the runtime for one schedule graph: remove the first level/(levels - 1) of the "
+                             "chosen blocks (-1: all)", lo=-1, hi=15, per_layer=False),
 }
 
 PLAN_KIND = "slimfx.layer_skip_plan"
@@ -172,11 +192,14 @@ def _from_plan(gm, cfg, ctx: PassContext, anatomy: Anatomy) -> tuple[bool, list[
     if cfg.options["mlp_only"] and plan["target"] == "block":
         raise ConfigError(f"passes.{NAME}.mlp_only: got true but plan {key!r} removes whole blocks; "
                           "allowed: false, or a plan made with --target mlp")
-    return plan["target"] == "mlp", sorted(plan["skip"]), f"plan {key}: {plan['method']}"
+    order = plan.get("order")
+    ordered = order if isinstance(order, list) and sorted(order) == sorted(plan["skip"]) else sorted(plan["skip"])
+    return plan["target"] == "mlp", ordered, f"plan {key}: {plan['method']}"
 
 
 def choose(gm, cfg, ctx: PassContext, anatomy: Anatomy) -> tuple[bool, list[int], str]:
-    """(mlp_only, blocks to remove, how they were chosen) from the options (validated here)."""
+    """(mlp_only, blocks to remove in their choice order, how they were chosen) from the
+    options (validated here)."""
     opts = cfg.options
     n = anatomy.model_blocks
     if opts["plan"] != "none":
@@ -192,6 +215,21 @@ def choose(gm, cfg, ctx: PassContext, anatomy: Anatomy) -> tuple[bool, list[int]
         mlp_only, blocks, how = opts["mlp_only"], list(opts["blocks"]), "listed"
     _check_blocks(blocks, n, mlp_only, f"passes.{NAME}.blocks")
     return mlp_only, blocks, how
+
+
+def level_share(blocks: list[int], level: int, levels: int) -> list[int]:
+    """The blocks schedule level `level` of `levels` removes: the first ceil(level / (levels -
+    1) of them), so each level removes a superset of the previous one's."""
+    return blocks[:math.ceil(len(blocks) * level / (levels - 1))]
+
+
+def _check_mode(opts: dict) -> None:
+    level, levels = opts["schedule_level"], opts["schedule_levels"]
+    if level >= 0 and opts["mode"] != "remove":
+        raise ConfigError(f"passes.{NAME}.schedule_level: got {level} with mode {opts['mode']!r}; allowed: -1, "
+                          "or a level with mode 'remove' (the runtime sets it for each schedule graph)")
+    if level >= levels:
+        raise ConfigError(f"passes.{NAME}.schedule_level: got {level}; allowed: -1 or 0-{levels - 1} (schedule_levels = {levels})")
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -270,12 +308,23 @@ def remove(gm: torch.fx.GraphModule, anatomy: Anatomy, pairs: dict[int, tuple], 
 
 def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     _check_exclusive(cfg.options)
+    _check_mode(cfg.options)
     anatomy = ctx.anatomy if ctx.anatomy is not None else ctx.refresh_anatomy(gm)
     if not anatomy.blocks or anatomy.lm_head is None:
         return PassResult.skipped(NAME, "not a whole-model graph (no decoder blocks or no LM head found)")
     if not (cfg.options["blocks"] or cfg.options["plan"] != "none" or cfg.options["target_speedup"] > 0):
         return PassResult.skipped(NAME, "nothing chosen (set blocks, plan or target_speedup)")
     mlp_only, chosen, how = choose(gm, cfg, ctx, anatomy)
+    opts = cfg.options
+    if opts["mode"] != "remove":
+        what = f"MLPs of blocks {chosen}" if mlp_only else f"blocks {chosen}"
+        use = "drafts with" if opts["mode"] == "speculative" else "removes progressively"
+        return PassResult.skipped(NAME, f"mode {opts['mode']}: this graph keeps every block; slimfx.runtime.generate {use} "
+                                  f"{what} ({how})")
+    if opts["schedule_level"] >= 0:
+        chosen = level_share(chosen, opts["schedule_level"], opts["schedule_levels"])
+        how = f"{how}; schedule level {opts['schedule_level']} of {opts['schedule_levels'] - 1}"
+    chosen = sorted(chosen)
     if not chosen:
         return PassResult.skipped(NAME, f"nothing to remove ({how})")
     by_index = {b.index: b for b in anatomy.blocks}
@@ -303,9 +352,10 @@ def _result(before: Anatomy, after: Anatomy, sizes: dict, gone: list[str], chose
     if kept:
         notes.append(f"{len(kept)} linears of removed blocks still computed: they feed the model's own cache "
                      f"(slimfx.runtime.generate drops them), e.g. {kept[0]}")
+    saved = sum(sizes[w] for w in gone)
     return PassResult(
-        NAME, applied=True, sites_matched=len(chosen), nodes_rewritten=len(chosen),
-        bytes_saved=sum(sizes[w] for w in gone), notes=notes,
+        NAME, applied=True, sites_matched=len(chosen), nodes_rewritten=len(chosen), bytes_saved=saved, notes=notes,
         details={"removed_blocks": [] if mlp_only else chosen, "removed_mlps": chosen if mlp_only else [],
-                 "removed_linears": gone, "kv_bytes_per_token_saved": kv_saved, "chosen_by": how},
+                 "removed_linears": gone, "kv_bytes_per_token_saved": kv_saved, "chosen_by": how,
+                 "weight_fraction_kept": 1 - saved / max(1, sum(sizes.values()))},
     )
