@@ -1,13 +1,14 @@
 """`torch.ops.slimfx.attention`: one op per attention site = write the step's tokens into
 the site's tiers + attention over them. DESIGN.md decisions 3 and 4.
 
-    out = torch.ops.slimfx.attention(q, k, v, positions, buffers, scale, layout)
+    out = torch.ops.slimfx.attention(q, k, v, positions, buffers, scale, layout, softcap=0.0)
 
     q          [B, Hq, T, D]   queries of this step's T tokens (RoPE applied with true positions)
     k, v       [B, Hkv, T, D]  this step's keys/values (not repeated for GQA)
     positions  [B, T] int64    true positions of the step's tokens; negative = padding
     buffers    the site's tier buffers (runtime/kv_store.SiteCache.buffers()), mutated in place
     layout     SiteCache.layout: "<kind>" or "<kind>/<setting>/...": which variant runs the site
+    softcap    optional, > 0: logit softcapping tanh(s / softcap) * softcap (plain sites only)
     returns    [B, Hq, T, D]   like SDPA's output
 
 One op, many variants. A variant is a write strategy plus a read over the site's tiers;
@@ -36,8 +37,10 @@ at position p sees every held token with 0 <= pos <= p; slots are matched by pos
 never by order, so causality and left padding need no mask tensor. Padding tokens carry
 negative "virtual" positions (t - n_pad) and write slot_pos = -1 (empty).
 
-On CUDA tensors the reads run the Triton kernels (codegen/kernels/); elsewhere the
-references. SLIMFX_ATTENTION=ref|triton|auto overrides (triton on CPU needs
+On CUDA tensors the reads run the Triton kernels (codegen/kernels/); elsewhere torch's
+fused SDPA where it computes the references' definition (runtime/sdpa_reads.py; equal to
+float rounding), else the references.
+SLIMFX_ATTENTION=ref|triton|auto overrides (triton on CPU needs
 TRITON_INTERPRET=1 set before the kernels are imported).
 """
 
@@ -52,7 +55,7 @@ import torch
 
 from slimfx.codegen.kernels import use_attention_kernels
 from slimfx.codegen.kernels.decode_attention import decode_attention_ref
-from slimfx.codegen.kernels.prefill_attention import prefill_attention_ref
+from slimfx.runtime.sdpa_reads import decode_sdpa, prefill_sdpa
 
 Tiers = dict[str, dict[str, torch.Tensor]]  # tier name -> field -> buffer
 
@@ -151,6 +154,8 @@ def decode_read(q, q_pos, tiers: list[TierRead], scale: float, triton: bool, *, 
         from slimfx.codegen.kernels.decode_attention import decode_attention
 
         out = decode_attention(q1, first.k, first.v, first.pos, q_pos, **kwargs)
+    elif len(tiers) == 1 and scores is None and window is None and first.k_scale is None:
+        out = decode_sdpa(q1, first.k, first.v, first.pos, q_pos, scale)
     else:
         out = decode_attention_ref(q1, first.k, first.v, first.pos, q_pos, **kwargs)
     return out.unsqueeze(2)
@@ -180,7 +185,7 @@ def prefill_read(q, positions, tiers: list[TierRead], scale: float, triton: bool
         from slimfx.codegen.kernels.prefill_attention import prefill_attention
 
         return prefill_attention(qc, positions, keys, vals, kpos, extra=chunk, scale=scale, window=sliding)
-    return prefill_attention_ref(qc, positions, keys, vals, kpos, extra=chunk, scale=scale, window=sliding)
+    return prefill_sdpa(qc, positions, keys, vals, kpos, extra=chunk, scale=scale, window=sliding)
 
 
 # ----------------------------------------------------------------------------- the plain variant
@@ -277,17 +282,67 @@ register_variant("read", Read)
 # ----------------------------------------------------------------------------- the op
 
 
+# ----------------------------------------------------------------------------- logit softcapping
+
+
+def softcap_read(q, positions, keys, vals, kpos, scale: float, cap: float, window: int | None = None) -> torch.Tensor:
+    """Attention with logit softcapping (Gemma-2): scores s = q.k * scale become
+    tanh(s / cap) * cap before the softmax. q [B, Hq, T, D], positions [B, T]; keys, vals
+    [B, Hkv, N, D]; kpos [B, Hkv, N] (-1 = empty). A query at p sees 0 <= pos <= p (and
+    pos > p - window on a sliding site). Plain PyTorch in float32 on every device: the
+    Triton kernels have no softcap, and a softcapped model is exact here at a dense read's cost."""
+    B, Hq, T, D = q.shape
+    Hkv = keys.shape[1]
+    qg = q.float().reshape(B, Hkv, Hq // Hkv, T, D)
+    s = torch.einsum("bhgtd,bhnd->bhgtn", qg, keys.float()) * scale
+    s = torch.tanh(s / cap) * cap
+    qp, kp = positions[:, None, None, :, None], kpos.to(torch.int64)[:, :, None, None, :]
+    visible = (kp >= 0) & (kp <= qp)
+    if window:
+        visible &= kp > qp - window
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+    p = torch.where(visible.any(-1, keepdim=True), p, 0.0)  # a padding query sees nothing
+    return torch.einsum("bhgtn,bhnd->bhgtd", p, vals.float()).reshape(B, Hq, T, D)
+
+
+def _softcapped(variant: Variant, layout: str, q, k, v, positions, tiers: Tiers, scale: float, cap: float, triton: bool):
+    """A plain site (or a reader of one) with logit softcapping: the step's tokens read with
+    the store as it was before them, then written (as Plain does)."""
+    plain = variant.inner if isinstance(variant, Read) else variant
+    if not isinstance(plain, Plain):
+        raise ValueError(f"slimfx::attention layout {layout!r} with softcap {cap:g}: logit softcapping is read by the plain "
+                         f"variant only; allowed: plain sites (no kv_eviction or kv_quantize on a softcapped model)")
+    main = tiers["main"]
+    if isinstance(variant, Read):
+        return softcap_read(q, positions, main["k"], main["v"], main["slot_pos"], scale, cap, plain.window)
+    B, Hkv, T, _ = k.shape
+    chunk_pos = torch.where(positions < 0, -1, positions)[:, None, :].expand(B, Hkv, T)
+    keys, vals = torch.cat([main["k"].float(), k.float()], dim=2), torch.cat([main["v"].float(), v.float()], dim=2)
+    out = softcap_read(q, positions, keys, vals, torch.cat([main["slot_pos"].to(torch.int64), chunk_pos], dim=2),
+                       scale, cap, plain.window)
+    write_tokens(k, v, positions, main["k"], main["v"], main["slot_pos"], triton)
+    return out
+
+
+# ----------------------------------------------------------------------------- the op
+
+
 @torch.library.custom_op("slimfx::attention", mutates_args=("buffers",))
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-              buffers: list[torch.Tensor], scale: float, layout: str) -> torch.Tensor:
-    """Cache update + attention of one site (module doc). Triton on CUDA, reference elsewhere."""
+              buffers: list[torch.Tensor], scale: float, layout: str, softcap: float = 0.0) -> torch.Tensor:
+    """Cache update + attention of one site (module doc). Triton on CUDA, reference elsewhere.
+    softcap > 0: the scores get logit softcapping (`softcap_read`)."""
     variant = variant_of(layout)
-    out = variant.run(q, k, v, positions, unpack(variant, buffers, layout), scale, use_attention_kernels(q))
+    tiers = unpack(variant, buffers, layout)
+    if softcap:
+        out = _softcapped(variant, layout, q, k, v, positions, tiers, scale, softcap, use_attention_kernels(q))
+    else:
+        out = variant.run(q, k, v, positions, tiers, scale, use_attention_kernels(q))
     return out.to(q.dtype).contiguous()
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, positions, buffers, scale, layout):
+def _attention_fake(q, k, v, positions, buffers, scale, layout, softcap=0.0):
     return q.new_empty(q.shape)  # contiguous, like the real op (empty_like would copy q's strides)
 
 
