@@ -16,6 +16,7 @@ import torch
 import torch.fx
 
 from slimfx.compiler.config import ConfigError, load_config
+from slimfx.compiler.errors import is_user_error, through_dynamo
 from slimfx.compiler.generate_hook import bind_generate
 from slimfx.compiler.generate_hook import install as install_generate_hook
 from slimfx.compiler.pipeline import run_pipeline
@@ -78,7 +79,12 @@ def check_settings(settings: dict):
 def slimfx_backend(gm: torch.fx.GraphModule, example_inputs, options=None, **kwargs):
     """Dynamo backend entry: returns a callable equivalent to `gm` after the configured passes."""
     start = time.perf_counter()
-    return run_pipeline(gm, example_inputs, check_settings({"options": options, **kwargs}), _lower, start=start)
+    try:
+        return run_pipeline(gm, example_inputs, check_settings({"options": options, **kwargs}), _lower, start=start)
+    except ValueError as exc:
+        if is_user_error(exc):  # the caller of the compiled model gets the one line, not dynamo's wrapper
+            raise through_dynamo(exc) from None
+        raise
 
 
 def compile(model, config=None, **torch_compile_kwargs):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from slimfx.compiler.config import ConfigError
-from slimfx.compiler.errors import UsageError, user_errors
+from slimfx.compiler.errors import is_user_error, one_line, user_errors
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 
@@ -79,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _run_unwrapped(args)
-    except ConfigError as exc:
-        print(f"slimfx: config error: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into `head`
         return 0
-    except UsageError as exc:
-        print(f"slimfx: error: {exc}", file=sys.stderr)
+    except ValueError as exc:
+        if not is_user_error(exc):
+            raise
+        kind = "config error" if isinstance(exc, ConfigError) else "error"
+        print(f"slimfx: {kind}: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
