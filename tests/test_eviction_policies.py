@@ -168,7 +168,7 @@ def _one_query_at_a_time(q, keys, q_pos, k_pos, scores, scale, decay):
     return out
 
 
-@pytest.mark.parametrize("name", ["h2o", "a2sf", "tova", "keyformer"])
+@pytest.mark.parametrize("name", ["h2o", "a2sf", "tova"])
 @settings(max_examples=15, deadline=None)
 @given(T=st.integers(1, 6), old=st.integers(0, 5), hkv=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
 def test_prefill_scores_equal_feeding_the_chunk_token_by_token(name, T, old, hkv, seed):
@@ -205,3 +205,11 @@ def test_tova_keeps_what_the_last_prompt_token_attends_to():
     expected = last.mean(1).topk(8).indices.sort().values  # [B, 8], the same set for every head
     for h in range(Hkv):
         assert keep[0, h].nonzero().flatten().tolist() == expected[0].tolist()
+
+
+@pytest.mark.parametrize("name, budget, want", [("streaming", 100, (4, 0)), ("h2o", 100, (0, 50)), ("a2sf", 100, (0, 50)),
+                                                ("tova", 100, (0, 0)), ("keyformer", 100, (0, 30)), ("snapkv", 100, (0, 32))])
+def test_sinks_and_window_default_to_the_papers(name, budget, want):
+    policy = make_policy(name, budget)
+    assert (policy.n_sink, policy.window) == want
+    assert (make_policy(name, budget, n_sink=2, window=5).n_sink, make_policy(name, budget, n_sink=2, window=5).window) == (2, 5)

@@ -41,7 +41,7 @@ from slimfx.passes.kv_eviction.duo_op import duo_layout, duo_tiers
 from slimfx.passes.kv_eviction.eviction_op import evict_layout
 from slimfx.passes.kv_eviction.mikv_op import FORMATS as MIKV_FORMATS
 from slimfx.passes.kv_eviction.mikv_op import channel_groups, low_tier, mikv_layout
-from slimfx.passes.kv_eviction.policies import POLICIES, make_policy
+from slimfx.passes.kv_eviction.policies import POLICIES, make_policy, resolve_sinks
 from slimfx.runtime.kv_store import plain_tier
 
 NAME = "kv_eviction"
@@ -51,8 +51,10 @@ RUNS_AFTER = ("kv_runtime",)  # works on the slimfx::attention nodes kv_runtime 
 OPTIONS = {
     "policy": Option(str, "h2o", "which tokens to keep", choices=tuple(POLICIES)),
     "budget": Option(int, 256, "tokens kept per site (sinks and recent window included)", lo=2, hi=1 << 24),
-    "n_sink": Option(int, 4, "first tokens always kept (attention sinks)", lo=0, hi=1 << 16),
-    "window": Option(int, 32, "most recent tokens always kept", lo=0, hi=1 << 20),
+    "n_sink": Option(int, -1, "first tokens always kept (attention sinks); -1: the policy's paper default (policies.PAPER_DEFAULTS)",
+                     lo=-1, hi=1 << 16),
+    "window": Option(int, -1, "most recent tokens always kept; -1: the policy's paper default (H2O/A2SF half the budget, SnapKV "
+                     "its observation window, Keyformer 30%, TOVA none)", lo=-1, hi=1 << 20),
     "alpha": Option(float, 0.95, "A2SF forgetting factor", lo=0.0, hi=1.0),
     "tau": Option(float, 1.0, "Keyformer Gumbel temperature", lo=1e-3, hi=100.0),
     "obs_window": Option(int, 32, "SnapKV observation window (last prompt queries)", lo=1, hi=1 << 16),
@@ -72,7 +74,14 @@ FRACTION_ROUNDING = 16  # prompts of nearby lengths get one budget, so one compi
 
 def _fraction_budget(opts: dict, prompt_tokens: int) -> int:
     wanted = math.ceil(opts["budget_fraction"] * prompt_tokens / FRACTION_ROUNDING) * FRACTION_ROUNDING
-    return max(wanted, opts["n_sink"] + opts["window"] + 1)
+    n_sink, window = resolve_sinks(opts["policy"], wanted, opts["n_sink"], opts["window"], _policy_param(opts))
+    return max(wanted, n_sink + window + 1)
+
+
+def resolved(opts: dict) -> dict:
+    """`opts` with n_sink and window -1 replaced by the policy's paper defaults at its budget."""
+    n_sink, window = resolve_sinks(opts["policy"], opts["budget"], opts["n_sink"], opts["window"], _policy_param(opts))
+    return {**opts, "n_sink": n_sink, "window": window}
 
 
 def specialise(options: dict, prompt_tokens: int) -> dict | None:
@@ -106,6 +115,7 @@ def _check_options(index: int, opts: dict) -> None:
         make_policy(opts["policy"], opts["budget"], n_sink=opts["n_sink"], window=opts["window"])
     except ConfigError as exc:
         raise at_layer(exc) from None
+    opts = resolved(opts)
     if opts["decode_budget"] and opts["decode_budget"] <= opts["window"]:
         raise at_layer(ConfigError(f"decode_budget: got {opts['decode_budget']}; allowed: 0 (off) or > window ({opts['window']}), "
                                    "so generated tokens outside the recent window can be evicted"))
@@ -194,6 +204,7 @@ OWN_KINDS = ("evict", "duo", "mikv")  # the layouts this pass gives sites
 
 def _rewrite_site(gm, store, index: int, opts: dict, duo_heads) -> tuple[int, str | None]:
     """Rewrite one site by its options; returns (bytes saved, a note or None)."""
+    opts = resolved(opts)
     cache = store.sites[index]
     if cache.owner is not None:
         return 0, f"site {index} reads site {cache.owner}'s cache: evicted there"

@@ -3,20 +3,35 @@
 Every policy shares the mechanics in `EvictionPolicy`: sinks (the first `n_sink`
 positions) and the recent window (the last `window` positions seen) are always kept,
 and the rest of the budget goes to the slots the policy ranks highest. A policy
-implements one method, `priority`, that ranks the slots; policies that learn from
-attention set `decay`, the factor the fused attention kernel applies to each slot's
-accumulated mass before adding the current step's (scores = decay * scores + mass):
+implements `priority`, which ranks the slots; policies that learn from attention set
+`decay`, the factor the fused attention kernel applies to each slot's accumulated mass
+before adding the current step's (scores = decay * scores + mass), and may override
+`prefill_scores`, how a prompt chunk scores every key.
 
-| policy      | priority of a slot                                | decay  |
-| ----------- | ------------------------------------------------- | ------ |
-| streaming   | its position (oldest evicted first)               | -      |
-| h2o         | accumulated attention mass (heavy hitters)        | 1.0    |
-| a2sf        | mass accumulated with a forgetting factor         | alpha  |
-| tova        | the current query's attention, averaged over heads| 0.0    |
-| keyformer   | accumulated Gumbel-regularised mass               | 1.0    |
-| snapkv      | observation-window attention pooled over keys     | prefill|
-| duo         | streaming heads: its position; retrieval heads    | -      |
-|             | keep everything (duo_op.py)                       |        |
+Each policy's rule as its paper states it, with the paper's defaults (`PAPER_DEFAULTS`:
+what `n_sink` / `window` -1 resolves to; B is the budget):
+
+| policy    | prefill: a prompt token's score               | decode: the slot freed       | sinks / recent window |
+| --------- | --------------------------------------------- | ---------------------------- | --------------------- |
+| streaming | its position                                  | oldest non-sink              | 4 / the rest          |
+| h2o       | attention mass summed over every prompt query | least accumulated mass       | 0 / B/2 (heavy = recent ratio) |
+| a2sf      | mass summed with weight alpha^(T-1-t)         | least forgetting-factor sum  | 0 / B/2 (H2O's split) |
+| tova      | the last prompt query's attention, mean over heads | least attention of the current query, mean over heads | 0 / 0 |
+| keyformer | softmax((logits + Gumbel) / tau) summed over queries | least accumulated mass (*) | 0 / 30% of B (paper: 20-30%) |
+| snapkv    | last `obs_window` queries' attention, max-pooled (7) over keys, mean over the GQA group | lowest prefill score (**) | 0 / obs_window (32) |
+| duo       | streaming heads as streaming; retrieval heads keep all (duo_op.py) | oldest non-sink | 4 / the rest |
+
+(*) Keyformer's decode steps add the kernel's plain softmax mass: the fused decode kernel
+has no per-step Gumbel noise or temperature schedule. (**) SnapKV's paper keeps every
+generated token; in a fixed-budget store generated tokens outside the recent window go
+first (SCOPE's `decode_budget` gives them slots of their own).
+A2SF's alpha is tuned per model in its paper; 0.95 here.
+
+"Per head": H2O, A2SF, Keyformer and SnapKV keep a set per kv head (the mass of the
+query heads sharing a kv head is summed); TOVA keeps one set per layer.
+Decode order: the slot is freed by the previous query's scores, then the new token
+is written; with TOVA this is exactly the paper's "attend, then drop the least
+attended" with the budget counting the current token.
 
 Layouts (those of runtime/kv_store.py's SiteCache): priority, scores and slot_pos
 are [B, Hkv, C]; `seen` is [B] (tokens seen so far per sequence). Everything here is
@@ -170,19 +185,28 @@ class TOVA(EvictionPolicy):
 
 
 class Keyformer(EvictionPolicy):
-    """Accumulated Gumbel-regularised scores (Keyformer): the mass is perturbed by fixed,
-    seeded Gumbel noise per slot position before ranking, with temperature `tau`."""
+    """Key tokens by an accumulated Gumbel-regularised score (Keyformer): each query adds
+    softmax((logits + g) / tau) over the keys, g Gumbel noise fixed per (query position,
+    key position, seed), so the ranking is deterministic and the same on every device.
+    Decode steps add the kernel's plain mass (see the module table)."""
 
     def __init__(self, budget, n_sink=4, window=64, tau=1.0, seed=0, **_):
         super().__init__(budget, n_sink, window, "keyformer", 1.0)
         self.tau, self.seed = float(tau), int(seed)
 
     def priority(self, scores, slot_pos, seen):
-        # Noise is a function of (position, seed) so the ranking is deterministic and
-        # does not depend on which slot a token landed in.
-        u = uniform_hash(slot_pos, self.seed).clamp(1e-6, 1 - 1e-6)
-        gumbel = -torch.log(-torch.log(u))
-        return torch.log(scores.clamp_min(1e-20)) / self.tau + gumbel
+        return scores
+
+    def prefill_scores(self, q, q_pos, keys, k_pos, scores, scale: float) -> torch.Tensor:
+        B, Hkv, N = k_pos.shape
+        merged = torch.cat([scores, scores.new_zeros(B, Hkv, N - scores.shape[2])], dim=2)
+        return merged + prefill_key_mass(q, q_pos, keys, k_pos, scale, 1.0, noise=self.noise, tau=self.tau).to(merged.dtype)
+
+    def noise(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Gumbel noise [B, Hkv, T, N] for queries q_pos [B, T] and keys k_pos [B, Hkv, N]."""
+        pair = q_pos[:, None, :, None].clamp_min(0) * 1_000_003 + k_pos[:, :, None, :].clamp_min(0)
+        u = uniform_hash(pair, self.seed).clamp(1e-6, 1 - 1e-6)
+        return -torch.log(-torch.log(u))
 
 
 def uniform_hash(positions: torch.Tensor, seed: int) -> torch.Tensor:
@@ -207,7 +231,9 @@ class SnapKV(EvictionPolicy):
         self.obs_window, self.pool = int(obs_window), int(pool)
 
     def priority(self, scores, slot_pos, seen):
-        return scores
+        # Prompt tokens by their prefill score (> 0: a softmax mass); generated tokens (score
+        # 0) below every prompt token, the oldest first.
+        return torch.where(scores > 0, scores, -1.0 / (slot_pos.float() + 2.0))
 
     def prefill_scores(self, q, q_pos, keys, k_pos, scores, scale: float) -> torch.Tensor:
         return snapkv_scores(q, keys, self.obs_window, self.pool, q_pos, k_pos).masked_fill(k_pos < 0, 0.0)
@@ -225,15 +251,19 @@ class DuoAttention(EvictionPolicy):
         return slot_pos.float()
 
 
-def prefill_key_mass(q, q_pos, keys, k_pos, scale: float, decay: float = 1.0) -> torch.Tensor:
+def prefill_key_mass(q, q_pos, keys, k_pos, scale: float, decay: float = 1.0, noise=None, tau: float = 1.0) -> torch.Tensor:
     """Attention mass every key receives from a chunk's queries, query t weighted by
     decay^(T-1-t) (the last query by 1; decay 0 keeps only the last), summed over the GQA
     group: [B, Hkv, N]. The same softmax as the prefill attention, recomputed: prefill
-    happens once per prompt, so the second pass costs far less than decoding."""
+    happens once per prompt, so the second pass costs far less than decoding.
+    `noise(q_pos, k_pos)` -> [B, Hkv, T, N] is added to the logits, which are then divided
+    by `tau` (Keyformer's regularised score)."""
     B, Hq, T, D = q.shape
     Hkv, N = keys.shape[1], keys.shape[2]
     qf = q.float().view(B, Hkv, Hq // Hkv, T, D)
     logits = torch.einsum("bhgtd,bhnd->bhgtn", qf, keys.float()) * scale
+    if noise is not None:
+        logits = (logits + noise(q_pos, k_pos)[:, :, None]) / tau
     visible = (k_pos.view(B, Hkv, 1, 1, N) >= 0) & (k_pos.view(B, Hkv, 1, 1, N) <= q_pos.view(B, 1, 1, T, 1))
     probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     weights = torch.pow(torch.full((T,), float(decay), device=q.device), torch.arange(T - 1, -1, -1, device=q.device, dtype=torch.float32))
@@ -262,13 +292,50 @@ def snapkv_scores(q: torch.Tensor, k: torch.Tensor, obs_window: int, pool: int, 
     logits = logits.masked_fill((kp < 0) | (kp > qp), NEG_INF)
     mass = logits.softmax(-1).nan_to_num(0.0).sum(2)  # [B, Hq, N]
     mass = mass.view(B, Hkv, Hq // Hkv, N).mean(2)
-    return F.max_pool1d(mass, kernel_size=pool, stride=1, padding=pool // 2)[..., :N]
+    # The paper pools only the keys before the observation window (those it selects from);
+    # masses are >= 0, so a zero there pools like the padding would.
+    in_window = k_pos >= q_pos[:, -w:].clamp_min(0).amin(dim=1).view(B, 1, 1)
+    # Neighbours are neighbouring positions, whatever slots the store put them in (empty
+    # slots and padding sort first, with mass 0).
+    order = k_pos.argsort(dim=-1, stable=True)
+    by_pos = torch.gather(mass.masked_fill(in_window, 0.0), -1, order)
+    pooled = torch.empty_like(mass).scatter_(-1, order, F.max_pool1d(by_pos, kernel_size=pool, stride=1, padding=pool // 2)[..., :N])
+    return torch.where(in_window, mass, pooled)
 
 
 POLICIES = {"streaming": StreamingLLM, "h2o": H2O, "a2sf": A2SF, "tova": TOVA, "keyformer": Keyformer, "snapkv": SnapKV, "duo": DuoAttention}
 
 
-def make_policy(name: str, budget: int, **options) -> EvictionPolicy:
+# The papers' sinks and recent windows, (n_sink, window(budget, param)): what the options'
+# -1 resolves to. Streaming and duo rank by position, so the most recent tokens fill
+# whatever the sinks leave (a window of 0 loses nothing).
+PAPER_DEFAULTS = {
+    "streaming": (4, lambda budget, param: 0),
+    "h2o": (0, lambda budget, param: budget // 2),
+    "a2sf": (0, lambda budget, param: budget // 2),
+    "tova": (0, lambda budget, param: 0),
+    "keyformer": (0, lambda budget, param: round(0.3 * budget)),
+    "snapkv": (0, lambda budget, param: int(param) if param else 32),
+    "duo": (4, lambda budget, param: 0),
+}
+
+
+def check_name(name: str) -> None:
     if name not in POLICIES:
         raise ConfigError(f"policy: got {name!r}; allowed: one of {', '.join(POLICIES)}")
-    return POLICIES[name](budget, **options)
+
+
+def resolve_sinks(name: str, budget: int, n_sink: int | None = None, window: int | None = None, param: float = 0.0) -> tuple[int, int]:
+    """(n_sink, window) with None or -1 replaced by the policy's paper default."""
+    check_name(name)
+    paper_sink, paper_window = PAPER_DEFAULTS[name]
+    n_sink = paper_sink if n_sink is None or n_sink < 0 else n_sink
+    window = paper_window(budget, param) if window is None or window < 0 else window
+    return n_sink, window
+
+
+def make_policy(name: str, budget: int, n_sink: int | None = None, window: int | None = None, **options) -> EvictionPolicy:
+    """Policy `name` keeping `budget` slots; n_sink / window None or -1: the paper's."""
+    param = options.get("obs_window", 0.0) if name == "snapkv" else 0.0
+    n_sink, window = resolve_sinks(name, budget, n_sink, window, param)
+    return POLICIES[name](budget, n_sink=n_sink, window=window, **options)
