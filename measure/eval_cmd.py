@@ -7,6 +7,7 @@ KV / weight / head bytes each keeps. Writes PREFIX.json, PREFIX.md and PREFIX.pn
 
     slimfx eval --pipeline off --output results/eval_baseline_default
     slimfx eval --config kv.toml --sweep kv.budget=128,256,512,1024
+    slimfx eval --config kv.toml --sweep kv.budget_fraction=0.125,0.25 --ruler   # + the RULER-style suite
 
 Deterministic: greedy decoding, seeded keys and prompts, fixed default text.
 """
@@ -33,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fidelity-tokens", type=int, default=1024, help="tokens scored for fidelity")
     parser.add_argument("--window", type=int, default=1024, help="--text: tokens per segment")
     parser.add_argument("--no-passkey", action="store_true", help="skip passkey retrieval")
+    parser.add_argument("--ruler", action="store_true", help="also run the RULER-style synthetic suite (measure/ruler.py)")
+    parser.add_argument("--ruler-lengths", default="1024", help="RULER prompt lengths in tokens (comma list)")
+    parser.add_argument("--ruler-samples", type=int, default=2, help="RULER prompts per (task, length)")
+    parser.add_argument("--ruler-tasks", default=None, help="comma list of RULER tasks (default: all seven)")
+    parser.add_argument("--ruler-text", default=None, help="UTF-8 haystack text for the RULER needles (default: built in)")
     parser.add_argument("--no-fidelity", action="store_true", help="skip fidelity")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -73,11 +79,18 @@ def plan(args: argparse.Namespace) -> dict:
     from slimfx.measure.errors import model_source
 
     model_source(args.model)  # a missing model is a one-line error before anything loads
-    if args.no_passkey and args.no_fidelity:
-        raise UsageError("--no-passkey and --no-fidelity together leave nothing to measure")
-    if args.text is not None and not Path(args.text).is_file():
-        raise UsageError(f"--text {args.text}: no such file")
-    for flag, value in (("--trials", args.trials), ("--max-new-tokens", args.max_new_tokens),
+    from slimfx.measure.ruler import TASKS
+
+    if args.no_passkey and args.no_fidelity and not args.ruler:
+        raise UsageError("--no-passkey and --no-fidelity without --ruler leave nothing to measure")
+    for flag, path in (("--text", args.text), ("--ruler-text", args.ruler_text)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    tasks = TASKS if args.ruler_tasks is None else tuple(t.strip() for t in args.ruler_tasks.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise UsageError(f"--ruler-tasks {args.ruler_tasks!r}: unknown task {unknown[0] if unknown else ''!r}; allowed: {', '.join(TASKS)}")
+    for flag, value in (("--trials", args.trials), ("--max-new-tokens", args.max_new_tokens), ("--ruler-samples", args.ruler_samples),
                         ("--fidelity-tokens", args.fidelity_tokens), ("--window", args.window)):
         if value < 1:
             raise UsageError(f"{flag} {value}: must be at least 1")
@@ -88,6 +101,8 @@ def plan(args: argparse.Namespace) -> dict:
     return {
         "lengths": _int_list("--lengths", args.lengths, 1),
         "depths": _float_list("--depths", args.depths),
+        "ruler": {"lengths": _int_list("--ruler-lengths", args.ruler_lengths, 1), "tasks": list(tasks),
+                  "samples": args.ruler_samples, "text": args.ruler_text} if args.ruler else None,
         "points": build_points(base, args.sweep),
         "axes": [parse_axis(s) for s in args.sweep],
         "base_config": base,

@@ -62,7 +62,23 @@ def markdown(results: dict) -> str:
     if grid_rows:
         parts.append("Passkey accuracy by length and depth:\n\n" + md_table(
             ["configuration", "length"] + [f"depth {d}" for d in results["settings"]["depths"]], grid_rows))
+    ruler = results["settings"].get("ruler")
+    if ruler:
+        rows = [[label, fmt(_ruler_avg(e), 2)] + [fmt(_ruler_task(e, t), 2) for t in ruler["tasks"]] for label, e in _rows(results)]
+        parts.append(f"RULER-style suite (measure/ruler.py): string_match_all per task, prompts of {', '.join(map(str, ruler['lengths']))} "
+                     f"tokens, {ruler['samples']} per task and length, haystack {ruler['text']}:\n\n"
+                     + md_table(["configuration", "average"] + ruler["tasks"], rows))
     return "\n\n".join(parts) + "\n"
+
+
+def _ruler_avg(entry):
+    summary = (entry.get("ruler") or {}).get("summary")
+    return summary["average"] if summary else None
+
+
+def _ruler_task(entry, task):
+    summary = (entry.get("ruler") or {}).get("summary")
+    return summary["by_task"].get(task) if summary else None
 
 
 def _numeric_axis(results: dict) -> str | None:
@@ -96,7 +112,11 @@ def _agreement(entry):
 
 def plot(results: dict, path: Path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    ruler = results["settings"].get("ruler")
+    fig, grid = plt.subplots(2 if ruler else 1, 3, figsize=(16, 9.6 if ruler else 4.6), squeeze=False)
+    axes = grid[0]
+    if ruler:
+        _plot_ruler(results, grid[1], ruler["tasks"])
     ax = axes[0]
     for label, entry in _rows(results):
         acc = _acc_by_length(entry)
@@ -126,6 +146,31 @@ def plot(results: dict, path: Path) -> None:
         ax.set(ylabel=name, ylim=(-0.05, 1.1))
     st = results["stamp"]
     save_figure(fig, path, f"slimfx eval: {results['model']['name']} ({results['model']['dtype']}), {st['device']}, {st['date']}")
+
+
+def _plot_ruler(results: dict, axes, tasks: list[str]) -> None:
+    """Suite average against the swept value, and accuracy per task and configuration."""
+    ax = axes[0]
+    xkey = _numeric_axis(results)
+    if xkey:
+        for label, pts in _curves(results, _ruler_avg).items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set(xlabel=xkey)
+    base = _ruler_avg(results["base"])
+    if base is not None:
+        ax.axhline(base, color="gray", linestyle="--", label="unmodified")
+    ax.set(title="RULER-style suite average", ylabel="string_match_all", ylim=(-0.05, 1.05))
+    ax.legend(fontsize=7)
+    rows = [(label, [_ruler_task(e, t) or 0.0 for t in tasks]) for label, e in _rows(results) if _ruler_avg(e) is not None]
+    heat = axes[1]
+    heat.imshow([r[1] for r in rows], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    heat.set_xticks(range(len(tasks)), tasks, rotation=30, fontsize=7)
+    heat.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=6)
+    for i, (_, vals) in enumerate(rows):
+        for j, v in enumerate(vals):
+            heat.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="white" if v < 0.5 else "black")
+    heat.set(title="RULER-style accuracy per task")
+    axes[1].figure.delaxes(axes[2])
 
 
 def write_eval(results: dict, paths: dict[str, Path]) -> None:

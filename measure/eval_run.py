@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from slimfx.measure import fidelity, footprint, passkey
+from slimfx.measure import fidelity, footprint, passkey, ruler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +66,26 @@ def _measure(label, runner, tokenizer, cases, args, quiet) -> dict:
     return {"summary": passkey.summarize(records), "cases": records}
 
 
+def _measure_ruler(label, runner, tokenizer, cases, args, quiet) -> dict:
+    if not cases:
+        return {}
+    bar = _bar(len(cases), f"ruler {label}", quiet)
+    records = ruler.run_cases(runner, tokenizer, cases, args.device, on_case=lambda: bar.update(1))
+    bar.close()
+    return {"summary": ruler.summarize(records), "cases": records}
+
+
+def _ruler_cases(tokenizer, settings: dict, seed: int) -> list:
+    spec = settings.get("ruler")
+    if not spec:
+        return []
+    text = None
+    if spec["text"]:
+        with open(spec["text"], encoding="utf-8") as f:
+            text = f.read()
+    return ruler.build_cases(tokenizer, spec["tasks"], spec["lengths"], spec["samples"], seed, text)
+
+
 def run_eval(args, settings: dict) -> dict:
     """Every figure of one `slimfx eval` command, as a JSON-ready dict."""
     from slimfx.compiler.report import clear_reports, reports
@@ -83,6 +103,7 @@ def run_eval(args, settings: dict) -> dict:
     timing = {"load_s": time.perf_counter() - t0}
 
     cases = [] if args.no_passkey else passkey.build_cases(tokenizer, settings["lengths"], settings["depths"], args.trials, args.seed)
+    ruler_cases = _ruler_cases(tokenizer, settings, args.seed)
     segments = []
     if not args.no_fidelity:
         t = time.perf_counter()
@@ -96,7 +117,7 @@ def run_eval(args, settings: dict) -> dict:
     base_fp = footprint.model_footprint(model)
     base_runner = Runner(model)
     base = {"runner": base_runner.label, "passkey": _measure("unmodified", base_runner, tokenizer, cases, args, quiet),
-            "footprint": base_fp}
+            "ruler": _measure_ruler("unmodified", base_runner, tokenizer, ruler_cases, args, quiet), "footprint": base_fp}
     timing["base_s"] = time.perf_counter() - t
 
     configurations = []
@@ -107,7 +128,8 @@ def run_eval(args, settings: dict) -> dict:
             clear_reports()
             runner = Runner(model, point.raw, mode)
             entry = {"label": point.label, "values": point.values, "config": point.raw, "runner": runner.label,
-                     "passkey": _measure(point.label, runner, tokenizer, cases, args, quiet)}
+                     "passkey": _measure(point.label, runner, tokenizer, cases, args, quiet),
+                     "ruler": _measure_ruler(point.label, runner, tokenizer, ruler_cases, args, quiet)}
             if segments:
                 bar = _bar(sum(s.n_scored for s in segments), f"fidelity {point.label}", quiet)
                 entry["fidelity"] = fidelity.compare(base_runner, runner, segments, on_position=bar.update)
@@ -139,6 +161,8 @@ def run_eval(args, settings: dict) -> dict:
                   "layers": model.config.num_hidden_layers, "vocab": model.config.vocab_size},
         "config": {"file": args.config, "pipeline_override": args.pipeline, "base": settings["base_config"]},
         "settings": {"lengths": settings["lengths"], "depths": settings["depths"], "trials": args.trials,
+                     "ruler": settings.get("ruler") and {**settings["ruler"], "text": settings["ruler"]["text"] or "built in (measure/ruler.py)",
+                                                         "new_tokens": dict(ruler.NEW_TOKENS), "metric": "string_match_all"},
                      "seed": args.seed, "max_new_tokens": args.max_new_tokens,
                      "fidelity": {"text": args.text or "default: the unmodified model's greedy answers to fixed prompts",
                                   "prompts": None if args.text else list(fidelity.DEFAULT_PROMPTS),
