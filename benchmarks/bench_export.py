@@ -3,7 +3,7 @@
 For one model shape (random weights) and configuration, at a given context:
   jit-cold   first generate in a fresh process with an empty compile cache: load-to-first-token
   jit-warm   the same again, caches kept (dynamo, inductor and autotune caches on disk)
-  export     `slimfx export` wall time and package size
+  export     `slimfx export` wall time (AOTInductor included on CUDA), package size, how each step program runs
   package    a fresh process: load_package + first token, then decode ms/token
 Decode ms/token of the JIT path comes from its warm run. Writes JSON with device, date
 and versions.
@@ -49,7 +49,9 @@ from slimfx.export.build import export_package
 model = build({shape!r}, torch.bfloat16, "cuda")
 t1 = time.perf_counter()
 export_package(model, {package!r}, config={config!r}, batch=1, capacity={capacity}, chunk={chunk}, progress=lambda _: None, overwrite=True)
-print(json.dumps({{"export_s": time.perf_counter() - t1}}))
+export_s = time.perf_counter() - t1
+programs = json.load(open({package!r} + "/manifest.json"))["programs"]
+print(json.dumps({{"export_s": export_s, "programs": [{{k: p.get(k) for k in ("tokens", "runner", "aoti_failed")}} for p in programs]}}))
 """
 
 _PACKAGE = _COMMON + """
@@ -83,21 +85,27 @@ def main() -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--chunk", type=int, default=512)
-    p.add_argument("--config", action="append", default=[], help="a configuration file (repeatable); none: passes off")
+    p.add_argument("--config", action="append", default=[],
+                   help="a configuration file (repeatable); 'none' or no --config: passes off")
+    p.add_argument("--jit-cold", choices=("all", "first"), default="all",
+                   help="run the JIT path's cold compile for every configuration or for the first only (it is the slowest step)")
     p.add_argument("--output", required=True)
     args = p.parse_args()
     from slimfx.measure.report import stamp
 
     rows = []
     capacity = -(-(args.context + args.steps + 8) // 256) * 256
-    for config in args.config or [None]:
+    configs = [None if c == "none" else c for c in args.config] or [None]
+    for i, config in enumerate(configs):
         with tempfile.TemporaryDirectory() as cache:
             # PYTHONPATH as the caller set it (a folder holding the package as `slimfx`).
             env = dict(os.environ, SLIMFX_CACHE_DIR=cache, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"))
             fields = dict(shape=args.shape, context=args.context, capacity=capacity, config=config, chunk=args.chunk,
                           steps=args.steps, package=os.path.join(cache, "pkg"))
-            row = {"config": config or "passes off", "jit_cold": _run(_JIT, env, **fields), "jit_warm": _run(_JIT, env, **fields),
-                   "export": _run(_EXPORT, env, **fields), "package": _run(_PACKAGE, env, **fields)}
+            row = {"config": config or "passes off"}
+            if args.jit_cold == "all" or i == 0:
+                row["jit_cold"] = _run(_JIT, env, **fields)
+            row.update(jit_warm=_run(_JIT, env, **fields), export=_run(_EXPORT, env, **fields), package=_run(_PACKAGE, env, **fields))
             pkg = Path(fields["package"])
             row["package_bytes"] = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file()) if pkg.exists() else None
         rows.append(row)

@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity", type=int, default=2048, help="KV slots per attention site: prompt + new tokens at most (default 2048)")
     p.add_argument("--chunk", type=int, default=64, help="prefill tokens per step, a power of two >= 16 (default 64)")
     p.add_argument("--force", action="store_true", help="replace an existing package folder")
+    p.add_argument("--compile", choices=("auto", "aoti", "none"), default="auto",
+                   help="compile the step graphs with AOTInductor (aoti), or run them through torch.export's "
+                        "interpreter (none); auto: aoti on CUDA, none on CPU")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -31,10 +34,10 @@ def main(args: argparse.Namespace) -> int:
     dtype = model_dtype(args.dtype, device)
     config = load_config(args.config or _default_config_path())  # fail fast, before loading weights
     t0 = time.perf_counter()
-    print("[0/4] loading the model", flush=True)
+    print("[0/5] loading the model", flush=True)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     out = export_package(model, args.out, config=config, tokenizer=tokenizer, batch=args.max_batch, capacity=args.capacity,
-                         chunk=args.chunk, model_name=args.model or DEFAULT_MODEL_NAME, overwrite=args.force,
+                         chunk=args.chunk, model_name=args.model or DEFAULT_MODEL_NAME, overwrite=args.force, compile=args.compile,
                          progress=lambda line: print(line, flush=True))
     print(f"\npackage written to {out} in {time.perf_counter() - t0:.1f} s\n")
     print(describe_manifest(read_manifest(out)))

@@ -125,8 +125,7 @@ class Package:
         programs = {}
         with self._timed("programs"):
             for entry in self.manifest["programs"]:
-                module = torch.export.load(str(self.folder / entry["file"])).module()
-                programs[entry["tokens"]] = StepProgram(module, entry["inputs"], weights, constants, self.store)
+                programs[entry["tokens"]] = StepProgram(_load_program(self.folder, entry), entry["inputs"], weights, constants, self.store)
         self.chunk = self.manifest["shapes"]["chunk"]
         self.generator = PackageGenerator(self.store, programs, self.chunk)
         self._tokenizer = None
@@ -176,6 +175,16 @@ class Package:
         return describe_manifest(m)
 
 
+def _load_program(folder: Path, entry: dict):
+    """The callable for one step program: AOTInductor's compiled model where the package has
+    one, else torch.export's interpreter over the exported graph."""
+    if entry.get("runner") == "aoti":
+        from torch._inductor import aoti_load_package
+
+        return aoti_load_package(str(folder / entry["aoti_file"]))
+    return torch.export.load(str(folder / entry["file"])).module()
+
+
 def _import_op_modules(manifest: dict) -> None:
     """Import the modules that register the ops and attention variants the graphs call;
     only slimfx's own (a manifest never makes the loader import anything else)."""
@@ -196,6 +205,13 @@ def _built_device(folder: Path) -> str:
     return read_manifest(folder)["environment"]["device"]
 
 
+def _runner_text(program: dict) -> str:
+    if program.get("runner") == "aoti":
+        return "AOTInductor"
+    failed = program.get("aoti_failed")
+    return f"torch.export interpreter; AOTInductor failed: {failed}" if failed else "torch.export interpreter"
+
+
 def describe_manifest(m: dict) -> str:
     env, shapes = m["environment"], m["shapes"]
     total = sum(f["bytes"] for f in m["files"].values())
@@ -205,6 +221,7 @@ def describe_manifest(m: dict) -> str:
         + (f" (capability {env['capability'][0]}.{env['capability'][1]})" if env["capability"] else ""),
         f"shapes: batch {shapes['batch']}, KV capacity {shapes['capacity']}, prefill chunk {shapes['chunk']}",
         f"passes: {', '.join(m['passes']) or 'none'}",
+        "step programs: " + ", ".join(f"{p['tokens']} tokens ({_runner_text(p)})" for p in m["programs"]),
         f"KV sites: {len(m['store']['sites'])}, layouts: {', '.join(sorted({s['layout'] for s in m['store']['sites']}))}",
         f"files ({total / 2**20:.1f} MiB):",
     ]

@@ -69,6 +69,21 @@ def test_package_in_a_fresh_process_equals_the_jit_path(packages, model, ids, na
     assert not [m for m in imported if m.startswith("transformers.models")], imported  # no model code
 
 
+@pytest.mark.slow
+def test_an_aotinductor_package_equals_the_jit_path(tmp_path):
+    """AOTInductor compiles the step programs with slimfx's attention op left as a call into
+    the op; one layer keeps the C++ build short on CPU."""
+    model = lively_tiny(layers=1, seed=2)
+    ids = torch.randint(1, 128, (1, 19), generator=torch.Generator().manual_seed(3))
+    want = generate(model, ids, max_new_tokens=6, capacity=48, prefill_chunk=16, config=EVICT).tokens
+    pkg = export_package(model, tmp_path / "aoti", config=EVICT, batch=1, capacity=48, chunk=16, progress=lambda _: None,
+                         compile="aoti")
+    manifest = read_manifest(pkg)
+    assert [p.get("runner") for p in manifest["programs"]] == ["aoti", "aoti"], [p.get("aoti_failed") for p in manifest["programs"]]
+    assert {"programs/step_1.aoti.pt2", "programs/step_16.aoti.pt2"} <= set(manifest["files"])
+    assert torch.equal(load_package(pkg).generate(ids, max_new_tokens=6).tokens, want)
+
+
 def test_manifest_names_every_file_and_the_lossy_package_is_smaller(packages):
     manifest = read_manifest(packages["lossy"])
     assert set(manifest["files"]) == {"weights.safetensors", "constants.safetensors", "programs/step_1.pt2", "programs/step_16.pt2"}
