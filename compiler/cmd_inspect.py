@@ -72,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--tokens {args.tokens}: allowed: an integer >= 1")
     if args.model and _is_package(args.model):
         return _inspect_package(args.model)
+    plan = _read_plan(args.plan) if args.plan else None  # a bad file is refused before the model loads
     if args.tiny:
         model, make_inputs = _tiny(args.tiny)
         vocab = model.tok_embeddings.num_embeddings if args.tiny == "gptfast" else model.config.vocab_size
@@ -85,34 +86,42 @@ def main(args: argparse.Namespace) -> int:
     anatomy = analyze(capture_graph(model, *call_args, **call_kwargs))
     print(f"model: {name}")
     print(anatomy.table())
-    if args.plan:
+    if plan is not None:
         print()
-        print(_format_plan(args.plan, model, anatomy))
+        print(_format_plan(args.plan, plan, model, anatomy))
     return 0
 
 
-def _format_plan(path: str, model, anatomy) -> str:
-    """A bit-allocation, layer-skip or KV-sharing plan as text, by the kind the file
-    declares; a layer-skip or KV-sharing plan made for another model is refused."""
+def _plan_module(path: str):
+    """The module that reads and prints the plan at `path`, by the kind the file declares
+    (the bit-allocation plan's reader says what is wrong with a file that declares none)."""
     import json
     from pathlib import Path
 
     from slimfx.passes import layer_skip
-    from slimfx.passes._identity import check_plan_model, identity_of_model
     from slimfx.passes.kv_share import plan as share_plan
+    from slimfx.passes.quantize import plan as bit_plan
 
     try:
         kind = json.loads(Path(path).read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None  # the bit plan's reader says what is wrong with the file
-    if kind == share_plan.PLAN_KIND:
-        plan = _read(share_plan.read_plan, path)
-        check_plan_model(plan, identity_of_model(model, anatomy), f"--plan {path}", share_plan.WRITTEN_BY)
-        return share_plan.format_plan(plan)
-    if kind != layer_skip.PLAN_KIND:
-        from slimfx.passes.quantize import plan as bit_plan
+    except (OSError, ValueError, AttributeError, RecursionError):
+        kind = None
+    return {share_plan.PLAN_KIND: share_plan, layer_skip.PLAN_KIND: layer_skip}.get(kind, bit_plan)
 
-        return bit_plan.format_plan(bit_plan.read_plan(path))
-    plan = _read(layer_skip.read_plan, path)
-    check_plan_model(plan, identity_of_model(model, anatomy), f"--plan {path}")
-    return layer_skip.format_plan(plan)
+
+def _read_plan(path: str) -> dict:
+    return _read(_plan_module(path).read_plan, path)
+
+
+def _format_plan(path: str, plan: dict, model, anatomy) -> str:
+    """A bit-allocation, layer-skip or KV-sharing plan as text; a layer-skip or KV-sharing
+    plan made for another model is refused."""
+    from slimfx.passes._identity import check_plan_model, identity_of_model
+    from slimfx.passes.kv_share import plan as share_plan
+
+    module = _plan_module(path)
+    if module.__name__.endswith("quantize.plan"):
+        return module.format_plan(plan)
+    written_by = (share_plan.WRITTEN_BY,) if module is share_plan else ()
+    check_plan_model(plan, identity_of_model(model, anatomy), f"--plan {path}", *written_by)
+    return module.format_plan(plan)

@@ -42,9 +42,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args) -> str:
+    """Arguments checked before the model loads (seconds to minutes)."""
+    from slimfx.runtime.generate import GenerateError, check_generate_args
+
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: allowed: an integer >= 1")
+    try:
+        check_generate_args(args.max_new_tokens, 0, 16, 8, args.temperature, args.top_k, args.top_p)
+    except GenerateError as exc:  # named as the flag the user typed
+        flag, _, rest = str(exc).partition(":")
+        raise UsageError(f"--{flag.replace('_', '-')}:{rest}") from None
     return check_device(args.device)
+
+
+def check_kv_fits(model, tokens: int, device: str) -> None:
+    """A one-line UsageError when the KV cache for `tokens` cannot fit in the memory free
+    on `device`, before anything is allocated (a huge --max-new-tokens would otherwise
+    ask the allocator for tens of GB, or swap)."""
+    from slimfx.runtime.models import available_memory, kv_bytes_per_token
+
+    per_token, free = kv_bytes_per_token(model), available_memory(device)
+    if per_token is None or free is None:
+        return
+    need = per_token * tokens
+    if need > free:
+        raise UsageError(f"--max-new-tokens: the KV cache for {tokens} tokens needs {format_bytes(need)}, more than the "
+                         f"{format_bytes(free)} free on {device}; allowed: at most {max(0, free // per_token)} tokens "
+                         "of prompt and answer")
 
 
 def model_dtype(name: str | None, device: str) -> torch.dtype:
@@ -91,6 +115,7 @@ def main(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     clear_reports()
     input_ids = chat_input_ids(tokenizer, args.prompt).to(device)
+    check_kv_fits(model, input_ids.shape[1] + args.max_new_tokens, device)
     printer = None if args.no_stream else _Printer(tokenizer)
     tokens, stats = generate(
         model, input_ids, max_new_tokens=args.max_new_tokens, capacity=input_ids.shape[1] + args.max_new_tokens,

@@ -36,6 +36,8 @@ from typing import Any, Mapping
 
 import tomllib
 
+from slimfx.compiler.errors import echo
+
 
 class ConfigError(ValueError):
     """A configuration is malformed. The message is one line: key path, value, what is allowed."""
@@ -115,8 +117,11 @@ def _coerce_scalar(path: str, value: Any, type_: Any, allowed: str) -> Any:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    try:
+        text = repr(value)
+    except RecursionError:  # a value nested thousands deep
+        text = f"<{type(value).__name__} nested too deep to show>"
+    return echo(text, 60)
 
 
 def _bad(path: str, value: Any, allowed: str, suggestion: str | None = None) -> ConfigError:
@@ -125,7 +130,7 @@ def _bad(path: str, value: Any, allowed: str, suggestion: str | None = None) -> 
 
 
 def _nearest(word: Any, candidates) -> Any:
-    if not isinstance(word, str):
+    if not isinstance(word, str) or len(word) > 2 * MAX_KEY:  # nothing that long is a typo of a key
         return None
     hits = difflib.get_close_matches(word, [str(c) for c in candidates], n=1, cutoff=0.6)
     return hits[0] if hits else None
@@ -135,7 +140,7 @@ def _unknown_key(path: str, key: Any, allowed) -> ConfigError:
     allowed = sorted(allowed)
     near = _nearest(key, allowed)
     hint = f" (did you mean {near!r}?)" if near else ""
-    where = f"{path}.{key}" if path else str(key)
+    where = f"{path}.{echo(key)}" if path else echo(key)
     return ConfigError(f"{where}: unknown key; allowed: {', '.join(allowed) or '(none)'}{hint}")
 
 
@@ -181,19 +186,28 @@ COMPILE_SCHEMA: dict[str, Option] = {
 DEFAULT_PIPELINES: dict[str, list[str]] = {"default": ["fold_noop_casts"], "off": []}
 
 _LAYER_KEY = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+# Layer indices a selector may name, before the model is known (the pass that applies
+# an override checks it against the model's blocks); no decoder has near this many, and
+# the bound keeps "0-300000000" from becoming a 300M-element tuple.
+MAX_LAYER = 4095
+# Keys longer than this are echoed cut (errors stay one readable line).
+MAX_KEY = 64
 
 
 def parse_layer_selector(path: str, key: str) -> tuple[int, ...]:
     """'3' -> (3,), '0-3' -> (0, 1, 2, 3), '1,5,7-8' -> (1, 5, 7, 8)."""
     layers: list[int] = []
-    for part in key.split(","):
-        m = _LAYER_KEY.match(part)
+    for part in (key.split(",") if len(key) <= 16 * MAX_KEY else [key]):
+        m = _LAYER_KEY.match(part) if len(part) <= MAX_KEY else None
         if not m:
-            raise ConfigError(f"{path}.{key}: not a layer selector; allowed: an index '3', a range '0-3' or a list '1,5,7-8'")
+            raise ConfigError(f"{path}.{echo(key)}: not a layer selector; allowed: an index '3', a range '0-3' or a list '1,5,7-8'")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
-            raise ConfigError(f"{path}.{key}: range {lo}-{hi} is empty; allowed: 'a-b' with a <= b")
+            raise ConfigError(f"{path}.{echo(key)}: range {lo}-{hi} is empty; allowed: 'a-b' with a <= b")
+        if hi > MAX_LAYER:
+            raise ConfigError(f"{path}.{echo(key)}: layer {hi} is out of range; allowed: layer indices 0-{MAX_LAYER} "
+                              "(and only the model's own blocks)")
         layers.extend(range(lo, hi + 1))
     return tuple(layers)
 
@@ -272,7 +286,7 @@ def _validate_pipelines(raw: Any, known_passes) -> dict[str, list[str]]:
     raw = _require_table("pipelines", raw)
     pipelines = {k: list(v) for k, v in DEFAULT_PIPELINES.items()}
     for name, steps in raw.items():
-        path = f"pipelines.{name}"
+        path = f"pipelines.{echo(name)}"
         if not isinstance(steps, list):
             raise _bad(path, steps, "a list of pass names")
         for i, step in enumerate(steps):
@@ -290,7 +304,7 @@ def _validate_pass(name: str, raw: Any, schema: Mapping[str, Option]) -> PassCon
     overrides = {}
     for selector, table in _require_table(f"{path}.layers", layers_raw).items():
         parse_layer_selector(f"{path}.layers", selector)
-        overrides[selector] = validate_options(f"{path}.layers.{selector}", table, schema, fill_defaults=False, layer=True)
+        overrides[selector] = validate_options(f"{path}.layers.{echo(selector)}", table, schema, fill_defaults=False, layer=True)
     return PassConfig(name, options, overrides)
 
 
@@ -312,7 +326,7 @@ def validate_config(raw: Mapping, source: str = "<dict>") -> Config:
         passes[name] = _validate_pass(name, table, schemas[name])
     artifacts = {}
     for key, value in _require_table("artifacts", raw.get("artifacts", {})).items():
-        artifacts[key] = Option("path").validate(f"artifacts.{key}", value)
+        artifacts[key] = Option("path").validate(f"artifacts.{echo(key)}", value)
     return Config(compile_opts, pipelines, passes, artifacts, source)
 
 
@@ -326,14 +340,20 @@ def load_config(spec: Any = None) -> Config:
         return validate_config(spec, "<dict>")
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
+        where = f"config file {echo(repr(str(path)))}"
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r}: not found; allowed: a path to a .toml file or a dict")
+            what = "not a file" if path.exists() else "not found"
+            raise ConfigError(f"{where}: {what}; allowed: a path to a .toml file or a dict")
         try:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(path)!r}: not valid TOML ({exc})") from None
+            raise ConfigError(f"{where}: not valid TOML ({exc})") from None
         except UnicodeDecodeError:
-            raise ConfigError(f"config file {str(path)!r}: not UTF-8 text; allowed: a TOML file") from None
+            raise ConfigError(f"{where}: not UTF-8 text; allowed: a TOML file") from None
+        except RecursionError:
+            raise ConfigError(f"{where}: nested too deep to read; allowed: a configuration (a few tables deep)") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot be read ({exc.strerror or type(exc).__name__}); allowed: a readable TOML file") from None
         base = path.parent
         config = validate_config(raw, str(path))
         # Artifact paths in a file are relative to the file, so configs can travel with their artifacts.

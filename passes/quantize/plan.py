@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slimfx.compiler.artifacts import read_json_artifact
-from slimfx.compiler.errors import UsageError
+from slimfx.compiler.errors import UsageError, echo
 
 PLAN_KIND = "slimfx.bit_allocation"
 PLAN_VERSION = 1
@@ -32,8 +32,38 @@ def read_plan(path) -> dict:
     if not isinstance(formats, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in formats.items()):
         raise UsageError(f"plan {str(path)!r}: 'formats' must map weight paths to format specs")
     for key, spec in formats.items():
-        parse_spec(spec, f"plan {path.name}: formats[{key!r}]")
+        parse_spec(spec, f"plan {path.name}: formats[{echo(repr(key))}]")
+    problem = _description_problem(plan)
+    if problem:
+        raise UsageError(f"plan {echo(repr(str(path)))}: {problem}; allowed: a plan as `slimfx calibrate bits` writes it")
     return plan
+
+
+_TOTALS = ("linear_bytes", "linear_bytes_unquantized", "kv_bytes", "cost", "exact", "unit_bytes")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _description_problem(plan: dict) -> str | None:
+    """What is wrong with the fields that describe how the plan was made (format_plan
+    prints them; the pass reads only 'formats'), or None. Each is optional."""
+    linears = plan.get("linears", {})
+    if not isinstance(linears, dict):
+        return "'linears' is not a table"
+    for key, entry in linears.items():
+        opts = entry.get("options") if isinstance(entry, dict) else None
+        chosen = opts.get(entry.get("format")) if isinstance(opts, dict) and isinstance(entry.get("format"), str) else None
+        if not (isinstance(chosen, dict) and _number(chosen.get("bytes")) and _number(chosen.get("cost"))):
+            return f"linears[{echo(repr(key))}] lacks its format's bytes and cost"
+    totals = plan.get("totals")
+    if totals is not None and not (isinstance(totals, dict) and all(k in totals for k in _TOTALS)):
+        return f"'totals' lacks one of {', '.join(_TOTALS)}"
+    budget = plan.get("budget")
+    if totals is not None and not (isinstance(budget, dict) and _number(budget.get("bytes"))):
+        return "'budget' lacks 'bytes'"
+    return None
 
 
 def format_plan(plan: dict) -> str:
@@ -42,12 +72,18 @@ def format_plan(plan: dict) -> str:
     from slimfx.compiler.tables import format_table
 
     rows = []
-    for path, entry in plan.get("linears", {}).items():
+    linears = plan.get("linears") or {key: None for key in plan["formats"]}  # a hand-written plan has formats only
+    for path, entry in linears.items():
+        if entry is None:
+            rows.append(["-", "?", path, plan["formats"][path], "-", "-"])
+            continue
         opt = entry["options"][entry["format"]]
         rows.append([entry.get("block", "-") if entry.get("block") is not None else "-", entry.get("role", "?"), path,
                      entry["format"], format_bytes(opt["bytes"]), f"{opt['cost']:.2e}"])
     table = format_table(["block", "role", "weight", "format", "bytes", "output error"], rows)
-    t = plan["totals"]
+    t = plan.get("totals")
+    if t is None:
+        return table
     return table + (
         f"\nlinears {format_bytes(t['linear_bytes'])} of {format_bytes(t['linear_bytes_unquantized'])} unquantized; "
         f"KV {format_bytes(t['kv_bytes'])}; budget {format_bytes(plan['budget']['bytes'])}; "

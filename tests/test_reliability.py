@@ -1,0 +1,270 @@
+"""Bad input is one line: models given to `slimfx run --model`, sampling arguments,
+token budgets, configuration files and plans are refused with exit 2 and one line on
+stderr (a slimfx error for Python callers), before anything large is loaded or allocated."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimfx.compiler.cli import main
+from slimfx.compiler.config import ConfigError, load_config, validate_config
+
+
+def write_tiny_checkpoint(folder: Path) -> Path:
+    """A tiny random-weight Llama as an HF folder (safetensors) with a character-level
+    tokenizer, so `slimfx run --model FOLDER` runs in seconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from slimfx.runtime.models import tiny_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tiny_model("llama_untied")
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    model.save_pretrained(folder)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 157) if c - 29 < 128}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def one_line_error(capsys, argv, *needles) -> str:
+    """Runs the CLI; asserts exit 2 and exactly one stderr line holding every needle."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("slimfx: "), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _copy(checkpoint: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(checkpoint, tmp_path / "copy"))
+
+
+def _edit_tensor(folder: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _broken_config(folder):
+    (folder / "config.json").write_text("{ not json")
+
+
+def _truncated_weights(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _wrong_shape(folder):
+    _edit_tensor(folder, lambda t: t.update({Q: t[Q][:32].contiguous()}))
+
+
+def _nan_weight(folder):
+    _edit_tensor(folder, lambda t: t[Q].__setitem__((0, 0), float("nan")))
+
+
+def _missing_weight(folder):
+    _edit_tensor(folder, lambda t: t.pop(Q))
+
+
+def _extra_layer(folder):  # weights of a layer the config lacks (a checkpoint edited to fewer layers)
+    _edit_tensor(folder, lambda t: t.update({Q.replace("layers.0", "layers.7"): t[Q].clone()}))
+
+
+BROKEN_CHECKPOINTS = {
+    "broken-config-json": (_broken_config, "not a valid JSON"),
+    "truncated-safetensors": (_truncated_weights, "cannot be loaded"),
+    "wrong-shape": (_wrong_shape, f"{Q} [32, 64] vs [64, 64]"),
+    "nan-weight": (_nan_weight, f"weight {Q} holds NaN"),
+    "missing-weight": (_missing_weight, "the files lack"),
+    "extra-layer": (_extra_layer, "no place for"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BROKEN_CHECKPOINTS))
+def test_broken_checkpoint_is_one_line(checkpoint, tmp_path, capsys, fault):
+    folder = _copy(checkpoint, tmp_path)
+    breaks, needle = BROKEN_CHECKPOINTS[fault]
+    breaks(folder)
+    one_line_error(capsys, ["run", "--model", str(folder), "--max-new-tokens", "2"], f"--model {folder}", needle)
+
+
+def _gguf_head(n: int) -> bytes:
+    from slimfx.runtime.models import default_model_source
+
+    src = default_model_source()
+    with open(src.folder / src.gguf_file, "rb") as f:
+        return f.read(n)
+
+
+BROKEN_GGUFS = {
+    "empty": lambda: b"",
+    "random": lambda: os.urandom(4096),
+    "truncated": lambda: _gguf_head(2_000_000),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BROKEN_GGUFS))
+def test_broken_gguf_is_one_line(tmp_path, capsys, fault):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(BROKEN_GGUFS[fault]())
+    one_line_error(capsys, ["run", "--model", str(path)], f"--model {path}: cannot be loaded")
+
+
+def test_good_checkpoint_runs(checkpoint, capsys):
+    assert main(["run", "--model", str(checkpoint), "--max-new-tokens", "3", "--prompt", "hi", "--no-stream"]) == 0
+    assert "graphs compiled" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- run arguments
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--temperature", "-1", "--temperature: got -1.0"),
+    ("--temperature", "nan", "--temperature: got nan"),
+    ("--temperature", "inf", "--temperature: got inf"),
+    ("--top-p", "0", "--top-p: got 0.0"),
+    ("--top-p", "nan", "--top-p: got nan"),
+    ("--top-k", "-3", "--top-k: got -3"),
+])
+def test_sampling_arguments_are_checked_before_the_model_loads(capsys, flag, value, needle):
+    # The model named does not exist: the sampling argument is refused first.
+    one_line_error(capsys, ["run", "--model", "/no/such/model", flag, value], needle, "allowed:")
+
+
+def test_huge_token_budget_is_refused_before_allocating(checkpoint, capsys, monkeypatch):
+    from slimfx.runtime import models
+
+    monkeypatch.setattr(models, "available_memory", lambda device: 1 << 20)  # 1 MiB free
+    # 512 B of KV per token: 10,000 tokens need 4.9 MiB.
+    one_line_error(capsys, ["run", "--model", str(checkpoint), "--max-new-tokens", "10000"],
+                   "--max-new-tokens: the KV cache for", "more than the 1.00 MiB free", "allowed: at most 2048 tokens")
+
+
+def test_kv_bytes_per_token_counts_every_layer():
+    from slimfx.runtime.models import kv_bytes_per_token, tiny_model
+
+    assert kv_bytes_per_token(tiny_model("llama_gqa", layers=3)) == 2 * 3 * 2 * 16 * 4  # K and V, layers, kv heads, head dim, fp32
+
+
+# ----------------------------------------------------------------------------- configuration files
+
+
+def test_deeply_nested_toml_is_one_line(tmp_path, capsys):
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    one_line_error(capsys, ["config", str(path)], "nested too deep")
+
+
+def test_deeply_nested_dict_is_one_line():
+    value: list = []
+    for _ in range(5000):
+        value = [value]
+    with pytest.raises(ConfigError, match="nested too deep to show"):
+        validate_config({"compile": {"codegen": value}})
+
+
+def test_unreadable_config_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.toml"
+    path.write_text("[compile]\n")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)  # root reads a mode-000 file anyway
+    with pytest.raises(ConfigError, match=r"cannot be read \(Permission denied\)"):
+        load_config(path)
+
+
+def test_config_folder_is_not_a_file(tmp_path):
+    with pytest.raises(ConfigError, match="not a file"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("selector", ["0-300000000", "5000", "1,2,4096"])
+def test_huge_layer_ranges_are_refused_at_once(selector):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="out of range; allowed: layer indices 0-4095"):
+        validate_config({"passes": {"kv_eviction": {"layers": {selector: {"budget": 64}}}}})
+    assert time.perf_counter() - start < 1.0
+
+
+def test_echoed_keys_are_escaped_and_cut(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text('[passes.kv_eviction]\n"bud\\u001b[31mget\\nx" = 3\n"' + "k" * 100_000 + '" = 4\n')
+    err = one_line_error(capsys, ["config", str(path)], "bud\\x1b[31mget\\nx: unknown key")
+    assert "\x1b" not in err
+    with pytest.raises(ConfigError) as info:
+        validate_config({"artifacts": {"k" * 100_000: 3}})
+    assert len(str(info.value)) < 200 and "kkk..." in str(info.value)
+
+
+# ----------------------------------------------------------------------------- inspect --plan
+
+
+def _plan_text(tmp_path) -> dict:
+    return {"kind": "slimfx.bit_allocation", "version": 1, "formats": {"model.layers.0.mlp.up_proj.weight": "int8"},
+            "linears": {"model.layers.0.mlp.up_proj.weight": {"format": "int8", "options": {"int8": {"bytes": 10, "cost": 0.1}}}},
+            "totals": {"linear_bytes": 10, "linear_bytes_unquantized": 20, "kv_bytes": 0, "cost": 0.1, "exact": True,
+                       "unit_bytes": 1},
+            "budget": {"bytes": 10}}
+
+
+PLAN_FAULTS = {
+    "binary": (lambda p: os.urandom(300), "not valid JSON"),
+    "no-formats": (lambda p: {k: v for k, v in p.items() if k != "formats"}, "'formats' must map"),
+    "no-cost": (lambda p: {**p, "linears": {k: {"format": "int8", "options": {"int8": {"bytes": 10}}} for k in p["linears"]}},
+                "lacks its format's bytes and cost"),
+    "no-totals-field": (lambda p: {**p, "totals": {"cost": 1.0}}, "'totals' lacks one of"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(PLAN_FAULTS))
+def test_inspect_bad_plan_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, fault):
+    import json
+
+    from slimfx.runtime import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded before the plan was checked")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    corrupt, needle = PLAN_FAULTS[fault]
+    value = corrupt(_plan_text(tmp_path))
+    path = tmp_path / "plan.json"
+    path.write_bytes(value if isinstance(value, bytes) else json.dumps(value).encode())
+    one_line_error(capsys, ["inspect", "--plan", str(path)], needle)
+
+
+def test_inspect_prints_a_plan_with_formats_only(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"kind": "slimfx.bit_allocation", "version": 1,
+                                "formats": {"model.layers.0.mlp.up_proj.weight": "int8"}}))
+    assert main(["inspect", "--tiny", "llama_untied", "--plan", str(path)]) == 0
+    assert "model.layers.0.mlp.up_proj.weight" in capsys.readouterr().out
