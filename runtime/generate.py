@@ -282,11 +282,22 @@ _KEEP_PER_MODEL = 4
 _CODEGENS = ("auto", "eager", "inductor", "slimfx")  # generators (stores + compiled graphs) kept per model, least recently used dropped
 
 
+def _config_key(config) -> str | None:
+    """The configuration as loaded (a TOML path, its dict and its Config are one key), so
+    the ways into the runtime (slimfx.runtime.generate, a routed HF generate, slimfx run)
+    share one generator and its compiled graphs."""
+    if config is None:
+        return None
+    from slimfx.compiler.config import load_config
+
+    return repr(load_config(config).to_dict())
+
+
 def get_generator(model, batch: int, capacity: int, *, capacities: dict | None = None, config=None, codegen: str = "auto") -> Generator:
     """The cached Generator of `model` for this shape, built (and compiled lazily) on first use."""
     if codegen not in _CODEGENS:
         raise GenerateError(f"codegen: got {codegen!r}; allowed: {', '.join(_CODEGENS)}")
-    key = (batch, capacity, tuple(sorted((capacities or {}).items())), repr(config), codegen)
+    key = (batch, capacity, tuple(sorted((capacities or {}).items())), _config_key(config), codegen)
     cache = _GENERATORS.setdefault(model, OrderedDict())
     gen = cache.pop(key, None) or Generator(model, batch, capacity, capacities=capacities, config=config, codegen=codegen)
     cache[key] = gen
