@@ -24,11 +24,14 @@ from tests.test_runtime_generate import lively_tiny
 ROOT = Path(__file__).resolve().parents[1]
 EVICT = {"pipelines": {"p": ["kv_eviction", "quantize"]}, "compile": {"pipeline": "p"},
          "passes": {"kv_eviction": {"policy": "h2o", "budget": 24, "n_sink": 2, "window": 4}, "quantize": {"format": "int8"}}}
+# Every pass that changes what a package holds: a KV-sharing reader, a removed block, evicted and quantized.
+LOSSY = {"pipelines": {"p": ["kv_share", "layer_skip", "kv_eviction", "quantize"]}, "compile": {"pipeline": "p"},
+         "passes": {**EVICT["passes"], "kv_share": {"map": "2:1"}, "layer_skip": {"blocks": [3]}}}
 
 
 @pytest.fixture(scope="module")
 def model():
-    return lively_tiny(layers=3, seed=1)
+    return lively_tiny(layers=4, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def ids():
 def packages(model, tmp_path_factory):
     root = tmp_path_factory.mktemp("packages")
     return {name: export_package(model, root / name, config=cfg, batch=2, capacity=96, chunk=16, progress=lambda _: None)
-            for name, cfg in (("plain", None), ("lossy", EVICT))}
+            for name, cfg in (("plain", None), ("lossy", LOSSY))}
 
 
 def _fresh_process_tokens(package: Path, ids: torch.Tensor) -> tuple[list, list]:
@@ -61,7 +64,7 @@ def _fresh_process_tokens(package: Path, ids: torch.Tensor) -> tuple[list, list]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name, config", [("plain", None), ("lossy", EVICT)])
+@pytest.mark.parametrize("name, config", [("plain", None), ("lossy", LOSSY)])
 def test_package_in_a_fresh_process_equals_the_jit_path(packages, model, ids, name, config):
     want = generate(model, ids, max_new_tokens=10, capacity=96, prefill_chunk=16, config=config).tokens
     tokens, imported = _fresh_process_tokens(packages[name], ids)
@@ -87,8 +90,11 @@ def test_an_aotinductor_package_equals_the_jit_path(tmp_path):
 def test_manifest_names_every_file_and_the_lossy_package_is_smaller(packages):
     manifest = read_manifest(packages["lossy"])
     assert set(manifest["files"]) == {"weights.safetensors", "constants.safetensors", "programs/step_1.pt2", "programs/step_16.pt2"}
-    assert manifest["passes"] == ["kv_eviction", "quantize"] and manifest["shapes"] == {"batch": 2, "capacity": 96, "chunk": 16}
-    assert {s["layout"] for s in manifest["store"]["sites"]} == {"evict/h2o/2/4/0.0/0"}
+    assert manifest["passes"] == ["kv_share", "layer_skip", "kv_eviction", "quantize"]
+    assert manifest["shapes"] == {"batch": 2, "capacity": 96, "chunk": 16}
+    # Block 3 is gone with its site; block 2 reads block 1's evicted store.
+    assert {s["index"]: s["layout"] for s in manifest["store"]["sites"]} == {
+        0: "evict/h2o/2/4/0.0/0", 1: "evict/h2o/2/4/0.0/0", 2: "read/evict/h2o/2/4/0.0/0"}
     plain = read_manifest(packages["plain"])
     # int8 weights: the float weights of the quantized linears are not in the package.
     weights = lambda m: m["files"]["weights.safetensors"]["bytes"] + m["files"]["constants.safetensors"]["bytes"]
