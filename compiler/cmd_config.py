@@ -17,6 +17,7 @@ def main(args: argparse.Namespace) -> int:
         print(describe_schema())
         return 0
     config = load_config(args.file)
+    config.check_artifact_files()
     print(f"{args.file}: valid; pipeline '{config.compile['pipeline']}' = {config.pipeline}")
     print(to_toml(config.to_dict()))
     return 0

@@ -257,6 +257,22 @@ class Config:
             raise ConfigError(f"artifacts.{key}: missing; a pass needs it (allowed keys: any name, value a file path)")
         return Path(self.artifacts[key])
 
+    def check_artifact_files(self) -> None:
+        """ConfigError unless every [artifacts] file an option of a pass in the pipeline
+        names (by its key) is an existing file: `slimfx config` and `slimfx run` find a
+        missing calibration file before any model loads. Whether its contents fit the
+        model is checked when the pass runs."""
+        for name in self.pipeline:
+            pc = self.pass_config(name)
+            for table, where in [(pc.options, f"passes.{name}")] + [(o, f"passes.{name}.layers.{echo(sel)}")
+                                                                     for sel, o in pc.layer_overrides.items()]:
+                for key, value in table.items():
+                    if isinstance(value, str) and value in self.artifacts and not Path(self.artifacts[value]).is_file():
+                        what = "a folder" if Path(self.artifacts[value]).exists() else "not found"
+                        raise ConfigError(f"artifacts.{echo(value)}: {echo(repr(self.artifacts[value]), 200)} is {what} "
+                                          f"({where}.{key} names it); allowed: an existing file (the configuration's "
+                                          "comments say which `slimfx calibrate` command writes it)")
+
     def to_dict(self) -> dict:
         passes = {}
         for name, pc in self.passes.items():
