@@ -176,9 +176,9 @@ def _print_stats(args, device, dtype, load_s, input_ids, tokens, tokenizer, stat
         ["CUDA graph", "yes" if stats.get("cuda_graph") else "no"],
         ["graphs compiled", len(reports())],
     ]))
-    if reports():
+    for report in reports():  # every graph: the prefill chunk's notes differ from the decode step's
         print()
-        print(reports()[-1].format())
+        print(report.format())
     sys.stdout.flush()
 
 

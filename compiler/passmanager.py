@@ -43,14 +43,24 @@ class PassResult:
         return cls(name, applied=False, notes=[why])
 
     def summary(self) -> str:
+        notes = "; ".join(collapse_repeats(self.notes))
         if not self.applied:
-            return "skipped: " + ("; ".join(self.notes) or "nothing to do")
+            return "skipped: " + (notes or "nothing to do")
         text = f"{self.sites_matched} sites, {self.nodes_rewritten} nodes rewritten"
         if self.bytes_saved:
             text += f", {format_bytes(self.bytes_saved)} saved"
-        if self.notes:
-            text += "; " + "; ".join(self.notes)
+        if notes:
+            text += "; " + notes
         return text
+
+
+def collapse_repeats(notes: list[str]) -> list[str]:
+    """Each distinct note once, in first-seen order, with its count when it repeats (a
+    pass that notes the same thing for every layer says it once: "... (x30)")."""
+    counts: dict[str, int] = {}
+    for note in notes:
+        counts[note] = counts.get(note, 0) + 1
+    return [note if n == 1 else f"{note} (x{n})" for note, n in counts.items()]
 
 
 def format_bytes(n: float) -> str:

@@ -16,9 +16,10 @@ from slimfx.compiler.config import load_config
 from slimfx.compiler.pipeline import run_pipeline
 
 
-def _fx_code(gm, example_inputs, codegen: str):
-    """The rewritten graph as its FX code; runtime_backend lowers it afterwards."""
-    return gm.forward, "eager"
+def _fx_code(lowered_by: str):
+    """The rewritten graph as its FX code; runtime_backend lowers it afterwards with
+    `lowered_by`, the name the graph's report gives."""
+    return lambda gm, example_inputs, codegen: (gm.forward, lowered_by)
 
 
 def runtime_backend(config: dict, codegen: str, on_graph=None):
@@ -28,7 +29,7 @@ def runtime_backend(config: dict, codegen: str, on_graph=None):
 
     def backend(gm, example_inputs, **_):
         start = time.perf_counter()
-        forward = run_pipeline(gm, example_inputs, load_config(config), _fx_code, start=start)
+        forward = run_pipeline(gm, example_inputs, load_config(config), _fx_code(codegen), start=start)
         if on_graph is not None:
             on_graph(gm, example_inputs)
         if codegen == "eager":

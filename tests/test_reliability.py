@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.fx
 
 from slimfx.compiler.cli import main
 from slimfx.compiler.config import ConfigError, load_config, validate_config
@@ -133,9 +134,28 @@ def test_broken_gguf_is_one_line(tmp_path, capsys, fault):
     one_line_error(capsys, ["run", "--model", str(path)], f"--model {path}: cannot be loaded")
 
 
-def test_good_checkpoint_runs(checkpoint, capsys):
+def test_good_checkpoint_runs_and_reports_every_graph_once(checkpoint, capsys):
     assert main(["run", "--model", str(checkpoint), "--max-new-tokens", "3", "--prompt", "hi", "--no-stream"]) == 0
-    assert "graphs compiled" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    compiled = int(out.split("graphs compiled")[1].split()[0])
+    assert compiled == 2  # the prefill chunk and the decode step
+    for graph in range(compiled):
+        assert out.count(f"graph {graph}: ") == 1, out
+
+
+def test_runtime_reports_name_the_codegen_that_lowers_the_graph():
+    from slimfx.runtime.lowering import _fx_code
+
+    gm = torch.fx.symbolic_trace(torch.nn.Identity())
+    for codegen in ("eager", "inductor", "slimfx"):
+        assert _fx_code(codegen)(gm, [], "eager")[1] == codegen
+
+
+def test_a_note_repeated_per_layer_is_said_once():
+    from slimfx.compiler.passmanager import PassResult
+
+    result = PassResult("p", applied=False, notes=["no site has a cache"] * 30 + ["layer 3: kept"])
+    assert result.summary() == "skipped: no site has a cache (x30); layer 3: kept"
 
 
 # ----------------------------------------------------------------------------- run arguments
