@@ -38,27 +38,30 @@ class StepGraphs:
         self.calls: dict = {}
         self.graphs: dict = {}
 
-    def run(self, key, step) -> None:
+    def run(self, key, step) -> bool:
+        """Run `step` once; True when it ran warm (replayed; without graphs: after its WARM
+        first calls, which compile)."""
         graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
-            return
+            return True
         calls = self.calls[key] = self.calls.get(key, 0) + 1
         if not self.use_graph:
             step()
-            return
+            return calls > self.WARM
         if calls <= self.WARM:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 step()
             torch.cuda.current_stream().wait_stream(side)
-            return
+            return False
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
         self.graphs[key] = graph
         graph.replay()
+        return False
 
 
 def _check_rollback(store, needed: int) -> None:
@@ -82,7 +85,8 @@ def generate_skipping(model, input_ids, *, max_new_tokens: int, min_new_tokens: 
     """slimfx.runtime.generate for a config running layer_skip in mode speculative or schedule
     (arguments checked by the caller). Stats as the plain loop's plus, speculative: rounds,
     drafted, accepted, acceptance_rate, draft_lengths {k: rounds}, tokens_per_round,
-    draft_cost; schedule: tokens_per_level."""
+    draft_cost, and ms_per_round / ms_per_token over the rounds that ran warm (timed_rounds:
+    no compile, warm-up or graph capture in them); schedule: tokens_per_level."""
     from slimfx.compiler.pipeline import specialise
 
     mode, opts = skip_mode(config)
@@ -118,17 +122,18 @@ def generate_skipping(model, input_ids, *, max_new_tokens: int, min_new_tokens: 
         logits = gen.prefill(input_ids, lengths, prefill_chunk)
         if mode == "speculative":
             _check_rollback(gen.store, needed)
-            draft = variants.get("draft", removing_config(config))
+            draft_config = removing_config(config)
+            draft = variants.get("draft", draft_config)
             verify = variants.get("verify", full_config(config), all_logits=True)
             loop = SpeculativeLoop(gen, draft, verify, longest=opts["draft_length"], adaptive=opts["adaptive_draft"],
                                    sampling=sampling, eos=eos, pad_id=pad_token_id, max_new=max_new_tokens,
                                    min_new=min_new_tokens, vocab=logits.shape[-1], steps=steps,
-                                   cost=lambda: variants.kept_fraction("draft"))
+                                   cost=lambda: variants.kept_fraction("draft", draft_config))
             loop.emit_first(logits)
         else:
             gen._emit(sample_next(gen.hold_eos(logits, eos), *sampling), eos, pad_token_id)
             levels = opts["schedule_levels"]
-            fns = [gen.step_fn] + [variants.get(("level", j), removing_config(config, j)) for j in range(1, levels)]
+            fns = [gen.step_fn] + [variants.get("level", removing_config(config, j)) for j in range(1, levels)]
             loop = ScheduleLoop(gen, fns, tokens=opts["schedule_tokens"], sampling=sampling, eos=eos, pad_id=pad_token_id,
                                 steps=steps)
         sync_device(device)
@@ -137,13 +142,17 @@ def generate_skipping(model, input_ids, *, max_new_tokens: int, min_new_tokens: 
         if mode == "speculative":
             stats = loop.run(callback)
             tokens = loop.tokens(pad_token_id)
-            stats.update(tokens_per_round=(max_new_tokens - 1) / max(1, stats["rounds"]), draft_cost=variants.kept_fraction("draft"))
+            stats.update(tokens_per_round=(max_new_tokens - 1) / max(1, stats["rounds"]),
+                         draft_cost=variants.kept_fraction("draft", draft_config))
         else:
             loop.run(max_new_tokens, callback, stream_interval)
             tokens, stats = gen.out.cpu(), {"tokens_per_level": loop.per_level}
         sync_device(device)
         decode_s = time.perf_counter() - t1
-    stats.update(mode=mode, prefill_s=t_prefill, decode_s=decode_s, ms_per_token=1e3 * decode_s / max(1, max_new_tokens - 1),
+    stats.setdefault("ms_per_token", 1e3 * decode_s / max(1, max_new_tokens - 1))
+    # The plain loop's keys, so callers timing it (slimfx bench) read these loops alike.
+    stats.update(ms_per_step=stats["ms_per_token"], warmup_s=0.0, decode_steps=max_new_tokens - 1)
+    stats.update(mode=mode, prefill_s=t_prefill, decode_s=decode_s,
                  tokens_per_s=B * (max_new_tokens - 1) / decode_s if decode_s > 0 else float("nan"),
                  kv_bytes=gen.store.nbytes(), cuda_graph=use_graph, new_tokens=max_new_tokens, batch=B, codegen=gen.codegen)
     return GenerateOutput(tokens, stats)

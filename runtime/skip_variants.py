@@ -47,6 +47,7 @@ def full_config(config) -> dict:
     raw = load_config(config).to_dict()
     name = raw["compile"]["pipeline"]
     raw["pipelines"][name] = [p for p in raw["pipelines"][name] if p != SKIP_PASS]
+    raw["passes"].pop(SKIP_PASS, None)  # configs differing only in what they skip share one generator
     return raw
 
 
@@ -55,7 +56,10 @@ def removing_config(config, level: int = -1) -> dict:
     from slimfx.compiler.config import load_config
 
     raw = copy.deepcopy(load_config(config).to_dict())
-    raw["passes"][SKIP_PASS].update(mode="remove", schedule_level=level)
+    options = raw["passes"][SKIP_PASS]
+    for loop_only in ("draft_length", "adaptive_draft", "schedule_tokens"):  # the loop's, not the graph's: one graph for all
+        options.pop(loop_only, None)
+    options.update(mode="remove", schedule_level=level)
     return raw
 
 
@@ -84,8 +88,9 @@ class Variants:
         self.removed: dict = {}  # key -> weight paths its graph no longer reads
 
     def get(self, key, config: dict, all_logits: bool = False):
-        """The function compiled for `config`, under `key`; all_logits: logits of every token
-        ([B, T, V]) instead of the last one ([B, V])."""
+        """The function compiled for `config`, under (key, config); all_logits: logits of every
+        token ([B, T, V]) instead of the last one ([B, V])."""
+        key = (key, repr(config))
         fn = self.fns.get(key)
         if fn is None:
             from slimfx.runtime.generate import _runtime_config
@@ -99,7 +104,7 @@ class Variants:
             self.fns[key] = fn
         return fn
 
-    def kept_fraction(self, key) -> float:
+    def kept_fraction(self, key, config: dict) -> float:
         """Share of the weight bytes a step reads that graph `key` still reads (the memory-
         bound cost model of passes/layer_skip: every 2-D weight of the blocks and the LM head
         read once per step; the input embedding only when the head shares it). 1 until the
@@ -110,7 +115,7 @@ class Variants:
         tied = head is not None and emb is not None and head.weight is emb.weight
         sizes = {n: p.numel() * p.element_size() for n, p in model.named_parameters()
                  if p.dim() == 2 and (tied or emb is None or p is not emb.weight)}
-        gone = sum(sizes.get(w, 0) for w in self.removed.get(key, ()))
+        gone = sum(sizes.get(w, 0) for w in self.removed.get((key, repr(config)), ()))
         return 1 - gone / max(1, sum(sizes.values()))
 
 

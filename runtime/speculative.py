@@ -41,6 +41,8 @@ k in 1..K that maximises that ratio (adaptive_draft = false: always K).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from slimfx.runtime.generate import argmax_last, draw, sampling_probs
@@ -192,11 +194,19 @@ class SpeculativeLoop:
     def run(self, callback=None) -> dict:
         rate, drafted_w, kept_w = 0.0, 0.0, 0.0
         before = torch.zeros(2, dtype=torch.int64)
-        streamed = 0
+        streamed, warm, last_out = 0, False, 0
+        timed = {"rounds": 0, "s": 0.0, "tokens": 0}  # rounds that ran warm: no compile, warm-up or capture
+        clock = time.perf_counter()
         while True:
             state = torch.cat([self.n_out, self.done.long(), self.counts]).cpu()  # the one sync per round
             B = self.store.batch
             n_out, done, counts = state[:B], state[B:2 * B].bool(), state[2 * B:]
+            now = time.perf_counter()
+            if warm:
+                timed["rounds"] += 1
+                timed["s"] += now - clock
+                timed["tokens"] += int(n_out.sum()) - last_out
+            clock, last_out = now, int(n_out.sum())
             if callback is not None and int(n_out.min()) > streamed:
                 upto = min(int(n_out.min()), self.max_new)
                 callback(self.out[:, streamed:upto].cpu(), streamed)
@@ -212,18 +222,21 @@ class SpeculativeLoop:
             left = int((self.max_new - n_out[~done]).max())
             k = best_draft_length(rate, self.cost(), self.K) if self.adaptive and self.rounds else self.K
             k = max(0, min(k, left - 1))
-            for _ in range(k):
-                self.steps.run("draft", self.draft_step)
+            warm = all([self.steps.run("draft", self.draft_step) for _ in range(k)])
             self.k.fill_(k)
-            self.steps.run("verify", self.verify_step)
+            warm = self.steps.run("verify", self.verify_step) and warm
             self.lengths[k] = self.lengths.get(k, 0) + 1
             self.rounds += 1
         if callback is not None and streamed < self.max_new:
             callback(self.out[:, streamed:self.max_new].cpu(), streamed)
         drafted, kept = (int(c) for c in before)
+        per_seq = timed["tokens"] / self.store.batch
         return {"rounds": self.rounds, "drafted": drafted, "accepted": kept,
                 "acceptance_rate": kept / drafted if drafted else float("nan"),
-                "draft_lengths": dict(sorted(self.lengths.items()))}
+                "draft_lengths": dict(sorted(self.lengths.items())), "timed_rounds": timed["rounds"],
+                "timed_s": timed["s"], "timed_tokens": timed["tokens"],
+                "ms_per_round": 1e3 * timed["s"] / timed["rounds"] if timed["rounds"] else float("nan"),
+                "ms_per_token": 1e3 * timed["s"] / per_seq if per_seq else float("nan")}
 
     def tokens(self, pad_id: int) -> torch.Tensor:
         """[B, max_new] on CPU; after a sequence's first EOS, pad_id."""
