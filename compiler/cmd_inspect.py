@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", metavar="PATH", help="also print a plan: bit allocation (slimfx calibrate bits: format and bytes per linear) "
                                                  "or layer skipping (slimfx calibrate skip: which blocks it removes) "
                                                  "or KV sharing (slimfx calibrate share: which layers read which)")
+    p.add_argument("--config", metavar="TOML", help="also print the layer -> owner KV-sharing map the configuration's kv_share section gives this model")
 
 
 def _is_package(path: str) -> bool:
@@ -66,6 +67,7 @@ def _read(reader, path) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     from slimfx.compiler.anatomy import analyze, capture_graph
+    from slimfx.compiler.config import load_config
     from slimfx.runtime.models import load_model
 
     if args.tokens < 1:
@@ -73,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
     if args.model and _is_package(args.model):
         return _inspect_package(args.model)
     plan = _read_plan(args.plan) if args.plan else None  # a bad file is refused before the model loads
+    config = load_config(args.config) if args.config else None
     if args.tiny:
         model, make_inputs = _tiny(args.tiny)
         vocab = model.tok_embeddings.num_embeddings if args.tiny == "gptfast" else model.config.vocab_size
@@ -89,6 +92,11 @@ def main(args: argparse.Namespace) -> int:
     if plan is not None:
         print()
         print(_format_plan(args.plan, plan, model, anatomy))
+    if config is not None:
+        from slimfx.passes.kv_share import describe_config
+
+        print()
+        print(describe_config(config, model, anatomy))
     return 0
 
 

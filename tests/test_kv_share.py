@@ -208,14 +208,20 @@ def test_kvsharer_calibration_writes_a_plan_the_pass_applies(model, ids, tmp_pat
     assert torch.equal(tokens, greedy(model, ids, 6, pairs))
     # `slimfx inspect --plan` shows it, for this model only.
     from slimfx.compiler.anatomy import analyze
-    from slimfx.compiler.cmd_inspect import _format_plan
+    from slimfx.compiler.cmd_inspect import _format_plan, _read_plan
 
     anatomy = analyze(capture_graph(model, input_ids=ids[:1], use_cache=False))
-    shown = _format_plan(str(path), model, anatomy)
+    shown = _format_plan(str(path), _read_plan(str(path)), model, anatomy)
     assert shown.startswith(f"KV-sharing plan (kvsharer): 2 of {LAYERS} layers read another's KV: ")
     other = lively_tiny(layers=LAYERS, seed=9)
     with pytest.raises(ConfigError, match="the plan was made for another model"):
-        _format_plan(str(path), other, analyze(capture_graph(other, input_ids=ids[:1], use_cache=False)))
+        _format_plan(str(path), _read_plan(str(path)), other, analyze(capture_graph(other, input_ids=ids[:1], use_cache=False)))
+    # The map a configuration gives this model, as `slimfx inspect --config` prints it.
+    from slimfx.passes.kv_share import describe_config
+
+    assert describe_config(load_config(cfg), model, anatomy).startswith("KV sharing (plan): 2 of 4 layers read the KV of")
+    merged = describe_config(load_config(_config(pattern="upper", fraction=0.5, merge="minicache")), model, anatomy)
+    assert merged == "KV sharing (pattern): 2 of 4 layers merge their KV with (MiniCache) an earlier layer: 1 -> 0, 3 -> 2 (reader -> owner)"
     means = {(layer, which): torch.full((2,), float(layer)) for layer in range(3) for which in (0, 1)}
     assert [(r, o) for r, o, _ in ranked_pairs(means, [0, 1, 2])] == [(2, 0), (1, 0), (2, 1)]
 

@@ -5,8 +5,8 @@ from the first of these options that is set:
 - `map = "3:2,5:4"`: explicit pairs;
 - `plan = "KEY"`: `[artifacts] KEY = "share.json"`, a map calibrated by `slimfx calibrate
   share` (KVSharer), refused for a model it was not made for;
-- `pattern` with `fraction` (round(fraction x layers) readers, spread evenly over the
-  intermediate layers, never the first or the last):
+- `pattern` with `fraction` (round(fraction x layers) readers; adjacent and bottom spread
+  them evenly over the intermediate layers, never the first or the last):
   `adjacent`: CLA-style pairs, a reader reads the layer just below it;
   `bottom`: groups of `group` consecutive layers all read the group's first layer;
   `upper`: adjacent pairs from the top layer down (the last layer reads the one below it).
@@ -145,18 +145,40 @@ def check_map(pairs: dict[int, int], anatomy: Anatomy, where: str) -> None:
 
 def sharing_map(gm, cfg, ctx: PassContext, anatomy: Anatomy) -> tuple[dict[int, int], str]:
     """(reader -> root owner, where the map came from), validated against the model."""
-    opts = cfg.options
+    from slimfx.passes._identity import model_identity
+
+    return _resolve(cfg.options, ctx.config, anatomy, lambda: model_identity(gm, anatomy, ctx.example_inputs))
+
+
+def _resolve(opts: dict, config, anatomy: Anatomy, identity) -> tuple[dict[int, int], str]:
     if opts["map"] != "none":
         pairs, where = parse_map(opts["map"]), f"passes.{NAME}.map"
     elif opts["plan"] != "none":
         from slimfx.passes.kv_share.plan import load_plan
 
-        pairs, where = load_plan(gm, ctx, opts["plan"], anatomy), f"passes.{NAME}.plan"
+        pairs, where = load_plan(config, opts["plan"], identity()), f"passes.{NAME}.plan"
     else:
         pairs = pattern_map(opts["pattern"], opts["fraction"], opts["group"], anatomy.model_blocks)
         where = f"passes.{NAME}.pattern"
     check_map(pairs, anatomy, where)
     return resolve_chains(pairs), where
+
+
+def describe_config(config, model, anatomy: Anatomy) -> str:
+    """What `config`'s kv_share section makes of this model, as text (`slimfx inspect --config`)."""
+    from slimfx.passes._identity import identity_of_model
+
+    if NAME not in config.pipeline:
+        return f"KV sharing: none (the pipeline {config.pipeline} has no {NAME})"
+    opts = config.pass_config(NAME).options
+    pairs, where = _resolve(opts, config, anatomy, lambda: identity_of_model(model, anatomy))
+    sites = {site.index: site for site in anatomy.attention_sites}
+    if opts["merge"] == "minicache":
+        check_merge(pairs, sites, config.pipeline, where)
+    how = "merge their KV with (MiniCache)" if opts["merge"] == "minicache" else "read the KV of"
+    shown = ", ".join(f"{r} -> {o}" for r, o in sorted(pairs.items())) or "none"
+    return (f"KV sharing ({where.rsplit('.', 1)[1]}): {len(pairs)} of {anatomy.model_blocks} layers {how} an earlier layer: "
+            f"{shown} (reader -> owner)")
 
 
 # ----------------------------------------------------------------------------- the rewrite

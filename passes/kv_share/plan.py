@@ -15,7 +15,7 @@ from pathlib import Path
 
 from slimfx.compiler.artifacts import check_fields, read_json_artifact, write_json_artifact
 from slimfx.compiler.errors import UsageError
-from slimfx.passes._identity import IDENTITY_FIELDS, check_plan_model, model_identity
+from slimfx.passes._identity import IDENTITY_FIELDS, check_plan_model
 
 PLAN_KIND = "slimfx.kv_share_plan"
 PLAN_VERSION = 1
@@ -49,15 +49,15 @@ def write_plan(plan: dict, path) -> Path:
     return write_json_artifact(validate_plan(plan, "plan"), path)
 
 
-def load_plan(gm, ctx, key: str, anatomy) -> dict[int, int]:
-    """The map of the plan `[artifacts] key` names, checked against the model behind `gm`."""
-    path = ctx.config.artifact_path(key)
+def load_plan(config, key: str, identity: dict) -> dict[int, int]:
+    """The map of the plan `[artifacts] key` names, checked against the model `identity` describes."""
+    path = config.artifact_path(key)
     where = f"passes.kv_share.plan ({key} = {str(path)!r})"
     try:
         plan = read_plan(path)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    check_plan_model(plan, model_identity(gm, anatomy, ctx.example_inputs), where, WRITTEN_BY)
+    check_plan_model(plan, identity, where, WRITTEN_BY)
     return {int(r): o for r, o in plan["map"].items()}
 
 
