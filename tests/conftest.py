@@ -24,13 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-# Dynamo's structured trace logger logs every compile at DEBUG; through the root logger
-# pytest would put hundreds of those empty lines into each failure report. Its own
-# handlers (TORCH_TRACE) still get them.
-import logging  # noqa: E402
-
-logging.getLogger("torch.__trace").propagate = False
-
 
 @pytest.fixture(scope="session")
 def default_model():
