@@ -6,18 +6,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from slimfx.compiler.errors import UsageError
+from slimfx.compiler.errors import UsageError, echo
 
 
 def read_json_artifact(path, written_by: str):
     """The parsed JSON at `path`; UsageError naming the file and `written_by` otherwise."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), parse_constant=_no_constant)
     except FileNotFoundError:
         raise UsageError(f"plan {str(path)!r}: not found; allowed: a JSON plan written by `{written_by}`") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"plan {str(path)!r}: not valid JSON ({exc})") from None
+        raise UsageError(f"plan {str(path)!r}: not valid JSON ({echo(exc, 200)})") from None
+    except RecursionError:
+        raise UsageError(f"plan {str(path)!r}: nested too deep; allowed: a JSON plan written by `{written_by}`") from None
+
+
+def _no_constant(name: str):
+    """Python's json reads NaN and Infinity, which are not JSON and no plan holds."""
+    raise json.JSONDecodeError(f"{name} is not a JSON number; allowed: finite numbers", name, 0)
 
 
 def check_fields(table, fields: dict, where: str, prefix: str = "") -> None:

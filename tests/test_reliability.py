@@ -288,3 +288,29 @@ def test_inspect_prints_a_plan_with_formats_only(tmp_path, capsys):
                                 "formats": {"model.layers.0.mlp.up_proj.weight": "int8"}}))
     assert main(["inspect", "--tiny", "llama_untied", "--plan", str(path)]) == 0
     assert "model.layers.0.mlp.up_proj.weight" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- non-finite artifacts
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_duo_heads_artifact_with_non_finite_scores_is_refused(tmp_path, bad):
+    from slimfx.passes.kv_eviction import retrieval_heads
+
+    scores = torch.rand(2, 2)
+    path = retrieval_heads.save(scores, tmp_path / "duo.safetensors", {})
+    assert torch.equal(retrieval_heads.load(path, "duo", 2, 2), scores)
+    scores[1, 0] = bad
+    retrieval_heads.save(scores, path, {})
+    with pytest.raises(ConfigError, match="holds NaN or inf scores"):
+        retrieval_heads.load(path, "duo", 2, 2)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_json_plans_with_non_finite_numbers_are_refused(tmp_path, constant):
+    from slimfx.passes.quantize.plan import read_plan
+
+    path = tmp_path / "plan.json"
+    path.write_text('{"kind": "slimfx.bit_allocation", "version": 1, "formats": {}, "linears": {}, "cost": %s}' % constant)
+    with pytest.raises(ValueError, match=f"{constant.lstrip('-')} is not a JSON number"):
+        read_plan(path)

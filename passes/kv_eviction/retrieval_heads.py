@@ -43,6 +43,9 @@ def load(path, key: str, n_layers: int, n_kv_heads: int) -> torch.Tensor:
         shape = " x ".join(str(s) for s in scores.shape)
         raise ConfigError(f"artifacts.{key}: {path} scores {shape} heads; this model has "
                           f"{n_layers} layers x {n_kv_heads} kv heads (calibrate on this model)")
+    if not torch.isfinite(scores).all():  # NaN would rank heads arbitrarily, without a word
+        raise ConfigError(f"artifacts.{key}: {path} holds NaN or inf scores; allowed: finite scores "
+                          "(a file written by `slimfx calibrate duo-heads`)")
     return scores
 
 
