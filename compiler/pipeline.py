@@ -3,8 +3,9 @@
 Both backends compile through `run_pipeline`: the dynamo backend (compiler/backend.py)
 and the generator's (runtime/lowering.py); each lowers the rewritten graph its own way.
 Beside it, what the runtime asks of the pass manager without knowing any pass: a
-pipeline with one more pass (`with_pass`, placed by the pass manager's ordering), and a
-configuration specialised for one prompt (`specialise`).
+pipeline with one more pass (`with_pass`, placed by the pass manager's ordering), a
+configuration specialised for one prompt (`specialise`) and the prefill chunk a pass
+needs (`prefill_chunk`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,19 @@ def specialise(config, prompt_tokens: int):
             raw["passes"][name] = options
             changed = True
     return raw if changed else config
+
+
+def prefill_chunk(config, prompt_tokens: int, chunk: int) -> int:
+    """The prefill chunk for a prompt `prompt_tokens` wide: `chunk`, unless a configured
+    pass with a hook `prefill_chunk(options, prompt_tokens, chunk) -> int` needs another
+    (kv_eviction: the whole prompt in one chunk when it compresses after the prompt)."""
+    cfg = load_config(config)
+    raw = cfg.to_dict()
+    for name, module in registry.registered_passes().items():
+        hook = getattr(module, "prefill_chunk", None)
+        if hook is not None and name in cfg.passes and name in raw["pipelines"].get(raw["compile"]["pipeline"], ()):
+            chunk = hook(raw["passes"][name], prompt_tokens, chunk)
+    return chunk
 
 
 def with_pass(pipeline: list[str], name: str) -> list[str]:

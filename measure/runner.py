@@ -17,10 +17,8 @@ import torch
 
 from slimfx.measure.lm import Stepper, cache_bytes, capacity_for
 
-# Prompts up to this many tokens are prefilled in one chunk, so a prefill-time eviction
-# policy (SnapKV's observation window, H2O's accumulated mass) scores every prompt token
-# with the whole prompt seen, as the papers do (with smaller chunks the store is
-# compacted after each chunk, before the end of the prompt is seen).
+# Prompts up to this many tokens are prefilled in one chunk (a pass may ask for another:
+# kv_eviction's `prefill_chunk`, through compiler/pipeline.py).
 PREFILL_CHUNK = 4096
 
 
@@ -43,17 +41,18 @@ class RuntimeStepper:
         # The runtime left-pads a prompt to its bucket (up to one chunk more) and the
         # pads take slots, so the store gets that much room beyond the real tokens.
         # Powers of two, so prompts of nearby lengths share one Generator (one compile).
-        self.model, self.config = model, config
-        self.capacity = 1 << (capacity_for(capacity + PREFILL_CHUNK) - 1).bit_length()
+        self.model, self.config, self.wanted = model, config, capacity
         self.gen = None  # built at the first feed, when the prompt length is known
 
     def _build(self, prompt_tokens: int) -> None:
-        from slimfx.compiler.pipeline import specialise
+        from slimfx.compiler.pipeline import prefill_chunk, specialise
         from slimfx.runtime.generate import get_generator
 
         # FX code, not inductor: eval measures quality, and an inductor compile per
         # configuration and capacity would dominate a sweep's time on a GPU.
         config = specialise(self.config, prompt_tokens)
+        self.chunk = prefill_chunk(config, prompt_tokens, PREFILL_CHUNK)
+        self.capacity = 1 << (capacity_for(self.wanted + self.chunk) - 1).bit_length()
         self.gen = get_generator(self.model, 1, self.capacity, config=config, codegen="eager")
         self.gen.store.reset()
 
@@ -62,7 +61,7 @@ class RuntimeStepper:
         if self.gen is None:
             self._build(ids.shape[1])
             lengths = torch.tensor([ids.shape[1]], dtype=torch.int64)
-            return self.gen.prefill(ids, lengths, PREFILL_CHUNK)[:, None].float()
+            return self.gen.prefill(ids, lengths, self.chunk)[:, None].float()
         gen, store = self.gen, self.gen.store
         if ids.shape[1] != 1:
             raise ValueError("RuntimeStepper: after the prefill, feed one token per call")

@@ -283,11 +283,9 @@ _CODEGENS = ("auto", "eager", "inductor", "slimfx")  # generators (stores + comp
 
 
 def _config_key(config) -> str | None:
-    """The configuration as loaded (a TOML path, its dict and its Config are one key), so
-    the ways into the runtime (slimfx.runtime.generate, a routed HF generate, slimfx run)
-    share one generator and its compiled graphs."""
-    if config is None:
-        return None
+    """The configuration as loaded (None, the default's Config; a TOML path, its dict and its
+    Config are one key), so the ways into the runtime (slimfx.runtime.generate, a routed HF
+    generate, slimfx run) share one generator and its compiled graphs."""
     from slimfx.compiler.config import load_config
 
     return repr(load_config(config).to_dict())
@@ -367,6 +365,11 @@ def generate(
             stream_interval=stream_interval, cuda_graph=cuda_graph, seed=seed, config=config, codegen=codegen)
     lengths = prompt_lengths(input_ids, attention_mask)
     B, T = input_ids.shape
+    if config is not None:
+        from slimfx.compiler.pipeline import prefill_chunk as chunk_for, specialise
+
+        config = specialise(config, int(lengths.max()))
+        prefill_chunk = chunk_for(config, T, prefill_chunk)  # e.g. eviction after the whole prompt: one chunk
     padded = padded_prompt_length(T, prefill_chunk)
     if capacity is None:
         capacity = -(-(padded + max_new_tokens) // 256) * 256  # rounded so nearby calls share a store
@@ -374,10 +377,6 @@ def generate(
         raise GenerateError(f"capacity: got {capacity!r}; allowed: an integer >= 1")
     if seed is not None:
         torch.manual_seed(seed)
-    if config is not None:
-        from slimfx.compiler.pipeline import specialise
-
-        config = specialise(config, int(lengths.max()))
     gen = get_generator(model, B, capacity, capacities=capacities, config=config, codegen=codegen)
     return run_generation(gen, input_ids, lengths, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                           sampling=(float(temperature), int(top_k), float(top_p)), eos_token_id=eos_token_id,

@@ -8,6 +8,12 @@ policy frees and lets the decode kernel accumulate the attention mass the policy
 by (eviction_op.py). Policies: policies.py. Per-layer budgets and policies come from
 `[passes.kv_eviction.layers."a-b"]`.
 
+- Prefill: by default the store is compressed once the whole prompt has been seen (the
+  papers' setting: the runtime prefills the prompt in one chunk, `prefill_chunk`
+  hook); `prefill_chunk` = N compresses after every N prompt tokens instead (bounded
+  memory, but tokens are ranked before the end of the prompt is seen).
+- The budget counts real tokens only: left padding has negative positions, which the
+  keep rule treats as empty slots.
 - `budget_fraction` > 0: the budget is that share of the prompt, resolved per prompt
   (`specialise`, called by the runtime through compiler/pipeline.py), so each
   prompt-length bucket compiles once.
@@ -65,6 +71,10 @@ OPTIONS = {
     "retrieval_fraction": Option(float, 0.5, "duo: share of all kv heads kept whole (top calibrated retrieval scores)",
                                  lo=0.0, hi=1.0, per_layer=False),
     "duo_heads": Option(str, "duo_heads", "duo: key in [artifacts] of the `slimfx calibrate duo-heads` file", per_layer=False),
+    "prefill_chunk": Option(int, 0, "0: compress once the whole prompt is seen (the papers' setting; the runtime prefills "
+                            "the prompt in one chunk, so the full prompt's keys and values exist for a moment); N (a power "
+                            "of two >= 16): bounded-memory chunked prefill, the store compressed after every N prompt tokens",
+                            lo=0, hi=1 << 24, per_layer=False),
     "evicted": Option(str, "drop", "an evicted token is dropped, or kept at low precision (MiKV)", choices=("drop", "int8", "int4", "int2")),
 }
 
@@ -99,6 +109,18 @@ def specialise(options: dict, prompt_tokens: int) -> dict | None:
     return top if changed else None
 
 
+def prefill_chunk(options: dict, prompt_tokens: int, chunk: int) -> int:
+    """The runtime's prefill chunk (compiler/pipeline.py's hook): `prefill_chunk` when set,
+    else one chunk covering the prompt (a power of two, as the runtime's buckets are)."""
+    n = options.get("prefill_chunk", 0)
+    if n:
+        if n < 16 or n & (n - 1):
+            raise ConfigError(f"passes.kv_eviction.prefill_chunk: got {n}; allowed: 0 (compress after the whole prompt) "
+                              "or a power of two >= 16")
+        return n
+    return max(chunk, 1 << (max(prompt_tokens, 16) - 1).bit_length())
+
+
 def _policy_param(opts: dict) -> float:
     return {"a2sf": opts["alpha"], "keyformer": opts["tau"], "snapkv": float(opts["obs_window"])}.get(opts["policy"], 0.0)
 
@@ -112,10 +134,10 @@ def _check_options(index: int, opts: dict) -> None:
                                    "a fraction through slimfx.runtime.generate / slimfx run / slimfx eval (they resolve it per prompt), "
                                    "else 0 and an absolute budget"))
     try:
+        opts = resolved(opts)
         make_policy(opts["policy"], opts["budget"], n_sink=opts["n_sink"], window=opts["window"])
     except ConfigError as exc:
         raise at_layer(exc) from None
-    opts = resolved(opts)
     if opts["decode_budget"] and opts["decode_budget"] <= opts["window"]:
         raise at_layer(ConfigError(f"decode_budget: got {opts['decode_budget']}; allowed: 0 (off) or > window ({opts['window']}), "
                                    "so generated tokens outside the recent window can be evicted"))
@@ -128,6 +150,16 @@ def _check_options(index: int, opts: dict) -> None:
     if opts["decode_budget"] and opts["evicted"] != "drop":
         raise at_layer(ConfigError(f"evicted: got {opts['evicted']!r} with decode_budget {opts['decode_budget']}; allowed: 'drop' "
                                    "(MiKV and SCOPE budgets do not combine)"))
+
+
+def check_config(pc) -> None:
+    """The checks run() makes, before any compile (measure/sweep.py); a `budget_fraction`
+    is checked as it resolves for a long prompt, since the prompt is not known yet."""
+    for layer in ["all", *sorted(pc.overridden_layers())]:
+        opts = pc.options if layer == "all" else pc.for_layer(layer)
+        if opts["budget_fraction"] > 0:
+            opts = {**opts, "budget": _fraction_budget(opts, 1 << 16), "budget_fraction": 0.0}
+        _check_options(layer, opts)
 
 
 def _evict_tiers(capacity: int):
