@@ -24,7 +24,7 @@ def test_run_rejects_bad_config_before_loading_the_model(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "slimfx: config error: passes.kv_eviction.budgte: unknown key; allowed: alpha, budget, budget_fraction, decode_budget, "
-        "duo_heads, evicted, n_sink, obs_window, policy, retrieval_fraction, tau, window (did you mean 'budget'?)"
+        "duo_heads, evicted, n_sink, obs_window, policy, prefill_chunk, retrieval_fraction, tau, window (did you mean 'budget'?)"
     )
     assert "Traceback" not in proc.stderr
 

@@ -21,6 +21,8 @@ kv = ["kv_runtime", "kv_eviction"]
 [passes.kv_eviction]
 policy = "h2o"
 budget = 256
+n_sink = 4
+window = 32
 """
 
 
