@@ -42,12 +42,20 @@ def _available() -> dict:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, like every other slimfx error (argparse
+    prints the usage first; `slimfx COMMAND --help` shows it)."""
+
+    def error(self, message):
+        self.exit(2, f"slimfx: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser lists every command from COMMAND_MODULES' help texts; only `command`'s
     module is imported (to add its arguments), because the command modules import torch
     and `slimfx --help` should answer at once."""
-    parser = argparse.ArgumentParser(prog="slimfx", description="slimfx: a torch.compile backend that makes LLM inference cheaper")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="slimfx", description="slimfx: a torch.compile backend that makes LLM inference cheaper")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
