@@ -254,6 +254,40 @@ class KVCacheInfo:
 
 
 @dataclass
+class AttentionVariant:
+    """What a site's attention computes besides softmax(q k^T * scale) v, as its graph shows it.
+
+    causal: True where the graph applies causality (SDPA's is_causal, or a mask built from
+    a query/key index comparison), False where a multi-token call applies none, None when
+    unknown. window: a sliding window of that many positions (the mask keeps
+    kv > q - window). softcap: scores become tanh(s / c) * c before the softmax (Gemma-2).
+    qk_norm: a norm between the q/k projections and the attention (Qwen3, Gemma-3, OLMo-2).
+    position: "rotary (<kind>)", "learned absolute" (a position embedding added to the
+    token embedding) or "none". scale: the factor the scores get (hand-written attention).
+    not_understood: what changes the attention that the anatomy cannot name (attention
+    sinks, an additive score bias such as ALiBi, chunked masks, unknown ops on the scores)."""
+
+    causal: bool | None = None
+    window: int | None = None
+    softcap: float | None = None
+    qk_norm: str | None = None
+    position: str = "none"
+    scale: float | None = None
+    not_understood: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = ["causal" if self.causal else "not causal" if self.causal is False else "causality unknown"]
+        if self.window:
+            parts.append(f"sliding window {self.window}")
+        if self.softcap:
+            parts.append(f"softcap {self.softcap:g}")
+        if self.qk_norm:
+            parts.append(f"q/k {self.qk_norm}")
+        parts.append(f"position {self.position}")
+        return ", ".join(parts + [f"NOT UNDERSTOOD: {u}" for u in self.not_understood])
+
+
+@dataclass
 class AttentionSite:
     index: int
     node: str  # the SDPA node, or the softmax node for hand-written attention
@@ -272,6 +306,7 @@ class AttentionSite:
     k_input: str | None = None
     v_input: str | None = None
     output: str | None = None  # node whose value is the attention output [B, H, S, D]
+    variant: AttentionVariant = field(default_factory=AttentionVariant)
 
 
 @dataclass
@@ -333,6 +368,21 @@ class Anatomy:
             f"{len(self.linears)} linears, LM head {head}"
         )
 
+    def site_variant(self, site: AttentionSite) -> str:
+        """The site's variant in words, with the bias terms its projections add."""
+        biased = [role for role, node in (("q", site.q_proj), ("k", site.k_proj), ("v", site.v_proj), ("o", site.o_proj))
+                  if node and self.linear(node) and self.linear(node).bias]
+        if site.fused_qkv and biased[:1] == ["q"]:
+            biased = ["qkv"] + biased[3:]
+        return site.variant.describe() + (f", projection bias {'/'.join(biased)}" if biased else "")
+
+    def variant_groups(self) -> list[tuple[str, str]]:
+        """('sites 0,2,4', text) per distinct variant, in order of first site."""
+        groups: dict[str, list[int]] = {}
+        for s in self.attention_sites:
+            groups.setdefault(self.site_variant(s), []).append(s.index)
+        return [(f"site{'s' if len(ix) > 1 else ''} {_fold(ix)}", text) for text, ix in groups.items()]
+
     def table(self) -> str:
         """The anatomy as text tables (what `slimfx inspect` prints)."""
         from slimfx.compiler.tables import format_table
@@ -353,7 +403,7 @@ class Anatomy:
                 proj, _lin_label(self, s.q_proj), _lin_label(self, s.o_proj),
             ])
         lines.append(format_table(["site", "kind", "q heads", "kv heads", "head dim", "rotary", "kv cache", "proj", "q/qkv weight", "o weight"], rows))
-        lines.append("")
+        lines += ["", "attention variants (sites alike grouped):"] + [f"  {label}: {text}" for label, text in self.variant_groups()] + [""]
         rows = [[b.index, b.attention if b.attention is not None else "-", b.input_norm or "-",
                  ",".join(b.mlp.linears) if b.mlp else "-", (b.mlp.activation if b.mlp else None) or "-",
                  len(b.residual_adds)] for b in self.blocks]
@@ -364,6 +414,17 @@ class Anatomy:
         if self.unrecognised:
             lines += ["", "not recognised:"] + [f"  - {u}" for u in self.unrecognised]
         return "\n".join(lines)
+
+
+def _fold(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
 
 
 def _lin_label(anatomy: Anatomy, node: str | None) -> str:
@@ -499,6 +560,12 @@ class _Analyzer:
         by_name = {n.name: n for n in self.nodes}
         for i, s in enumerate(sites):
             s.index = by_name[s.node].meta.get(BLOCK_META, i)
+        learned = self._learned_positions()
+        for s in sites:
+            s.variant.position = (f"rotary ({s.rotary})" if s.rotary else "learned absolute" if learned
+                                  else "none" if s.q_proj else "unknown (no q projection found)")
+            for what in s.variant.not_understood:
+                self.unrecognised.append(f"attention {s.node}: {what}")
         return sites
 
     def _handwritten_site(self, softmax: Node) -> AttentionSite | None:
@@ -508,7 +575,9 @@ class _Analyzer:
             return None  # a softmax that is not attention (e.g. a router or a sampler)
         qk, pv = scores[0], outs[0]
         q, k_t, v = qk.args[0], qk.args[1], pv.args[1]
-        return self._site(softmax, "matmul_softmax", q, k_t, v, pv)
+        site = self._site(softmax, "matmul_softmax", q, k_t, v, pv)
+        self._score_path(site.variant, qk, softmax, pv)
+        return site
 
     def _reaches(self, src: Node, dst) -> bool:
         return isinstance(dst, Node) and src in _path_nodes(src, dst, limit=8)
@@ -519,14 +588,72 @@ class _Analyzer:
         qp, kp, vp = (self._single_producer(site, role, x) for role, x in (("q", q), ("k", k), ("v", v)))
         site.q_proj, site.k_proj, site.v_proj = (p.name if p is not None else None for p in (qp, kp, vp))
         site.fused_qkv = qp is not None and qp is kp is vp
-        self._heads(site, q, qp, kp)
+        self._heads(site, q, k, qp, kp)
         site.rotary = self._rotary(qp, q) if qp is not None else None
+        site.variant.qk_norm = _qk_norm(qp, q, kp, k)
+        if kind == "sdpa":
+            self._sdpa_mask(site.variant, node, q)
         site.cache = self._cache(k, v, kp, vp)
         o = self._o_proj(output)
         site.o_proj = o.name if o is not None else None
         if o is None:
             self.unrecognised.append(f"attention {node.name}: no output projection found")
         return site
+
+    def _sdpa_mask(self, variant: AttentionVariant, node: Node, q) -> None:
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+        if is_causal is True:
+            variant.causal = True
+        elif isinstance(mask, Node) and _is_mask_term(mask):
+            _mask_facts(variant, mask)
+        elif isinstance(mask, Node):
+            variant.not_understood.append(f"an SDPA mask {mask.name} that is not only a mask (ALiBi or a learned position bias?)")
+        else:  # no mask: one query has nothing later to hide from; several see each other
+            qshape = shape_of(q) if isinstance(q, Node) else None
+            tokens = qshape[2] if qshape and isinstance(qshape[2], int) else None
+            variant.causal = None if tokens is None else tokens == 1
+
+    def _score_path(self, variant: AttentionVariant, qk: Node, softmax: Node, pv: Node) -> None:
+        """Read what hand-written attention does to q k^T before the softmax: a scale,
+        logit softcapping (x / c -> tanh -> * c), an additive mask; anything else is named."""
+        variant.scale, cur = 1.0, qk
+        while cur is not softmax:
+            users = list(cur.users)
+            if len(users) != 1:
+                variant.not_understood.append(f"the scores {cur.name} are used {len(users)} times before the softmax")
+                return
+            nxt = users[0]
+            const = _constant_operand(nxt, cur)
+            cap = _softcap_from(nxt, cur)
+            if nxt is softmax or is_view_like(nxt):
+                pass
+            elif cap is not None:
+                variant.softcap, nxt = cap, next(iter(next(iter(nxt.users)).users))
+            elif const is not None and is_call(nxt, MUL, ("mul", "__mul__")):
+                variant.scale *= const
+            elif const is not None and is_call(nxt, _DIV, ("div", "__truediv__")):
+                variant.scale /= const
+            elif is_add(nxt) and len(nxt.all_input_nodes) == 2:
+                term = next(n for n in nxt.all_input_nodes if n is not cur)
+                if _is_mask_term(term):
+                    _mask_facts(variant, term)
+                else:
+                    variant.not_understood.append(f"an additive score term {term.name} that is not a mask (ALiBi or a learned position bias?)")
+            elif is_call(nxt, CAT, ("cat",)):
+                variant.not_understood.append(f"the scores are joined with other logits at {nxt.name} before the softmax (attention sinks?)")
+                return
+            else:
+                what = nxt.target if nxt.op == "call_method" else getattr(nxt.target, "__name__", nxt.target)
+                variant.not_understood.append(f"the scores pass through {what} ({nxt.name}) before the softmax")
+                return
+            cur = nxt
+        if variant.causal is None and not variant.not_understood:
+            variant.causal = False
+
+    def _learned_positions(self) -> bool:
+        """A second embedding table in the graph: learned absolute positions (GPT-2, OPT)."""
+        return sum(1 for n in self.nodes if is_call(n, EMBEDDING)) > 1
 
     def _single_producer(self, site, role: str, x) -> Node | None:
         if not isinstance(x, Node):
@@ -539,13 +666,14 @@ class _Analyzer:
             return None
         return found[0]
 
-    def _heads(self, site: AttentionSite, q, qp, kp) -> None:
+    def _heads(self, site: AttentionSite, q, k, qp, kp) -> None:
         qshape = shape_of(q)
         if qshape is None or len(qshape) != 4:
             self.unrecognised.append(f"attention {site.node}: query shape unknown")
             return
         site.n_q_heads, site.head_dim = int(qshape[1]), int(qshape[3])
         if kp is None:
+            site.n_kv_heads = _heads_behind(k, site.head_dim, qshape[2])
             return
         k_out = self.linears[kp].out_features
         if site.fused_qkv:
@@ -726,6 +854,126 @@ class _Analyzer:
                     for n, info in self.linears.items():
                         if n.name == name:
                             info.block = b.index
+
+
+_DIV = _targets("operator.truediv", "torch.div", "torch.true_divide")
+_COMPARE = _targets("operator.gt", "operator.ge", "operator.lt", "operator.le", "torch.gt", "torch.ge", "torch.lt", "torch.le")
+_COMPARE_METHODS = ("gt", "ge", "lt", "le", "__gt__", "__ge__", "__lt__", "__le__")
+_SUB = _targets("operator.sub", "torch.sub")
+_FLOORDIV = _targets("operator.floordiv", "torch.floor_divide")
+_FULL = _targets("torch.full", "torch.ones", "torch.tensor", "torch.scalar_tensor")
+
+
+def _constant_operand(node: Node, other: Node) -> float | None:
+    """The number `node` combines `other` with (x * c, x / c), or None."""
+    if len(node.args) != 2 or node.args[0] is not other or not isinstance(node.args[1], (int, float)):
+        return None
+    return float(node.args[1])
+
+
+def _softcap_from(div: Node, scores: Node) -> float | None:
+    """c when `div` starts tanh(scores / c) * c, else None."""
+    cap = _constant_operand(div, scores)
+    if cap is None or not is_call(div, _DIV, ("div", "__truediv__")) or len(div.users) != 1:
+        return None
+    tanh = next(iter(div.users))
+    if not is_call(tanh, _targets("torch.tanh", "F.tanh"), ("tanh",)) or len(tanh.users) != 1:
+        return None
+    mul = next(iter(tanh.users))
+    return cap if is_call(mul, MUL, ("mul", "__mul__")) and _constant_operand(mul, tanh) == cap else None
+
+
+def _is_constant(x) -> bool:
+    """A number, or a tensor made of one (torch.zeros(()), torch.full((), c)) in the graph."""
+    if isinstance(x, (int, float)):
+        return True
+    value = meta(x) if isinstance(x, Node) else None
+    return value is not None and value.numel() == 1 and is_call(_back_through_views(x), _FACTORIES | _FULL, ("new_zeros", "new_full"))
+
+
+def _is_mask_term(term: Node) -> bool:
+    """A boolean mask, or an additive term that only masks: constants picked by a boolean
+    (torch.where(m, 0, -inf)), or such a term / a constant with masked_fill. A term that
+    carries values of its own (ALiBi's slopes x distance) is not a mask."""
+    src = _back_through_views(term)
+    value = meta(src)
+    if value is not None and value.dtype == torch.bool:
+        return True
+    if is_call(src, _targets("torch.where")) and len(src.args) == 3:
+        return _is_constant(src.args[1]) and _is_constant(src.args[2])
+    if is_call(src, _targets("torch.masked_fill"), ("masked_fill",)) and src.args:
+        base = src.args[0]
+        return _is_constant(base) or (isinstance(base, Node) and _is_mask_term(base))
+    return False
+
+
+def _mask_facts(variant: AttentionVariant, mask: Node, limit: int = 256) -> None:
+    """Causality and a sliding window read from how a mask is built: an index comparison
+    kv <= q (causal), kv > q - W (a window of W), (kv - pad) // C == (q - pad) // C
+    (chunked attention, which the anatomy names as not understood). A mask read from a
+    buffer or an input (gpt-fast's causal table) leaves causality unknown."""
+    seen, queue = set(), deque([mask])
+    while queue and len(seen) < limit:
+        node = queue.popleft()
+        if node in seen or not isinstance(node, Node):
+            continue
+        seen.add(node)
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if is_call(node, _COMPARE, _COMPARE_METHODS) and len(node.args) == 2 and all(isinstance(a, Node) for a in node.args):
+            window = next((a for a in node.args if is_call(a, _SUB) and isinstance(a.args[1], int)), None)
+            if window is None:
+                variant.causal = True
+            else:
+                name = node.target if node.op == "call_method" else node.target.__name__
+                variant.window = int(window.args[1]) + (1 if name.strip("_") == "ge" else 0)
+        if is_call(node, _FLOORDIV, ("__floordiv__", "floor_divide")):
+            variant.not_understood.append(f"a chunked attention mask ({node.name}: positions // chunk compared)")
+            return
+        queue.extend(node.all_input_nodes)
+
+
+def _heads_behind(k, head_dim: int, tokens) -> int | None:
+    """The fewest heads a [B, H, tokens, head_dim] tensor has on the key's way to the
+    attention through views (before a GQA repeat): the kv heads where no projection tells
+    them (GPT-2's Conv1D, matmul projections). A [B, tokens, H, head_dim] view before the
+    head transpose only counts where it reads the same either way (H == tokens)."""
+    heads = []
+    while isinstance(k, Node):
+        shape = shape_of(k)
+        if shape is not None and len(shape) == 4 and shape[3] == head_dim and shape[2] == tokens and isinstance(shape[1], int):
+            heads.append(shape[1])
+        if not (is_view_like(k) and k.args and isinstance(k.args[0], Node)):
+            break
+        k = k.args[0]
+    return min(heads) if heads else None
+
+
+def _between(src: Node, dst: Node, limit: int = 64) -> list[Node]:
+    """Nodes on a path from src to dst: descendants of src (no later than dst) that reach dst."""
+    order = {n: i for i, n in enumerate(src.graph.nodes)}
+    down, queue = {src}, deque([src])
+    while queue and len(down) < limit * 4:
+        for user in queue.popleft().users:
+            if user not in down and order[user] <= order[dst]:
+                down.add(user)
+                queue.append(user)
+    up, queue = set(), deque([dst])
+    while queue:
+        node = queue.popleft()
+        if node in up or node not in down:
+            continue
+        up.add(node)
+        queue.extend(node.all_input_nodes)
+    return [n for n in src.graph.nodes if n in up]
+
+
+def _qk_norm(qp, q, kp, k) -> str | None:
+    """A norm on both q and k between their projections and the attention."""
+    if not all(isinstance(n, Node) for n in (qp, q, kp, k)):
+        return None
+    q_norm, k_norm = _classify_norm(_between(qp, q)), _classify_norm(_between(kp, k))
+    return q_norm if q_norm and q_norm == k_norm else None
 
 
 _FACTORIES = _targets("torch.zeros", "torch.empty", "torch.full", "torch.zeros_like", "torch.empty_like")

@@ -15,12 +15,18 @@ Keys a pass may put in PassResult.details["footprint"] (all optional):
     kv_fixed_bytes: int       KV bytes per sequence held at any length (KV quantization's
                               full-precision sink and recent-window buffers)
 
+The unmodified figures carry `kv_site_windows` {site: window} of the sliding-window layers,
+whose store is a ring of the window, so KV bytes at a context count those sites at
+min(context, window).
+
 and, as kv_eviction reports it, PassResult.details["budgets"] = {site: tokens kept}.
 """
 
 from __future__ import annotations
 
 import torch
+
+from slimfx.runtime.exactness import site_windows
 
 
 def _unique_bytes(tensors) -> int:
@@ -61,6 +67,8 @@ def model_footprint(model, dtype: torch.dtype | None = None) -> dict:
         "kv_bytes_per_token": kv_bytes_per_token(model.config, dtype),
         "kv_capacity_tokens": None,  # unbounded: the cache grows with the context
         "attention_sites": model.config.num_hidden_layers,
+        # Sliding-window layers hold at most their window (the runtime gives them a ring of it).
+        "kv_site_windows": site_windows(model),
     }
 
 
@@ -110,16 +118,19 @@ def kv_bytes_at(fp: dict, context: int, batch: int = 1) -> int:
     (per-site budgets, when a pass reported them, cap each site separately; a site's
     `kv_site_full_fraction` of kv heads, DuoAttention's retrieval heads, keeps every token;
     MiKV's `kv_site_low_tier_bytes_per_token` counts the tokens past a site's budget at
-    its quantized tier's bytes)."""
+    its quantized tier's bytes; a sliding-window site, `kv_site_windows`, holds at most its
+    window)."""
     kept = context if fp.get("kv_capacity_tokens") is None else min(context, fp["kv_capacity_tokens"])
     # Site keys are ints in memory and strings once the footprint went through JSON.
     budgets = {int(k): v for k, v in (fp.get("kv_site_budgets") or {}).items()}
-    if budgets:
+    windows = {int(k): v for k, v in (fp.get("kv_site_windows") or {}).items()}
+    if budgets or windows:
         sites = fp.get("attention_sites") or len(budgets)
         per_site = fp["kv_bytes_per_token"] / sites
         full = {int(k): v for k, v in (fp.get("kv_site_full_fraction") or {}).items()}
         low = {int(k): v for k, v in (fp.get("kv_site_low_tier_bytes_per_token") or {}).items()}
-        tokens = sum(full.get(i, 0.0) * kept + (1 - full.get(i, 0.0)) * min(kept, budgets.get(i, kept)) for i in range(sites))
+        held = {i: min(kept, windows.get(i, kept)) for i in range(sites)}  # a sliding site: its window at most
+        tokens = sum(full.get(i, 0.0) * held[i] + (1 - full.get(i, 0.0)) * min(held[i], budgets.get(i, kept)) for i in range(sites))
         demoted = sum(max(0, kept - budgets.get(i, kept)) * low[i] for i in low)
-        return round((tokens * per_site + demoted) * batch)
+        return round((tokens * per_site + demoted + fp.get("kv_fixed_bytes", 0)) * batch)
     return (kept * fp["kv_bytes_per_token"] + fp.get("kv_fixed_bytes", 0)) * batch

@@ -1,4 +1,5 @@
-"""Bind every attention site to the runtime KV store: SDPA -> torch.ops.slimfx.attention.
+"""Bind every attention site to the runtime KV store: SDPA, or hand-written matmul-softmax
+attention (HF "eager"), -> torch.ops.slimfx.attention.
 
 The base rewrite of DESIGN.md decisions 2-4 (lossless when every site's capacity
 covers the whole sequence). Needs: anatomy (ctx.anatomy) and a graph captured
@@ -16,9 +17,18 @@ For every site the pass
   2. registers the site's tier buffers and the store's step-position buffer on the graph
      module as buffers (the *same* tensors, so the runtime sees every in-place write
      and a captured CUDA graph keeps valid addresses),
-  3. replaces the SDPA node by `slimfx::attention(q, k, v, positions, buffers, scale, layout)`,
-     taking k/v from before HF's `repeat_kv` (the op handles GQA itself),
-then removes what became dead (the causal mask, the repeated k/v).
+  3. replaces the SDPA node (or the probabilities x v matmul) by
+     `slimfx::attention(q, k, v, positions, buffers, scale, layout[, softcap=c])`, taking
+     k/v from before HF's `repeat_kv` (the op handles GQA itself), with the scale and logit
+     softcapping the anatomy read off the scores,
+then removes what became dead (the causal mask, the repeated k/v, the scores).
+
+The op reads causally by position and a sliding-window site through its window
+(runtime/exactness.py), so the model's mask is dropped. That is exact only where the mask
+is what the anatomy says it is: a site whose variant names something not understood (a
+chunked mask, an additive score bias such as ALiBi, attention sinks), that is not causal,
+or whose mask keeps another window than the config names, is refused, as is any site the
+pass cannot bind.
 
 Lowering: the rewritten graph runs through its FX code (codegen "eager"/"auto");
 the buffers are graph attributes mutated in place, which inductor's constant
@@ -27,6 +37,7 @@ handling would not write back, so the generator never lowers it with inductor.
 
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 import torch.fx
@@ -45,17 +56,50 @@ OPTIONS: dict = {
 }
 
 
-def _site_skip_reason(site: AttentionSite, node: torch.fx.Node | None) -> str | None:
-    if node is None or not is_sdpa(node):
-        return f"site {site.index}: not an SDPA call ({site.kind})"
+def _site_skip_reason(site: AttentionSite, node: torch.fx.Node | None, store) -> str | None:
+    variant = site.variant
+    if node is None or not (is_sdpa(node) or site.kind == "matmul_softmax"):
+        return f"site {site.index}: not an attention the store binds ({site.kind})"
     if site.cache.kind != "none":
         return f"site {site.index}: the graph keeps a {site.cache.kind} KV cache of its own (called with use_cache=True?)"
     if not (site.n_q_heads and site.n_kv_heads and site.head_dim):
         return f"site {site.index}: head counts unknown"
+    if variant.not_understood:
+        return f"site {site.index}: {variant.not_understood[0]}"
+    if not variant.causal:
+        what = "is not causal" if variant.causal is False else "shows no causality in the graph (a mask from a buffer or an input?)"
+        return f"site {site.index}: the attention {what}; the store reads causally"
+    config_window = store.windows.get(site.index)
+    if variant.window and variant.window != config_window:
+        # The store sizes and masks a site by the config's window: a mask that keeps
+        # another window would make the runtime read other positions than the model.
+        return (f"site {site.index}: the model's mask keeps a sliding window of {variant.window} positions but its config "
+                f"names {config_window or 'none'} for this layer")
     return None
 
 
+_TRANSPOSE_LAST = ({2, 3}, {-1, -2}, {2, -1}, {-2, 3})
+
+
+def _untransposed(gm, site: AttentionSite) -> AttentionSite | None:
+    """The site with its key operand before `k.transpose(-2, -1)` (hand-written attention
+    multiplies q by k^T), or None when the key is not such a transpose."""
+    k_t = next((n for n in gm.graph.nodes if n.name == site.k_input), None)
+    if k_t is None or not (k_t.op == "call_method" and k_t.target == "transpose" or k_t.target is torch.transpose):
+        return None
+    dims = set(k_t.args[1:3])
+    if dims not in _TRANSPOSE_LAST or not isinstance(k_t.args[0], torch.fx.Node):
+        return None
+    return dataclasses.replace(site, k_input=k_t.args[0].name)
+
+
 def _rewrite_site(gm, site: AttentionSite, node: torch.fx.Node, store) -> str | None:
+    eager = site.kind == "matmul_softmax"
+    if eager:
+        index, site = site.index, _untransposed(gm, site)
+        if site is None:
+            return f"site {index}: the key operand is not k.transpose(-2, -1)"
+        node = next(n for n in gm.graph.nodes if n.name == site.output)  # the probabilities x v matmul
     q, k, v = sdpa_operands(gm, site)
     qshape = shape_of(q) if q is not None else None
     if q is None or k is None or v is None or qshape is None:
@@ -65,16 +109,29 @@ def _rewrite_site(gm, site: AttentionSite, node: torch.fx.Node, store) -> str | 
         raise ValueError(f"kv_runtime: graph batch {batch} but store {store.id} was made for batch {store.batch}")
     cache = store.site(site.index, site.n_kv_heads, site.head_dim)
     positions = bind_tensor(gm, f"_slimfx_pos{tokens}", store.step_positions(tokens), node)
+    scale = site.variant.scale if eager else sdpa_scale(node, site.head_dim)
     # Another graph of this model (a prefill length, the decode step) may have had this
     # site relaid out by a later pass already: the op takes the site as it is now.
-    args = (q, k, v, positions, bind_site(gm, cache, node), sdpa_scale(node, site.head_dim), cache.layout)
+    args = (q, k, v, positions, bind_site(gm, cache, node), scale, cache.layout)
+    kwargs = {"softcap": site.variant.softcap} if site.variant.softcap else {}
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(torch.ops.slimfx.attention.default, args)
+        new = gm.graph.call_function(torch.ops.slimfx.attention.default, args, kwargs)
     new.meta = dict(node.meta)
     new.meta["slimfx_site"] = site.index  # later passes (kv_eviction) find the site here
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return None
+
+
+def _current_anatomy(gm, ctx: PassContext):
+    """The context's anatomy unless an earlier pass removed nodes it names (fold_noop_casts
+    drops a cast the attention read), then the anatomy of the graph as it is now."""
+    anatomy = ctx.anatomy
+    if anatomy is not None:
+        names = {n.name for n in gm.graph.nodes}
+        if all({s.node, s.q_input, s.k_input, s.v_input, s.output} <= names for s in anatomy.attention_sites):
+            return anatomy
+    return ctx.refresh_anatomy(gm)
 
 
 def _unique(notes: list[str], shown: int = 3) -> list[str]:
@@ -94,7 +151,7 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     store = get_store(store_id)
     if store is None:
         return PassResult.skipped(NAME, f"no KV store registered under {store_id!r} (slimfx.runtime.generate registers one)")
-    anatomy = ctx.anatomy if ctx.anatomy is not None else ctx.refresh_anatomy(gm)
+    anatomy = _current_anatomy(gm, ctx)
     by_name = {n.name: n for n in gm.graph.nodes}
     notes = []
     bound = {index for index, _ in attention_sites(gm)}  # kv_share binds its readers before this pass
@@ -103,7 +160,7 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
         if site.index in bound:
             continue
         node = by_name.get(site.node)
-        why = _site_skip_reason(site, node) or _rewrite_site(gm, site, node, store)
+        why = _site_skip_reason(site, node, store) or _rewrite_site(gm, site, node, store)
         if why:
             notes.append(why)
         else:
@@ -112,14 +169,15 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     n_sites = len({s.index for s in sites} | bound)
     if not n_sites and anatomy.lm_head is None:
         return PassResult.skipped(NAME, "no attention sites in this graph (a piece of a model split by graph breaks)")
-    if rewritten != n_sites:
+    if rewritten != n_sites or not n_sites:
         # The runtime calls the model without its own cache: an unbound site would
         # attend to the current step's tokens only, and a half-bound model over two
         # different caches. Either gives wrong tokens, so refuse.
         raise UsageError(
             f"the slimfx runtime cannot run this model exactly: it bound {rewritten} of "
-            f"{n_sites} attention sites ({'; '.join(_unique(notes)) or 'the anatomy found no attention sites'}); "
-            f"allowed: models whose attention is SDPA over nn.Linear projections, or plain torch.compile(model, backend='slimfx') with model.generate"
+            f"{n_sites} attention sites ({'; '.join(_unique(notes)) or 'the anatomy found no attention in a graph with an LM head'}); "
+            f"allowed: causal SDPA or matmul-softmax attention (scale, softcap, causal/sliding mask), "
+            f"or plain torch.compile(model, backend='slimfx') with model.generate"
         )
     gm.graph.eliminate_dead_code()
     gm.recompile()

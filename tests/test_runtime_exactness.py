@@ -1,9 +1,12 @@
 """The runtime never answers wrongly: sliding-window layers read exactly their window
-(a ring sized to it), attention the store cannot bind is refused by name, and what it
-runs is token-identical to the unmodified model. (The architecture matrix is in
+(a ring sized to it), hand-written attention is bound like SDPA, a mask that disagrees
+with the config is refused by name, and what it runs is token-identical to the
+unmodified model. (The architecture matrix is in
 test_families.py.)"""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -11,7 +14,6 @@ import torch
 from slimfx.compiler.errors import UsageError
 from slimfx.runtime.exactness import sliding_window_layers
 from slimfx.runtime.generate import generate
-from slimfx.runtime.models import tiny_model
 from tests.test_runtime_generate import hf_greedy, lively_tiny
 
 
@@ -58,10 +60,24 @@ def test_request_within_the_window_runs_exactly():
     assert torch.equal(tokens, hf_greedy(model, ids, torch.ones_like(ids), 8))
 
 
-def test_attention_the_store_cannot_bind_is_refused():
-    """Eager matmul-softmax attention is not bound by the store: running it without a
-    cache would attend to each step's own token only. The refusal reaches the caller as
-    itself, not wrapped in dynamo's BackendCompilerFailed."""
-    model = tiny_model("llama_gqa", attn_implementation="eager")
-    with pytest.raises(UsageError, match=r"cannot run this model exactly: it bound 0 of 2 attention sites \(sites 0,1: not an SDPA call"):
-        generate(model, torch.randint(1, 128, (1, 5)), max_new_tokens=2)
+def test_hand_written_attention_runs_exactly():
+    """HF "eager" attention (matmul -> softmax -> matmul) is bound like SDPA: the scale is
+    read off the scores, the mask dropped for the store's causal read."""
+    model = lively_tiny("llama_gqa")
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    tokens, _ = generate(model, ids, max_new_tokens=6)
+    assert torch.equal(tokens, hf_greedy(model, ids, torch.ones_like(ids), 6))
+
+
+def test_a_mask_window_the_config_does_not_name_is_refused(monkeypatch):
+    """The store sizes and masks sliding sites by the config: where the model's own mask keeps
+    another window, the runtime would read other positions, so it refuses. The refusal reaches
+    the caller as itself, not wrapped in dynamo's BackendCompilerFailed."""
+    gen_module = importlib.import_module("slimfx.runtime.generate")  # the module (the package exports the function)
+    model = _sliding_mistral(8)
+    monkeypatch.setattr(gen_module, "site_windows", lambda m: {})
+    ids = torch.randint(1, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(UsageError, match=r"cannot run this model exactly: it bound 0 of 2 attention sites \(sites 0,1: the model's "
+                                         r"mask keeps a sliding window of 8 positions but its config names none"):
+        generate(model, ids, max_new_tokens=2, prefill_chunk=32)
