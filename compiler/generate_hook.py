@@ -30,6 +30,7 @@ torch.compile runs HF's own loop without the passes that need the runtime, and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import importlib.util
@@ -191,7 +192,25 @@ def _run(route: Route, hf_generate: Callable, args: tuple, kwargs: dict):
     from slimfx.compiler import hf_generate as door
 
     _backend.config_of(route.settings)
-    return door.generate(route.model, (route.settings.get("options") or {}).get("config"), *args, **kwargs)
+    with _class_forward(route.model):
+        return door.generate(route.model, (route.settings.get("options") or {}).get("config"), *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _class_forward(model):
+    """`model` with its class's forward while the runtime compiles and runs it. A forward
+    replaced by torch.compile(model.forward, ...) would be a compiled function inside the
+    runtime's own compiled step, and the runtime's graphs would guard on it: without it,
+    all three ways in share one generator and its compiled graphs."""
+    fn = model.__dict__.get("forward")
+    if getattr(getattr(fn, "_torchdynamo_orig_callable", None), "__self__", None) is not model:
+        yield
+        return
+    del model.__dict__["forward"]
+    try:
+        yield
+    finally:
+        model.__dict__["forward"] = fn
 
 
 def _routed(route: Route, hf_generate: Callable) -> Callable:
