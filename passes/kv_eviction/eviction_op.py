@@ -72,8 +72,9 @@ def write_to_slots(main: dict, victims, k, v, pos) -> None:
 
 
 # Policies whose decode-time priority is the slot's own score or position: their slot
-# choice and write run as one Triton kernel (codegen/kernels/evict_write.py).
-_FUSED_VICTIM = {"h2o": False, "a2sf": False, "snapkv": False, "streaming": True, "duo": True}
+# choice and write run as one Triton kernel (codegen/kernels/evict_write.py). (SnapKV
+# ranks generated tokens by age below the prompt's scores: the torch path.)
+_FUSED_VICTIM = {"h2o": False, "a2sf": False, "streaming": True, "duo": True}
 
 
 def _write_victim(k, v, pos, main: dict, policy: EvictionPolicy, prefill_slots: int, triton: bool) -> None:
