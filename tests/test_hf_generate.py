@@ -226,7 +226,19 @@ def test_plain_forward_calls_still_go_through_the_backend():
     slimfx.clear_reports()
     logits = through_torch_compile(model, None)(ids).logits
     assert slimfx.reports(), "the backend did not compile the forward call"
+    assert {r.codegen for r in slimfx.reports()} == {"eager"}  # codegen "auto" on CPU: the FX code
     assert torch.allclose(logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_auto_codegen_is_slimfx_codegen_on_cuda_and_fx_code_on_cpu():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from slimfx.compiler.backend import _auto_codegen
+
+    with FakeTensorMode():  # CUDA tensors without a GPU
+        on_cuda = [torch.empty(2, 3, device="cuda"), torch.empty(2, dtype=torch.int64, device="cuda")]
+    assert _auto_codegen(on_cuda) == "slimfx"
+    assert _auto_codegen([torch.zeros(2, 3), 4]) == "eager"
 
 
 def test_no_recompilation_across_200_tokens_through_torch_compile(fresh_dynamo):
@@ -240,11 +252,12 @@ def test_no_recompilation_across_200_tokens_through_torch_compile(fresh_dynamo):
     assert counters["stats"]["unique_graphs"] == graphs_before, "the 200-token generation recompiled"
 
 
-# Every example the default model can run as it is. Not here: vq_logits.toml and
-# vq_logits_approx.toml (their codebooks are made by `slimfx calibrate vq-head` and are not
-# in the repository); the VQ pass goes through the three paths in the tiny-model tests.
+# Every example the default model can run as it is, but inductor_fallback.toml: inductor's
+# C++ build of the model's graphs took 602 s on the 2-core CI machine (under load), past
+# the suite's budget. vq_logits.toml and vq_logits_approx.toml need codebooks made by
+# `slimfx calibrate vq-head`, which are not in the repository.
 DEFAULT_MODEL_EXAMPLES = ["lossless.toml", "kv_eviction.toml", "kv_mikv.toml", "kv_quant_int8.toml", "kv_quant_kivi4.toml",
-                          "kv_share.toml", "layer_skip.toml", "quantize.toml", "inductor_fallback.toml"]
+                          "kv_share.toml", "layer_skip.toml", "quantize.toml"]
 # 64 new tokens for one example, 8 for the others: each example compiles the 30-layer model
 # once and generates four times (runtime, paths 1-3) within the suite's CPU budget.
 LONG_EXAMPLE = "kv_eviction.toml"
