@@ -381,7 +381,7 @@ class Anatomy:
         groups: dict[str, list[int]] = {}
         for s in self.attention_sites:
             groups.setdefault(self.site_variant(s), []).append(s.index)
-        return [(f"site{'s' if len(ix) > 1 else ''} {_fold(ix)}", text) for text, ix in groups.items()]
+        return [(f"site{'s' if len(ix) > 1 else ''} {fold_indices(ix)}", text) for text, ix in groups.items()]
 
     def table(self) -> str:
         """The anatomy as text tables (what `slimfx inspect` prints)."""
@@ -416,7 +416,7 @@ class Anatomy:
         return "\n".join(lines)
 
 
-def _fold(indices: list[int]) -> str:
+def fold_indices(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5'."""
     runs: list[list[int]] = []
     for i in indices:

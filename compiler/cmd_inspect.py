@@ -89,6 +89,9 @@ def main(args: argparse.Namespace) -> int:
     anatomy = analyze(capture_graph(model, *call_args, **call_kwargs))
     print(f"model: {name}")
     print(anatomy.table())
+    windows = _config_windows(model)
+    if windows:
+        print(windows)
     if plan is not None:
         print()
         print(_format_plan(args.plan, plan, model, anatomy))
@@ -119,6 +122,21 @@ def _plan_module(path: str):
 
 def _read_plan(path: str) -> dict:
     return _read(_plan_module(path).read_plan, path)
+
+
+def _config_windows(model) -> str | None:
+    """The sliding windows the model's config names (what the runtime sizes and masks those
+    sites by): the graph shows a window only where the probe is longer than it."""
+    from slimfx.compiler.anatomy import fold_indices
+    from slimfx.runtime.exactness import site_windows
+
+    by_window: dict[int, list[int]] = {}
+    for site, window in sorted(site_windows(model).items()):
+        by_window.setdefault(window, []).append(site)
+    if not by_window:
+        return None
+    return "sliding windows in the config (the runtime keeps a ring of the window there): " + "; ".join(
+        f"sites {fold_indices(sites)}: {window}" for window, sites in by_window.items())
 
 
 def _format_plan(path: str, plan: dict, model, anatomy) -> str:

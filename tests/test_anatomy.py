@@ -176,3 +176,43 @@ def test_parameter_paths_survive_renamed_placeholders():
         node.name = node.target = f"arg{i}"
     after = [(l.weight, l.role, l.block) for l in analyze(gm).linears]
     assert after == before and ("lm_head.weight", "lm_head", None) in after
+
+
+def _family_anatomy(family: str, tokens: int = 12):
+    """The anatomy of a tiny family of the runtime matrix as the runtime sees it (no model cache)."""
+    from tests.test_families import EXACT, REFUSED, _lively
+
+    make, attn = EXACT[family] if family in EXACT else REFUSED[family][:2]
+    return analyze(capture_graph(_lively(make, attn), torch.randint(1, 128, (1, tokens)), use_cache=False))
+
+
+VARIANTS = {
+    # family: [(sites, variant text)] as `slimfx inspect` groups them (prompt 12 > window 8)
+    "qwen2_sliding_global": [("site 0", "causal, sliding window 8, position rotary (rotate_half), projection bias q/k/v"),
+                             ("site 1", "causal, position rotary (rotate_half), projection bias q/k/v")],
+    "gemma2_softcap_sliding_global": [("site 0", "causal, sliding window 8, softcap 5, position rotary (rotate_half)"),
+                                      ("site 1", "causal, softcap 5, position rotary (rotate_half)")],
+    "qwen3": [("sites 0,1", "causal, q/k rms_norm, position rotary (rotate_half)")],
+    "opt": [("sites 0,1", "causal, position learned absolute, projection bias q/k/v/o")],
+}
+
+
+@pytest.mark.parametrize("family", sorted(VARIANTS))
+def test_attention_variant_of_each_site(family):
+    a = _family_anatomy(family)
+    assert a.variant_groups() == VARIANTS[family]
+    assert "attention variants (sites alike grouped):" in a.table() and VARIANTS[family][0][1] in a.table()
+
+
+def test_hand_written_attention_scale_and_softcap_read_off_the_scores():
+    site = _family_anatomy("gemma2_softcap_sliding_global").attention_sites[0]
+    assert site.kind == "matmul_softmax" and site.variant.scale == 0.0625 and site.variant.softcap == 5.0
+
+
+def test_what_changes_attention_but_is_not_understood_is_named():
+    """ALiBi reaches Falcon's SDPA as a float mask carrying slopes x distance: named, not read as a mask."""
+    a = _family_anatomy("falcon_alibi")
+    assert all("not only a mask (ALiBi" in s.variant.not_understood[0] for s in a.attention_sites)
+    assert any("NOT UNDERSTOOD" in text for _, text in a.variant_groups())
+    assert any("not only a mask" in u for u in a.unrecognised)
+
