@@ -314,3 +314,31 @@ def test_json_plans_with_non_finite_numbers_are_refused(tmp_path, constant):
     path.write_text('{"kind": "slimfx.bit_allocation", "version": 1, "formats": {}, "linears": {}, "cost": %s}' % constant)
     with pytest.raises(ValueError, match=f"{constant.lstrip('-')} is not a JSON number"):
         read_plan(path)
+
+
+# ----------------------------------------------------------------------------- calibrated plans, end to end
+
+
+def test_calibrated_bit_plan_is_applied_by_run(checkpoint, tmp_path, capsys):
+    """`slimfx calibrate bits` then `slimfx run` with that plan, both from the command
+    line: every linear of the plan is quantized (none reported as skipped)."""
+    import json
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    plan_path = tmp_path / "plan.json"
+    assert main(["calibrate", "bits", "--model", str(checkpoint), "--out", str(plan_path), "--bits", "6",
+                 "--candidates", "none,int8,int4_g32", "--text", str(text), "--tokens", "96"]) == 0
+    plan = json.loads(plan_path.read_text())
+    quantized = [f for f in plan["formats"].values() if f != "none"]
+    assert len(plan["formats"]) == 14 and quantized
+    config = tmp_path / "q.toml"
+    config.write_text('[compile]\npipeline = "q"\n[pipelines]\nq = ["quantize"]\n[passes.quantize]\nplan = "bits"\n'
+                      '[artifacts]\nbits = "plan.json"\n')
+    capsys.readouterr()
+    assert main(["run", "--model", str(checkpoint), "--config", str(config), "--max-new-tokens", "2", "--prompt", "hi",
+                 "--no-stream"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("quantize ")]
+    assert len(rows) == 2  # prefill and decode graphs
+    for row in rows:
+        assert row.split()[1] == "yes" and f"{len(quantized)} nodes rewritten" in row and "(plan bits)" in row, row
