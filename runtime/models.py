@@ -108,6 +108,8 @@ def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch
         raise ModelLoadError(f"{where}: cannot be loaded ({_first_line(exc)}); allowed: a complete HF checkpoint folder "
                              "or GGUF file") from None
     _check_loaded(where, model, info)
+    if source.gguf_file:
+        _check_gguf_blocks(where, source.folder / source.gguf_file, model)
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -132,6 +134,21 @@ def _quiet_transformers():
 def _first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {echo(lines[0] if lines else '', 200)}"
+
+
+def _check_gguf_blocks(where: str, path: Path, model) -> None:
+    """Refuse a GGUF whose tensors hold another number of blocks than its metadata says:
+    transformers builds the model from the metadata and drops the tensors of any block
+    past it without a word (a file edited to fewer layers would run and answer wrongly)."""
+    import re
+
+    from gguf import GGUFReader
+
+    blocks = {int(m.group(1)) for t in GGUFReader(str(path)).tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if blocks and layers is not None and blocks != set(range(layers)):
+        raise ModelLoadError(f"{where}: its metadata says {layers} blocks, its tensors hold blocks "
+                             f"{min(blocks)}-{max(blocks)} ({len(blocks)}); allowed: a GGUF whose block_count matches its tensors")
 
 
 def _check_loaded(where: str, model, info: dict) -> None:

@@ -342,3 +342,30 @@ def test_calibrated_bit_plan_is_applied_by_run(checkpoint, tmp_path, capsys):
     assert len(rows) == 2  # prefill and decode graphs
     for row in rows:
         assert row.split()[1] == "yes" and f"{len(quantized)} nodes rewritten" in row and "(plan bits)" in row, row
+
+
+def _gguf_with_blocks(path: Path, blocks: int) -> Path:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    for b in range(blocks):
+        writer.add_tensor(f"blk.{b}.attn_q.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_holding_more_blocks_than_its_metadata_is_refused(tmp_path):
+    """transformers builds the model from block_count and drops later blocks' tensors."""
+    from types import SimpleNamespace
+
+    from slimfx.runtime.models import ModelLoadError, _check_gguf_blocks
+
+    model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2))
+    _check_gguf_blocks("--model m", _gguf_with_blocks(tmp_path / "ok.gguf", 2), model)
+    with pytest.raises(ModelLoadError, match="metadata says 2 blocks, its tensors hold blocks 0-2 \\(3\\)"):
+        _check_gguf_blocks("--model m", _gguf_with_blocks(tmp_path / "edited.gguf", 3), model)
