@@ -354,6 +354,7 @@ def generate(
     GenerateOutput for the stats keys (prefill_s, decode_s, tokens_per_s, kv_bytes...).
     """
     check_generate_args(max_new_tokens, min_new_tokens, prefill_chunk, stream_interval, temperature, top_k, top_p)
+    check_model_inputs(model, input_ids, capacities)
     # layer_skip's speculative and schedule modes run their own loop (runtime/skip_decode.py),
     # loaded by name: it builds on this module.
     skipping = importlib.import_module("slimfx.runtime.skip_decode") if config is not None else None
@@ -395,6 +396,23 @@ def check_generate_args(max_new_tokens, min_new_tokens, prefill_chunk, stream_in
     if not isinstance(stream_interval, int) or stream_interval < 1:
         raise GenerateError(f"stream_interval: got {stream_interval!r}; allowed: an integer >= 1")
     _check_sampling(temperature, top_k, top_p)
+
+
+def check_model_inputs(model, input_ids, capacities) -> None:
+    """GenerateError (one line) for a token id the model's embedding has no row for (a bare
+    IndexError deep in the graph otherwise), and for `capacities` naming an attention site
+    the model cannot have (it would be ignored without a word)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embedding, "num_embeddings", None)
+    if vocab is not None and isinstance(input_ids, torch.Tensor) and input_ids.numel() and not input_ids.is_floating_point():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise GenerateError(f"input_ids: token id {lo if lo < 0 else hi} is outside the vocabulary; allowed: 0-{vocab - 1}")
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for site in capacities or {}:
+        if layers is not None and not (isinstance(site, int) and not isinstance(site, bool) and 0 <= site < layers):
+            raise GenerateError(f"capacities: site {site!r} does not exist; allowed: attention sites 0-{layers - 1} "
+                                f"(the model has {layers} layers)")
 
 
 def run_generation(gen, input_ids: torch.Tensor, lengths: torch.Tensor, *, max_new_tokens: int, min_new_tokens: int,

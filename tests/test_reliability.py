@@ -369,3 +369,21 @@ def test_gguf_holding_more_blocks_than_its_metadata_is_refused(tmp_path):
     _check_gguf_blocks("--model m", _gguf_with_blocks(tmp_path / "ok.gguf", 2), model)
     with pytest.raises(ModelLoadError, match="metadata says 2 blocks, its tensors hold blocks 0-2 \\(3\\)"):
         _check_gguf_blocks("--model m", _gguf_with_blocks(tmp_path / "edited.gguf", 3), model)
+
+
+# ----------------------------------------------------------------------------- generate() inputs
+
+
+@pytest.mark.parametrize("ids, kwargs, message", [
+    ([[1, 2, 500]], {}, "input_ids: token id 500 is outside the vocabulary; allowed: 0-127"),
+    ([[1, -2, 5]], {}, "input_ids: token id -2 is outside the vocabulary; allowed: 0-127"),
+    ([[1, 2, 5]], {"capacities": {99: 16}}, "capacities: site 99 does not exist; allowed: attention sites 0-1"),
+    ([[1, 2, 5]], {"capacities": {"0": 16}}, "capacities: site '0' does not exist"),
+])
+def test_generate_refuses_what_the_model_cannot_take(ids, kwargs, message):
+    from slimfx.runtime.generate import GenerateError, generate
+    from slimfx.runtime.models import tiny_model
+
+    with pytest.raises(GenerateError) as info:
+        generate(tiny_model("llama_untied"), torch.tensor(ids), max_new_tokens=2, **kwargs)
+    assert str(info.value).startswith(message)
