@@ -201,7 +201,7 @@ def build_cases(tokenizer, tasks=TASKS, lengths=(1024,), samples: int = 2, seed:
             for index in range(samples):
                 fitted = _fit(tokenizer, task, length, f"ruler/{seed}/{task}/{length}/{index}", sents)
                 if fitted is None:
-                    raise UsageError(f"--lengths {length}: too short for the {task} prompt; allowed: a few hundred tokens or more")
+                    raise UsageError(f"--ruler-lengths {length}: too short for the {task} prompt; allowed: about 500 tokens or more")
                 ids, answers = fitted
                 cases.append(RulerCase(task, int(length), index, answers, ids))
     return cases
