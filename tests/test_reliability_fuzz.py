@@ -161,3 +161,17 @@ def test_duo_heads_files(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("duo") / "duo.safetensors"
     path.write_bytes(data)
     assert _user_error_or_none(retrieval_heads.load, path, "duo", 2, 2) is not None
+
+
+SAFETENSORS_HEADS = st.sampled_from([b"", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ", b"\xff" * 8,
+                                     b'\x40\x00\x00\x00\x00\x00\x00\x00{"__metadata__": {"format": "slimfx.vq_head"}}   '])
+
+
+@settings(FUZZ, max_examples=30)
+@given(st.one_of(SAFETENSORS_HEADS, st.binary(max_size=256), st.tuples(SAFETENSORS_HEADS, st.binary(max_size=64)).map(b"".join)))
+def test_vq_codebook_files(tmp_path_factory, data):
+    from slimfx.runtime.vq_head import load_artifact
+
+    path = tmp_path_factory.mktemp("vq") / "head.safetensors"
+    path.write_bytes(data)
+    assert _user_error_or_none(load_artifact, path, "vq_head") is not None
