@@ -114,13 +114,13 @@ def speculative_rounds(model, ids, new: int, t_full: float, accepted: dict, leng
     return rows
 
 
-def real_weights_end_to_end(new: int, lengths) -> list[dict]:
+def real_weights_end_to_end(new: int, lengths, device) -> list[dict]:
     from slimfx.measure.fidelity import DEFAULT_PROMPTS
     from slimfx.runtime.generate import generate
     from slimfx.runtime.models import chat_input_ids, load_model
 
-    model, tok = load_model(dtype=torch.bfloat16, device="cuda")
-    ids = chat_input_ids(tok, DEFAULT_PROMPTS[0]).cuda()
+    model, tok = load_model(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    ids = chat_input_ids(tok, DEFAULT_PROMPTS[0]).to(device)
     t_full, _ = _ms_per_token(model, ids, new)
     ref = generate(model, ids, max_new_tokens=new).tokens
     rows = [{"draft": "none", "ms_per_token": t_full}]
@@ -142,10 +142,16 @@ def run_speed(args) -> dict:
     from slimfx.measure.bench_run import BenchSettings, run_backend
     from slimfx.measure.shapes import build
 
-    device = torch.device("cuda")
-    model = build(args.shape, torch.bfloat16, device, 0)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.layers:  # a CPU smoke run of this script: the tiny shape has too few blocks to skip any
+        from slimfx.runtime.models import tiny_model
+
+        model = tiny_model("llama_gqa", layers=args.layers).to(device, dtype)
+    else:
+        model = build(args.shape, dtype, device, 0)
     ids = torch.randint(0, model.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0)).to(device)
-    hf = run_backend("inductor", model, BenchSettings(args.context, (1,), args.new_tokens, 8), device)
+    hf = run_backend("inductor", model, BenchSettings(args.context, (1,), args.new_tokens, 8), device) if args.hf else None
     by_blocks = speed_by_blocks(model, ids, args.new_tokens)
     accepted = {}
     if args.acceptance:
@@ -160,7 +166,7 @@ def run_speed(args) -> dict:
             "settings": {"shape": args.shape, "context": args.context, "new_tokens": args.new_tokens, "batch": 1, "dtype": "bfloat16",
                          "acceptance_file": args.acceptance},
             "method": __doc__.strip(), "hf_inductor": hf, "by_blocks_removed": by_blocks, "speculative_rounds": rounds,
-            "real_weights_smollm2": real_weights_end_to_end(args.new_tokens, lengths)}
+            "real_weights_smollm2": real_weights_end_to_end(args.new_tokens, lengths, device) if args.real else None}
 
 
 def main() -> int:
@@ -179,6 +185,10 @@ def main() -> int:
     s.add_argument("--lengths", default="2,4")
     s.add_argument("--acceptance", default="results/layer_skip_acceptance.json")
     s.add_argument("--out", default="results/bench_h100_layer_skip.json")
+    s.add_argument("--device", default="cuda")
+    s.add_argument("--layers", type=int, default=0, help="smoke run: a tiny random model with this many blocks instead of --shape")
+    s.add_argument("--no-hf", dest="hf", action="store_false", help="skip the HF + inductor baseline")
+    s.add_argument("--no-real", dest="real", action="store_false", help="skip SmolLM2's real weights end to end")
     args = p.parse_args()
     result = run_acceptance(args) if args.what == "acceptance" else run_speed(args)
     out = Path(args.out)

@@ -1,6 +1,6 @@
 """Layer-skip plans for the quality eval (benchmarks/configs/eval_layer_skip.toml): Block
 Influence and SLEB, whole blocks and MLPs only, removing 10 %, 20 % and 30 % of the
-default model's blocks (3, 6, 9 of 30), calibrated on 256 tokens of the model's own
+default model's blocks (3, 6, 9 of 30), calibrated on 128 tokens of the model's own
 greedy text (calibrate/bits.calibration_ids; a prompt the eval does not use).
 
     python benchmarks/make_layer_skip_plans.py --out benchmarks/configs
@@ -38,15 +38,17 @@ def sleb_prefix(plan: dict, count: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/configs")
-    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--methods", default="block_influence,sleb", help="comma list of block_influence, sleb")
+    p.add_argument("--targets", default="block,mlp", help="comma list of block, mlp")
     args = p.parse_args()
     model, tok = load_model()
     ids = calibration_ids(model, tok, args.tokens)
     n = model.config.num_hidden_layers
     counts = [round(s * n) for s in SHARES]
     text = f"the model's own greedy text ({args.tokens} tokens)"
-    for target in ("block", "mlp"):
-        for method in ("block_influence", "sleb"):
+    for target in args.targets.split(","):
+        for method in args.methods.split(","):
             if method == "sleb":
                 full = calibrate_skip(model, ids, method=method, target=target, count=max(counts), model_name=DEFAULT_MODEL_NAME, text=text)
                 plans = {c: sleb_prefix(full, c) for c in counts}
