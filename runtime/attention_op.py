@@ -54,6 +54,7 @@ from typing import Callable, Protocol
 import torch
 
 from slimfx.codegen.kernels import use_attention_kernels
+from slimfx.compiler.errors import UsageError
 from slimfx.codegen.kernels.decode_attention import decode_attention_ref
 from slimfx.runtime.sdpa_reads import decode_sdpa, prefill_sdpa
 
@@ -307,7 +308,7 @@ def _softcapped(variant: Variant, layout: str, q, k, v, positions, tiers: Tiers,
     the store as it was before them, then written (as Plain does)."""
     plain = variant.inner if isinstance(variant, Read) else variant
     if not isinstance(plain, Plain):
-        raise ValueError(f"slimfx::attention layout {layout!r} with softcap {cap:g}: logit softcapping is read by the plain "
+        raise UsageError(f"slimfx::attention layout {layout!r} with softcap {cap:g}: logit softcapping is read by the plain "
                          f"variant only; allowed: plain sites (no kv_eviction or kv_quantize on a softcapped model)")
     main = tiers["main"]
     if isinstance(variant, Read):

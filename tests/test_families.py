@@ -13,7 +13,7 @@ import transformers as tf
 from slimfx.compiler.errors import UsageError
 from slimfx.measure.footprint import kv_bytes_at, model_footprint
 from slimfx.runtime.generate import generate, get_generator
-from tests.test_runtime_generate import hf_greedy, padded_batch
+from tests.test_runtime_generate import DEVICE, hf_greedy, padded_batch
 
 WINDOW = 8
 NEW = 8
@@ -78,7 +78,7 @@ def _lively(make, attn: str = "sdpa"):
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     model.config._attn_implementation = attn
-    return model
+    return model.to(DEVICE)
 
 
 @torch.inference_mode()  # the store's tensors were made under inference mode
@@ -96,7 +96,7 @@ def _forced_logits(model, ids, mask, forced) -> tuple[torch.Tensor, torch.Tensor
         gen.store.seen.add_(1)
     want = []
     for b in range(ids.shape[0]):
-        full = torch.cat([ids[b][mask[b].bool()], forced[b, :-1]])[None]
+        full = torch.cat([ids[b][mask[b].bool()], forced[b, :-1].to(ids.device)])[None]
         want.append(model(full, use_cache=False).logits[0, int(lengths[b]) - 1:])
     return torch.stack(rows, dim=1).float(), torch.stack(want).float()
 
@@ -112,7 +112,7 @@ def test_family_runs_exactly_past_its_window(family):
     runtime, unmodified = _forced_logits(model, ids, mask, want)
     torch.testing.assert_close(runtime, unmodified, atol=1e-3, rtol=1e-4)
     if family in EVICTION_REFUSED:
-        with pytest.raises(Exception, match=EVICTION_REFUSED[family]):
+        with pytest.raises(UsageError, match=EVICTION_REFUSED[family]):
             generate(model, ids, attention_mask=mask, max_new_tokens=NEW, prefill_chunk=16, capacity=CAPACITY, config=_EVICT)
         return
     evicted = generate(model, ids, attention_mask=mask, max_new_tokens=NEW, prefill_chunk=16, capacity=CAPACITY, config=_EVICT)
@@ -123,7 +123,7 @@ def test_sliding_layers_hold_only_their_window():
     """Store bytes at a long prompt = (window x sliding sites + length x global sites) x bytes
     per slot, and the footprint report counts the same tokens."""
     model = _lively(*EXACT["qwen2_sliding_global"])
-    ids = torch.randint(1, 128, (1, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, 128, (1, 32), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     length = 40  # the prompt and 8 new tokens: the store's capacity is the whole length
     _, stats = generate(model, ids, max_new_tokens=length - 32, prefill_chunk=16, capacity=length)
     kv_heads, head_dim = 2, 16
