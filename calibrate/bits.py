@@ -64,7 +64,8 @@ def solve_mckp(costs: list[list[float]], sizes: list[list[int]], budget: int, *,
     base = [min(s) for s in sizes]
     room = budget - sum(base)
     if room < 0:
-        raise UsageError(f"budget {budget} bytes is below the smallest possible total {sum(base)} bytes")
+        raise UsageError(f"budget {budget} bytes is below the smallest possible total {sum(base)} bytes; allowed: a budget "
+                         f"of at least {sum(base)} bytes for the linears (or more --bits, or smaller --candidates)")
     extra = [[s - b for s in opts] for opts, b in zip(sizes, base)]
     g = reduce(math.gcd, [e for opts in extra for e in opts if e > 0], 0) or 1
     unit, exact = g, True
@@ -351,8 +352,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from slimfx.runtime.models import load_model
+    from slimfx.calibrate.common import check_output, read_text_file
     from slimfx.passes.quantize.formats import parse_spec
+    from slimfx.runtime.models import load_model
 
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
     for c in candidates:
@@ -362,8 +364,14 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     if args.tokens < 16:
         raise UsageError(f"--tokens {args.tokens}: allowed: an integer >= 16")
+    if args.bits is not None and not (math.isfinite(args.bits) and 0 < args.bits <= 32):
+        raise UsageError(f"--bits {args.bits}: allowed: a number in (0, 32] (average bits per weight)")
+    for flag in ("kv_context", "kv_batch", "kv_dtype_bytes"):
+        if getattr(args, flag) < (0 if flag == "kv_context" else 1):
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: allowed: an integer >= {0 if flag == 'kv_context' else 1}")
     budget = parse_bytes(args.budget) if args.budget is not None else None
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
+    text = read_text_file(args.text)
+    check_output(args.output)
     model, tok = load_model(args.model)
     plan = calibrate_bit_allocation(
         model, tok, out_path=args.output, budget_bytes=budget, bits=args.bits, candidates=candidates, tokens=args.tokens,

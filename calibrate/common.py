@@ -19,10 +19,41 @@ def add_common_arguments(p: argparse.ArgumentParser, counted: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_for_calibration(args: argparse.Namespace, command: str):
-    """(model, tokenizer, calibration ids [1, T]) after checking the shared arguments."""
+def read_text_file(path: str | None) -> str | None:
+    """The UTF-8 calibration text at `path` (None: none given); a one-line UsageError when
+    it cannot be read."""
     from pathlib import Path
 
+    from slimfx.compiler.errors import echo
+
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise UsageError(f"--text {echo(path)}: cannot be read ({why}); allowed: a readable UTF-8 text file") from None
+
+
+def check_output(path: str) -> None:
+    """A one-line UsageError now, not after minutes of calibration, when `path` cannot be written."""
+    from pathlib import Path
+
+    from slimfx.compiler.errors import echo
+
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(out.name + ".probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {echo(path)}: cannot be written ({exc.strerror or type(exc).__name__}); "
+                         "allowed: a path in a writable folder") from None
+
+
+def load_for_calibration(args: argparse.Namespace, command: str):
+    """(model, tokenizer, calibration ids [1, T]) after checking the shared arguments."""
     from slimfx.calibrate.bits import calibration_ids
     from slimfx.runtime.models import load_model
 
@@ -30,7 +61,8 @@ def load_for_calibration(args: argparse.Namespace, command: str):
         raise UsageError(f"--tokens {args.tokens}: allowed: an integer >= 16")
     if (args.count is None) == (args.fraction is None):
         raise UsageError(f"calibrate {command}: give exactly one of --count or --fraction")
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
+    text = read_text_file(args.text)
+    check_output(args.output)
     model, tokenizer = load_model(args.model)
     return model, tokenizer, calibration_ids(model, tokenizer, args.tokens, text)
 

@@ -387,3 +387,25 @@ def test_generate_refuses_what_the_model_cannot_take(ids, kwargs, message):
     with pytest.raises(GenerateError) as info:
         generate(tiny_model("llama_untied"), torch.tensor(ids), max_new_tokens=2, **kwargs)
     assert str(info.value).startswith(message)
+
+
+# ----------------------------------------------------------------------------- calibrate arguments
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bits", "--bits", "5", "--text", "/no/such/text"], "--text /no/such/text: cannot be read (No such file or directory)"),
+    (["bits", "--bits", "-3"], "--bits -3.0: allowed: a number in (0, 32]"),
+    (["bits", "--bits", "nan"], "--bits nan: allowed"),
+    (["bits", "--bits", "5", "--kv-context", "-5"], "--kv-context -5: allowed: an integer >= 0"),
+    (["skip", "--count", "1", "--text", "/no/such/text"], "--text /no/such/text: cannot be read"),
+])
+def test_calibrate_arguments_are_checked_before_the_model_loads(capsys, tmp_path, argv, needle):
+    out = tmp_path / "plan.json"
+    one_line_error(capsys, ["calibrate", *argv, "--model", "/no/such/model", "--out", str(out)], needle)
+
+
+def test_calibrate_output_that_cannot_be_written_is_refused_at_once(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder is needed")
+    one_line_error(capsys, ["calibrate", "bits", "--bits", "5", "--model", "/no/such/model", "--out", str(blocker / "plan.json")],
+                   f"--out {blocker / 'plan.json'}: cannot be written")
