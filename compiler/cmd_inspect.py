@@ -9,6 +9,11 @@ import torch
 from slimfx.compiler.errors import UsageError
 
 
+# The probe only has to show the graph's structure; a huge one would allocate its
+# attention scores (100M tokens: a 25 GB request on the tiny model).
+MAX_PROBE_TOKENS = 4096
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="a local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct), "
                                         "or a package folder from `slimfx export` (prints its manifest)")
@@ -70,8 +75,8 @@ def main(args: argparse.Namespace) -> int:
     from slimfx.compiler.config import load_config
     from slimfx.runtime.models import load_model
 
-    if args.tokens < 1:
-        raise UsageError(f"--tokens {args.tokens}: allowed: an integer >= 1")
+    if not 1 <= args.tokens <= MAX_PROBE_TOKENS:
+        raise UsageError(f"--tokens {args.tokens}: allowed: an integer in [1, {MAX_PROBE_TOKENS}]")
     if args.model and _is_package(args.model):
         return _inspect_package(args.model)
     plan = _read_plan(args.plan) if args.plan else None  # a bad file is refused before the model loads

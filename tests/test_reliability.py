@@ -409,3 +409,7 @@ def test_calibrate_output_that_cannot_be_written_is_refused_at_once(capsys, tmp_
     blocker.write_text("a file where a folder is needed")
     one_line_error(capsys, ["calibrate", "bits", "--bits", "5", "--model", "/no/such/model", "--out", str(blocker / "plan.json")],
                    f"--out {blocker / 'plan.json'}: cannot be written")
+
+
+def test_inspect_probe_length_is_bounded(capsys):
+    one_line_error(capsys, ["inspect", "--tiny", "llama_gqa", "--tokens", "100000000"], "--tokens 100000000: allowed: an integer in [1, 4096]")
