@@ -54,7 +54,7 @@ def _unwrapped_type(cls: type) -> type:
 
     # str() is the line slimfx made: dynamo appends its advice to a passing error's args.
     return type(cls.__name__, (cls, ShortenTraceback), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                                                          "__init__": cls.__init__, "__str__": lambda self: self.slimfx_line})
+                                                          "__str__": lambda self: self.slimfx_line})
 
 
 def through_dynamo(exc: Exception) -> Exception:
