@@ -36,8 +36,13 @@ def acceptance(model, tokenizer, drafts: dict, lengths=(2, 4), new_tokens: int =
     that longest K."""
     from slimfx.runtime.models import chat_input_ids
 
+    from slimfx.runtime.skip_variants import full_config
+
     prompt_ids = [chat_input_ids(tokenizer, p) for p in prompts]
-    references = [generate(model, ids, max_new_tokens=new_tokens).tokens for ids in prompt_ids]
+    # The pipeline without layer_skip (no passes): the unmodified model, on the generator
+    # the speculative runs prefill with (compiled once for both).
+    whole = full_config(speculative_config(next(iter(drafts.values())), lengths[0]))
+    references = [generate(model, ids, max_new_tokens=new_tokens, config=whole).tokens for ids in prompt_ids]
     rows = []
     for name, draft in drafts.items():
         runs = [(k, False) for k in lengths] + ([(adaptive_length, True)] if adaptive_length else [])
