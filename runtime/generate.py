@@ -177,11 +177,14 @@ def _fresh_step_function() -> Callable:
     return types.FunctionType(code, _model_step.__globals__)
 
 
-def _runtime_config(config, store_id: str) -> dict:
-    from slimfx.compiler.config import load_config
+def _runtime_config(config, store_id: str):
+    """`config` with kv_runtime bound to the store, as a Config that keeps the source it
+    came from (the compile reports name the user's file, not "<dict>")."""
+    from slimfx.compiler.config import load_config, validate_config
     from slimfx.compiler.pipeline import with_pass
 
-    raw = load_config(config).to_dict()
+    loaded = load_config(config)
+    raw = loaded.to_dict()
     # The pass pipeline runs with FX code generation; the generator lowers afterwards
     # (runtime/lowering.py), because store buffers must become graph inputs first.
     raw["compile"]["codegen"] = "eager"
@@ -189,7 +192,7 @@ def _runtime_config(config, store_id: str) -> dict:
     raw["pipelines"]["_slimfx_runtime"] = pipeline
     raw["compile"]["pipeline"] = "_slimfx_runtime"
     raw["passes"]["kv_runtime"] = {"store": store_id}
-    return raw
+    return validate_config(raw, loaded.source)
 
 
 def _resolve_codegen(codegen: str, config, is_cuda: bool) -> str:

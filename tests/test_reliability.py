@@ -338,7 +338,9 @@ def test_calibrated_bit_plan_is_applied_by_run(checkpoint, tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", "--model", str(checkpoint), "--config", str(config), "--max-new-tokens", "2", "--prompt", "hi",
                  "--no-stream"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("quantize ")]
+    out = capsys.readouterr().out
+    assert out.count(f"config {config}, ") == 2  # each graph's report names the user's file
+    rows = [line for line in out.splitlines() if line.startswith("quantize ")]
     assert len(rows) == 2  # prefill and decode graphs
     for row in rows:
         assert row.split()[1] == "yes" and f"{len(quantized)} nodes rewritten" in row and "(plan bits)" in row, row
