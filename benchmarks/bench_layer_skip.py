@@ -154,7 +154,9 @@ def run_speed(args) -> dict:
     hf = run_backend("inductor", model, BenchSettings(args.context, (1,), args.new_tokens, 8), device) if args.hf else None
     by_blocks = speed_by_blocks(model, ids, args.new_tokens)
     accepted = {}
-    if args.acceptance:
+    if args.acceptance and not Path(args.acceptance).is_file():
+        print(f"[speed] no acceptance file {args.acceptance}: round times only, no projected speedup", file=sys.stderr)
+    elif args.acceptance:
         for row in json.loads(Path(args.acceptance).read_text())["rows"]:
             if not row["adaptive"]:
                 accepted[(row["draft"], row["draft_length"])] = row["tokens_per_round"]
