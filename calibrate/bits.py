@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from slimfx.calibrate.common import calibration_ids
 from slimfx.compiler.errors import UsageError
 from slimfx.passes.quantize.plan import PLAN_KIND, PLAN_VERSION, format_plan
 
@@ -236,22 +237,6 @@ def allocate(items: list[dict], budget_bytes: int, *, max_cells: int = 200_000) 
 
 
 # ----------------------------------------------------------------------------- calibrate
-
-
-def calibration_ids(model, tokenizer, tokens: int, text: str | None = None) -> torch.Tensor:
-    """[1, T] token ids: `text` when given, else the model's own greedy continuation of a fixed prompt."""
-    if text is not None:
-        ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
-        if ids.shape[1] < 16:
-            raise UsageError(f"calibration text has {ids.shape[1]} tokens; give at least 16")
-        return ids
-    from slimfx.runtime.models import chat_input_ids
-
-    prompt = chat_input_ids(tokenizer, "Write a detailed essay about the history of science, with examples.")
-    with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max(1, tokens - prompt.shape[1]),
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return out[:, :tokens]
 
 
 def budget_from(items: list[dict], *, budget_bytes: int | None, bits: float | None, kv_bytes: int) -> int:

@@ -1,5 +1,5 @@
-"""What the calibration commands share: their model / output / count arguments, and
-loading the model with its calibration text."""
+"""What the calibration commands share: their model / output / count arguments, the
+calibration text (a file, or the model's own greedy text) and loading the model with it."""
 
 from __future__ import annotations
 
@@ -52,9 +52,26 @@ def check_output(path: str) -> None:
                          "allowed: a path in a writable folder") from None
 
 
+def calibration_ids(model, tokenizer, tokens: int, text: str | None = None) -> torch.Tensor:
+    """[1, T] token ids: `text` when given, else the model's own greedy continuation of a fixed prompt."""
+    import torch
+
+    if text is not None:
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+        if ids.shape[1] < 16:
+            raise UsageError(f"calibration text has {ids.shape[1]} tokens; give at least 16")
+        return ids
+    from slimfx.runtime.models import chat_input_ids
+
+    prompt = chat_input_ids(tokenizer, "Write a detailed essay about the history of science, with examples.")
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max(1, tokens - prompt.shape[1]),
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[:, :tokens]
+
+
 def load_for_calibration(args: argparse.Namespace, command: str):
     """(model, tokenizer, calibration ids [1, T]) after checking the shared arguments."""
-    from slimfx.calibrate.bits import calibration_ids
     from slimfx.runtime.models import load_model
 
     if args.tokens < 16:

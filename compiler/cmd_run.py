@@ -55,22 +55,6 @@ def _check(args) -> str:
     return check_device(args.device)
 
 
-def check_kv_fits(model, tokens: int, device: str) -> None:
-    """A one-line UsageError when the KV cache for `tokens` cannot fit in the memory free
-    on `device`, before anything is allocated (a huge --max-new-tokens would otherwise
-    ask the allocator for tens of GB, or swap)."""
-    from slimfx.runtime.models import available_memory, kv_bytes_per_token
-
-    per_token, free = kv_bytes_per_token(model), available_memory(device)
-    if per_token is None or free is None:
-        return
-    need = per_token * tokens
-    if need > free:
-        raise UsageError(f"--max-new-tokens: the KV cache for {tokens} tokens needs {format_bytes(need)}, more than the "
-                         f"{format_bytes(free)} free on {device}; allowed: at most {max(0, free // per_token)} tokens "
-                         "of prompt and answer")
-
-
 def model_dtype(name: str | None, device: str) -> torch.dtype:
     """The weights dtype `--dtype` names, else float32 on CPU and bfloat16 on CUDA."""
     return DTYPES[name] if name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -102,7 +86,7 @@ class _Printer:
 
 def main(args: argparse.Namespace) -> int:
     from slimfx.runtime import generate
-    from slimfx.runtime.models import chat_input_ids, load_model
+    from slimfx.runtime.models import chat_input_ids, kv_fit_problem, load_model
 
     if args.package:
         return _run_package(args)
@@ -116,7 +100,9 @@ def main(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     clear_reports()
     input_ids = chat_input_ids(tokenizer, args.prompt).to(device)
-    check_kv_fits(model, input_ids.shape[1] + args.max_new_tokens, device)
+    problem = kv_fit_problem(model, input_ids.shape[1] + args.max_new_tokens)
+    if problem:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: {problem} of prompt and answer")
     printer = None if args.no_stream else _Printer(tokenizer)
     tokens, stats = generate(
         model, input_ids, max_new_tokens=args.max_new_tokens, capacity=input_ids.shape[1] + args.max_new_tokens,

@@ -379,6 +379,11 @@ def generate(
         capacity = -(-(padded + max_new_tokens) // 256) * 256  # rounded so nearby calls share a store
     elif not isinstance(capacity, int) or capacity < 1:
         raise GenerateError(f"capacity: got {capacity!r}; allowed: an integer >= 1")
+    from slimfx.runtime.models import kv_fit_problem
+
+    problem = kv_fit_problem(model, capacity, B)
+    if problem:
+        raise GenerateError(f"capacity {capacity} (prompt + max_new_tokens {max_new_tokens}): {problem}")
     if seed is not None:
         torch.manual_seed(seed)
     gen = get_generator(model, B, capacity, capacities=capacities, config=config, codegen=codegen)

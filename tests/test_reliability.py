@@ -180,7 +180,17 @@ def test_huge_token_budget_is_refused_before_allocating(checkpoint, capsys, monk
     monkeypatch.setattr(models, "available_memory", lambda device: 1 << 20)  # 1 MiB free
     # 512 B of KV per token: 10,000 tokens need 4.9 MiB.
     one_line_error(capsys, ["run", "--model", str(checkpoint), "--max-new-tokens", "10000"],
-                   "--max-new-tokens: the KV cache for", "more than the 1.00 MiB free", "allowed: at most 2048 tokens")
+                   "--max-new-tokens 10000: the KV cache for", "more than the 1.00 MiB free", "allowed: at most 2048 tokens")
+
+
+def test_generate_bounds_the_kv_cache_before_allocating(monkeypatch):
+    from slimfx.runtime import models
+    from slimfx.runtime.generate import GenerateError, generate
+
+    monkeypatch.setattr(models, "available_memory", lambda device: 1 << 20)
+    with pytest.raises(GenerateError, match=r"capacity 10240 \(prompt \+ max_new_tokens 10000\): the KV cache for 10240 tokens "
+                                            r"x 2 needs 10.00 MiB, more than the 1.00 MiB free on cpu; allowed: at most 1024 tokens"):
+        generate(models.tiny_model("llama_untied"), torch.ones(2, 3, dtype=torch.long), max_new_tokens=10_000)
 
 
 def test_kv_bytes_per_token_counts_every_layer():
