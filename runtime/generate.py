@@ -381,7 +381,8 @@ def generate(
         raise GenerateError(f"capacity: got {capacity!r}; allowed: an integer >= 1")
     from slimfx.runtime.models import kv_fit_problem
 
-    problem = kv_fit_problem(model, capacity, B)
+    held = sum(g.store.nbytes() for g in _GENERATORS.get(model, {}).values())  # a cached generator reuses its store
+    problem = kv_fit_problem(model, capacity, B, held=held)
     if problem:
         raise GenerateError(f"capacity {capacity} (prompt + max_new_tokens {max_new_tokens}): {problem}")
     if seed is not None:

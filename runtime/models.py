@@ -199,16 +199,20 @@ def available_memory(device: torch.device | str) -> int | None:
     return None
 
 
-def kv_fit_problem(model, slots: int, batch: int = 1) -> str | None:
+def kv_fit_problem(model, slots: int, batch: int = 1, *, held: int = 0) -> str | None:
     """Why a KV cache of `slots` tokens x `batch` sequences cannot fit in the memory free on
-    the model's device ("needs X, more than the Y free on D; at most N tokens"), or None.
-    Checked before allocating: a huge token budget would otherwise ask the allocator for
-    tens of GB (a crash deep inside compilation) or make the machine swap."""
+    the model's device, plus `held` bytes of caches already allocated that it may replace
+    ("needs X, more than the Y free on D; at most N tokens"), or None. Checked before
+    allocating: a huge token budget would otherwise ask the allocator for tens of GB (a
+    crash deep inside compilation) or make the machine swap."""
     from slimfx.compiler.passmanager import format_bytes
 
     device = next(model.parameters()).device
     per_token, free = kv_bytes_per_token(model), available_memory(device)
-    if per_token is None or free is None or per_token * slots * batch <= free:
+    if per_token is None or free is None:
+        return None
+    free += held
+    if per_token * slots * batch <= free:
         return None
     return (f"the KV cache for {slots} tokens x {batch} needs {format_bytes(per_token * slots * batch)}, more than the "
             f"{format_bytes(free)} free on {device}; allowed: at most {free // (per_token * batch)} tokens")
