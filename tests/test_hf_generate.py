@@ -40,6 +40,10 @@ def _pipeline(*passes, **options):
 CONFIGS = {
     "off": (None, "kv_runtime"),
     "h2o": (_pipeline("kv_eviction", kv_eviction={"policy": "h2o", "budget": 16, "n_sink": 2, "window": 4}), "kv_eviction"),
+    "scope": (_pipeline("kv_eviction", kv_eviction={"policy": "h2o", "budget": 12, "decode_budget": 8, "n_sink": 2,
+                                                    "window": 4}), "kv_eviction"),
+    "mikv": (_pipeline("kv_eviction", kv_eviction={"policy": "snapkv", "budget": 16, "n_sink": 2, "window": 4,
+                                                   "obs_window": 4, "evicted": "int4"}), "kv_eviction"),
     "kv_int8": (_pipeline("kv_quantize", kv_quantize={"format": "int8", "residual": 4, "n_sink": 2}), "kv_quantize"),
     "w_int8": (_pipeline("quantize", quantize={"format": "int8"}), "quantize"),
 }
