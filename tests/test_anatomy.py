@@ -192,8 +192,8 @@ VARIANTS = {
                              ("site 1", "causal, position rotary (rotate_half), projection bias q/k/v")],
     "gemma2_softcap_sliding_global": [("site 0", "causal, sliding window 8, softcap 5, position rotary (rotate_half)"),
                                       ("site 1", "causal, softcap 5, position rotary (rotate_half)")],
-    "qwen3": [("sites 0,1", "causal, q/k rms_norm, position rotary (rotate_half)")],
-    "opt": [("sites 0,1", "causal, position learned absolute, projection bias q/k/v/o")],
+    "qwen3": [("site 0", "causal, q/k rms_norm, position rotary (rotate_half)")],
+    "opt": [("site 0", "causal, position learned absolute, projection bias q/k/v/o")],
 }
 
 
@@ -202,6 +202,10 @@ def test_attention_variant_of_each_site(family):
     a = _family_anatomy(family)
     assert a.variant_groups() == VARIANTS[family]
     assert "attention variants (sites alike grouped):" in a.table() and VARIANTS[family][0][1] in a.table()
+
+
+def test_alike_sites_are_grouped():
+    assert _anatomy("llama_gqa", layers=3).variant_groups() == [("sites 0-2", "causal, position rotary (rotate_half)")]
 
 
 def test_hand_written_attention_scale_and_softcap_read_off_the_scores():

@@ -19,28 +19,31 @@ WINDOW = 8
 NEW = 8
 CAPACITY = 64  # >= the padded prompt (32) + NEW: the store holds every token
 LENGTHS = [14, 19]  # both prompts longer than the sliding windows
-_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+# One layer where every layer attends alike (dynamo's trace, most of each case's time, grows
+# with depth); two where sliding and global layers alternate.
+_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                vocab_size=128, max_position_embeddings=256)
-_ALTERNATING = ["sliding_attention", "full_attention"]
-_MHA = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+_ALTERNATING = dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+_MHA = dict(num_hidden_layers=1, num_attention_heads=4, vocab_size=128)
 
 # family -> (model maker, attention implementation the family runs with)
 EXACT = {
     "llama": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_COMMON)), "sdpa"),
     "llama_bias": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_COMMON, attention_bias=True, mlp_bias=True)), "sdpa"),
-    "qwen2_sliding_global": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=WINDOW,
-                                                                          layer_types=_ALTERNATING)), "sdpa"),
+    "qwen2_sliding_global": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**{**_COMMON, **_ALTERNATING}, use_sliding_window=True,
+                                                                          sliding_window=WINDOW)), "sdpa"),
     "qwen3": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**_COMMON, head_dim=16)), "sdpa"),
     "mistral_sliding": (lambda: tf.MistralForCausalLM(tf.MistralConfig(**_COMMON, sliding_window=WINDOW)), "sdpa"),
     "phi3_sliding": (lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_COMMON, pad_token_id=0, sliding_window=WINDOW)), "sdpa"),
     # Gemma-2 needs eager attention (HF: SDPA has no softcap). A cap of 5 bites at these
     # weights (the greedy tokens change without it); an untied head keeps greedy output lively.
     "gemma2_softcap_sliding_global": (lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
-        **_COMMON, head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=5.0, tie_word_embeddings=False)), "eager"),
-    "gemma3_sliding_global": (lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=WINDOW,
-                                                                                  layer_types=_ALTERNATING, tie_word_embeddings=False)), "sdpa"),
+        **{**_COMMON, **_ALTERNATING}, head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=5.0, tie_word_embeddings=False)),
+        "eager"),
+    "gemma3_sliding_global": (lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**{**_COMMON, **_ALTERNATING}, head_dim=16, sliding_window=WINDOW,
+                                                                                  tie_word_embeddings=False)), "sdpa"),
     # Conv1D projections (addmm): the kv heads are read off the key's shape
-    "gpt2_conv1d": (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=256)), "sdpa"),
+    "gpt2_conv1d": (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128, n_positions=256)), "sdpa"),
     "gpt_neox": (lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=64, intermediate_size=96, **_MHA,
                                                                 max_position_embeddings=256)), "sdpa"),
     "opt": (lambda: tf.OPTForCausalLM(tf.OPTConfig(hidden_size=64, ffn_dim=96, **_MHA, max_position_embeddings=256,
@@ -58,7 +61,7 @@ REFUSED = {
     "falcon_alibi": (lambda: tf.FalconForCausalLM(tf.FalconConfig(hidden_size=64, **_MHA, alibi=True)), "sdpa",
                      "that is not only a mask (ALiBi"),
     # BLOOM's scores start from baddbmm(alibi, q, k): no attention the anatomy recognises
-    "bloom_alibi": (lambda: tf.BloomForCausalLM(tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=128)), "eager",
+    "bloom_alibi": (lambda: tf.BloomForCausalLM(tf.BloomConfig(hidden_size=64, n_layer=1, n_head=4, vocab_size=128)), "eager",
                     "found no attention"),
 }
 
