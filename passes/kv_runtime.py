@@ -93,13 +93,25 @@ def _untransposed(gm, site: AttentionSite) -> AttentionSite | None:
     return dataclasses.replace(site, k_input=k_t.args[0].name)
 
 
+def _operands_now(site: AttentionSite, node: torch.fx.Node) -> AttentionSite:
+    """The site with q/k/v as the SDPA call reads them now: an earlier pass may have removed
+    a node the anatomy named (fold_noop_casts drops OLMo-2's no-op cast of q)."""
+    qkv = [node.args[i] if len(node.args) > i else node.kwargs.get(name) for i, name in enumerate(("query", "key", "value"))]
+    names = [x.name if isinstance(x, torch.fx.Node) else None for x in qkv]
+    return dataclasses.replace(site, q_input=names[0], k_input=names[1], v_input=names[2])
+
+
 def _rewrite_site(gm, site: AttentionSite, node: torch.fx.Node, store) -> str | None:
     eager = site.kind == "matmul_softmax"
     if eager:
         index, site = site.index, _untransposed(gm, site)
         if site is None:
             return f"site {index}: the key operand is not k.transpose(-2, -1)"
-        node = next(n for n in gm.graph.nodes if n.name == site.output)  # the probabilities x v matmul
+        node = next((n for n in gm.graph.nodes if n.name == site.output), None)  # the probabilities x v matmul
+        if node is None:
+            return f"site {index}: its output {site.output} is no longer in the graph"
+    else:
+        site = _operands_now(site, node)
     q, k, v = sdpa_operands(gm, site)
     qshape = shape_of(q) if q is not None else None
     if q is None or k is None or v is None or qshape is None:
@@ -123,17 +135,6 @@ def _rewrite_site(gm, site: AttentionSite, node: torch.fx.Node, store) -> str | 
     return None
 
 
-def _current_anatomy(gm, ctx: PassContext):
-    """The context's anatomy unless an earlier pass removed nodes it names (fold_noop_casts
-    drops a cast the attention read), then the anatomy of the graph as it is now."""
-    anatomy = ctx.anatomy
-    if anatomy is not None:
-        names = {n.name for n in gm.graph.nodes}
-        if all({s.node, s.q_input, s.k_input, s.v_input, s.output} <= names for s in anatomy.attention_sites):
-            return anatomy
-    return ctx.refresh_anatomy(gm)
-
-
 def _unique(notes: list[str], shown: int = 3) -> list[str]:
     """The first few distinct reasons, site numbers folded: 30 sites rarely differ."""
     reasons: dict[str, list[str]] = {}
@@ -151,7 +152,7 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     store = get_store(store_id)
     if store is None:
         return PassResult.skipped(NAME, f"no KV store registered under {store_id!r} (slimfx.runtime.generate registers one)")
-    anatomy = _current_anatomy(gm, ctx)
+    anatomy = ctx.anatomy if ctx.anatomy is not None else ctx.refresh_anatomy(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
     notes = []
     bound = {index for index, _ in attention_sites(gm)}  # kv_share binds its readers before this pass
