@@ -108,6 +108,20 @@ def compile(model, config=None, **torch_compile_kwargs):
     return bind_generate(torch.compile(model, backend="slimfx", options={"config": config}, **torch_compile_kwargs), config)
 
 
+def _register_name() -> None:
+    """backend="slimfx" also where slimfx is imported from a source tree rather than
+    installed. Where the entry point exists, dynamo registers the name itself while it
+    imports this module (registering it here too would be a duplicate)."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    installed = any(ep.name == "slimfx" for ep in entry_points(group="torch_dynamo_backends"))
+    if not installed and "slimfx" not in _COMPILER_FNS:
+        register_backend(slimfx_backend, name="slimfx")
+
+
+_register_name()
 # HF generate on models compiled with this backend goes to slimfx's runtime; installed
 # here because torch.compile(backend="slimfx") imports this module.
 install_generate_hook(slimfx_backend, check_settings)
