@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=64, help="prefill tokens per step, a power of two >= 16 (default 64)")
     p.add_argument("--force", action="store_true", help="replace an existing package folder")
     p.add_argument("--compile", choices=("auto", "aoti", "none"), default="auto",
-                   help="compile the step graphs with AOTInductor (aoti), or run them through torch.export's "
-                        "interpreter (none); auto: aoti on CUDA, none on CPU")
+                   help="compile the step graphs with AOTInductor (aoti, CPU only), or run them through torch.export's "
+                        "interpreter (none, and auto)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -11,15 +11,18 @@ per graph, holding the graph only). Weights go to one safetensors file, read by 
 graphs; pass constants (packed quantized weights, codebooks, fixed head indices) to
 another; the KV store is described in the manifest and allocated empty at load.
 
-Each exported program is then compiled by AOTInductor (`compile="aoti"`, the default on
-CUDA) into a `.aoti.pt2` beside it: inductor's fused kernels for everything but slimfx's
+With `compile="aoti"` (CPU only), each exported program is then compiled by AOTInductor
+into a `.aoti.pt2` beside it: inductor's fused kernels for everything but slimfx's
 attention op, which stays a call into the op's registered implementation (a custom op
-over a list of buffers it mutates in place; AOTInductor calls it through the dispatcher,
-so the op's Triton kernels still run). A program AOTInductor cannot compile keeps
-running through torch.export's interpreter (ExportedProgram.module(), op by op), and the
-manifest and the progress line say why. Either way the loader does no dynamo tracing, no
-passes and no autotuning. On CPU the default is the interpreter: AOTInductor's C++
-build of even a two-layer model took 94 s on a 2-core machine.
+over a list of buffers it mutates in place, called through the dispatcher). A program
+AOTInductor cannot compile keeps running through torch.export's interpreter
+(ExportedProgram.module(), op by op), and the manifest and the progress line say why.
+Either way the loader does no dynamo tracing, no passes and no autotuning.
+Not on CUDA: on an H100 (torch 2.11) AOTInductor compiled both programs of the
+Llama-3.2-1B shape, but loading the package crashed the process (segfault inside
+torch's `_load_aoti`, also for a two-layer model), so CUDA packages use the interpreter
+and `compile="aoti"` is refused there. The default (`auto`) is the interpreter: on CPU
+AOTInductor's C++ build of even a two-layer model took 94 s on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -200,7 +203,7 @@ def export_package(model, out, *, config=None, tokenizer=None, batch: int = 1, c
     """Write a package for `model` with `config` (dict, TOML path or None) to the folder `out`.
     batch: sequences per call; capacity: KV slots per site (prompt + new tokens at most);
     chunk: prefill tokens per step (a power of two >= 16); compile: "aoti" (AOTInductor),
-    "none" (torch.export's interpreter) or "auto" (aoti on CUDA, none on CPU). Returns the folder."""
+    "none" (torch.export's interpreter) or "auto" (none; see the module doc). Returns the folder."""
     from safetensors.torch import save_file
 
     from slimfx.compiler.config import load_config
@@ -208,6 +211,9 @@ def export_package(model, out, *, config=None, tokenizer=None, batch: int = 1, c
 
     out = Path(out)
     _check_args(out, batch, capacity, chunk, overwrite, compile)
+    if compile == "aoti" and next(model.parameters()).device.type == "cuda":
+        raise UsageError("--compile aoti: AOTInductor packages of these graphs crashed torch's package loader on CUDA "
+                         "(segfault in _load_aoti on an H100, torch 2.11); allowed on CUDA: --compile none or auto")
     loaded = load_config(config)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -225,12 +231,12 @@ def export_package(model, out, *, config=None, tokenizer=None, batch: int = 1, c
         raise UsageError(f"export: compiled graphs for {sorted(p['tokens'] for p in collected.programs)} tokens per step; "
                          f"expected one prefill graph ({chunk}) and one decode graph (1)")
     device = gen.store.device
-    if compile == "aoti" or (compile == "auto" and device.type == "cuda"):
+    if compile == "aoti":
         progress("[2/5] AOTInductor")
         for entry in collected.programs:
             _aoti_compile(entry, *collected.exported[entry["tokens"]], staging / "programs", progress)
     else:
-        progress("[2/5] AOTInductor: off (--compile none, or auto on CPU): the programs run through torch.export's interpreter")
+        progress("[2/5] AOTInductor: off (--compile none or auto): the programs run through torch.export's interpreter")
     collected.exported.clear()
     progress(f"[3/5] weights ({len(collected.weights)} tensors) and pass constants ({len(collected.constants)})")
     save_file({k: v.detach().contiguous() for k, v in collected.weights.items()}, str(staging / "weights.safetensors"))

@@ -150,7 +150,8 @@ class Package:
 
     def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int = 128, min_new_tokens: int = 0,
                  attention_mask: torch.Tensor | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id=None, pad_token_id: int = 0, callback=None, stream_interval: int = 16, seed: int | None = None):
+                 eos_token_id=None, pad_token_id: int = 0, callback=None, stream_interval: int = 16, seed: int | None = None,
+                 cuda_graph: bool | None = None):
         """As slimfx.runtime.generate, within the package's batch and capacity."""
         check_generate_args(max_new_tokens, min_new_tokens, self.chunk, stream_interval, temperature, top_k, top_p)
         lengths = prompt_lengths(input_ids, attention_mask)
@@ -167,7 +168,7 @@ class Package:
         return run_generation(self.generator, input_ids.to(self.device), lengths, max_new_tokens=max_new_tokens,
                               min_new_tokens=min_new_tokens, sampling=(float(temperature), int(top_k), float(top_p)),
                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, prefill_chunk=self.chunk,
-                              callback=callback, stream_interval=stream_interval, cuda_graph=None)
+                              callback=callback, stream_interval=stream_interval, cuda_graph=cuda_graph)
 
     def describe(self) -> str:
         """The manifest as text: what was built, for what, from which passes, and the bytes."""
