@@ -40,6 +40,7 @@ def test_whole_prompt_compression_ignores_the_runtime_chunk(sharp_model):
 def test_prefill_chunk_hook():
     assert prefill_chunk(_config(policy="h2o", budget=64), 1000, 512) == 1024  # one chunk covers the prompt
     assert prefill_chunk(_config(policy="h2o", budget=64), 100, 512) == 512
+    assert prefill_chunk(_config(policy="h2o", budget=64), 16384, 512) == 4096  # bounded: one chunk's scores at 16K ran an H100 out of memory
     assert prefill_chunk(_config(policy="h2o", budget=64, prefill_chunk=32), 1000, 512) == 32
     assert prefill_chunk({}, 1000, 512) == 512  # no eviction: the caller's chunk
     with pytest.raises(ConfigError, match=r"prefill_chunk: got 24; allowed: 0 .* or a power of two >= 16"):

@@ -10,8 +10,12 @@ by (eviction_op.py). Policies: policies.py. Per-layer budgets and policies come 
 
 - Prefill: by default the store is compressed once the whole prompt has been seen (the
   papers' setting: the runtime prefills the prompt in one chunk, `prefill_chunk`
-  hook); `prefill_chunk` = N compresses after every N prompt tokens instead (bounded
-  memory, but tokens are ranked before the end of the prompt is seen).
+  hook), for prompts up to WHOLE_PROMPT_LIMIT tokens; a longer prompt is compressed
+  after each chunk of that size (ranking a prompt's tokens holds a [heads, chunk, chunk]
+  float32 score matrix: at 16K tokens on the Llama-3.2-1B shape that asked for 34 GiB
+  and ran out of memory on an 80 GB H100; at 4096 it is 2 GiB). `prefill_chunk` = N
+  compresses after every N prompt tokens instead (bounded memory, but tokens are
+  ranked before the end of the prompt is seen).
 - The budget counts real tokens only: left padding has negative positions, which the
   keep rule treats as empty slots.
 - `budget_fraction` > 0: the budget is that share of the prompt, resolved per prompt
@@ -72,7 +76,8 @@ OPTIONS = {
                                  lo=0.0, hi=1.0, per_layer=False),
     "duo_heads": Option(str, "duo_heads", "duo: key in [artifacts] of the `slimfx calibrate duo-heads` file", per_layer=False),
     "prefill_chunk": Option(int, 0, "0: compress once the whole prompt is seen (the papers' setting; the runtime prefills "
-                            "the prompt in one chunk, so the full prompt's keys and values exist for a moment); N (a power "
+                            "the prompt in one chunk, so the full prompt's keys and values exist for a moment; prompts "
+                            "over 4096 tokens: after each 4096-token chunk); N (a power "
                             "of two >= 16): bounded-memory chunked prefill, the store compressed after every N prompt tokens",
                             lo=0, hi=1 << 24, per_layer=False),
     "evicted": Option(str, "drop", "an evicted token is dropped, or kept at low precision (MiKV)", choices=("drop", "int8", "int4", "int2")),
@@ -109,16 +114,20 @@ def specialise(options: dict, prompt_tokens: int) -> dict | None:
     return top if changed else None
 
 
+WHOLE_PROMPT_LIMIT = 4096
+
+
 def prefill_chunk(options: dict, prompt_tokens: int, chunk: int) -> int:
     """The runtime's prefill chunk (compiler/pipeline.py's hook): `prefill_chunk` when set,
-    else one chunk covering the prompt (a power of two, as the runtime's buckets are)."""
+    else one chunk covering the prompt (a power of two, as the runtime's buckets are), at
+    most WHOLE_PROMPT_LIMIT tokens (module doc)."""
     n = options.get("prefill_chunk", 0)
     if n:
         if n < 16 or n & (n - 1):
             raise ConfigError(f"passes.kv_eviction.prefill_chunk: got {n}; allowed: 0 (compress after the whole prompt) "
                               "or a power of two >= 16")
         return n
-    return max(chunk, 1 << (max(prompt_tokens, 16) - 1).bit_length())
+    return max(chunk, min(WHOLE_PROMPT_LIMIT, 1 << (max(prompt_tokens, 16) - 1).bit_length()))
 
 
 def _policy_param(opts: dict) -> float:
