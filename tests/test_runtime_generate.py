@@ -206,22 +206,14 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    from slimfx.runtime.models import load_model
-
-    model, tok = load_model()
-    tok.padding_side = "left"
-    return model.to(DEVICE), tok
-
-
 @pytest.mark.model
-def test_default_model_token_identity_128_tokens(smollm):
+def test_default_model_token_identity_128_tokens(default_model):
     """Capacity >= total length: the fast loop equals the unmodified model, for single prompts
     of several lengths and for the three prompts batched with left padding."""
     from slimfx.runtime.models import chat_input_ids
 
-    model, tok = smollm
+    model, tok = default_model
+    model = model.to(DEVICE)
     start = time.perf_counter()
     chats = [chat_input_ids(tok, p)[0] for p in PROMPTS]
     T = max(len(c) for c in chats)
