@@ -133,19 +133,6 @@ def _slimfx_row(wall_s: float, stats: dict, new: int) -> dict:
             "new_tokens": new}
 
 
-def ensure_backend_registered() -> None:
-    """backend="slimfx" resolves through the package's entry point; where slimfx is only on
-    PYTHONPATH (not pip-installed), register it by name here, as the entry point would."""
-    from torch._dynamo.backends.registry import lookup_backend, register_backend
-
-    try:
-        lookup_backend("slimfx")
-    except Exception:  # torch's InvalidBackend: no entry point on this machine
-        from slimfx.compiler.backend import slimfx_backend
-
-        register_backend(slimfx_backend, name="slimfx")
-
-
 def make(name: str, model, new: int, device, budget: int):
     if name == "hf_compiled_static":
         return HFCompiledStatic(model, new, device)
@@ -235,7 +222,6 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_generate_door: --device cuda but no CUDA GPU here (use --device cpu --shape tiny to smoke-test)", file=sys.stderr)
         return 2
-    ensure_backend_registered()
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model = build(args.shape, dtype, args.device)
     model.generation_config.eos_token_id = None  # random weights: no early stop, every call decodes --new-tokens
