@@ -424,6 +424,30 @@ def check_model_inputs(model, input_ids, capacities) -> None:
                                 f"(the model has {layers} layers)")
 
 
+def use_cuda_graph(device: torch.device, cuda_graph: bool | None) -> bool:
+    """Whether the decode step is captured in a CUDA graph (default: on CUDA devices)."""
+    use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    if use_graph and device.type != "cuda":
+        raise GenerateError("cuda_graph=True needs a model on a CUDA device")
+    return use_graph
+
+
+def eos_tensor(eos_token_id, device: torch.device) -> torch.Tensor | None:
+    """eos_token_id (an int, a list of ints or None) as the int64 tensor the loop compares with."""
+    if eos_token_id is None:
+        return None
+    return torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.int64, device=device)
+
+
+def begin_generation(gen, batch: int, max_new_tokens: int, min_new_tokens: int, pad_token_id: int) -> None:
+    """A generator's per-call state set for a new generation: empty store, no tokens yet."""
+    gen.store.reset()
+    gen.out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.int64, device=gen.store.device)
+    gen.finished.zero_()
+    gen.step_idx.zero_()
+    gen.min_new_tokens = min_new_tokens
+
+
 def run_generation(gen, input_ids: torch.Tensor, lengths: torch.Tensor, *, max_new_tokens: int, min_new_tokens: int,
                    sampling: tuple, eos_token_id, pad_token_id: int, prefill_chunk: int, callback, stream_interval: int,
                    cuda_graph: bool | None) -> GenerateOutput:
@@ -431,19 +455,11 @@ def run_generation(gen, input_ids: torch.Tensor, lengths: torch.Tensor, *, max_n
     the first token, then the decode loop. Arguments are checked by the caller."""
     device = gen.store.device
     B = input_ids.shape[0]
-    use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
-    if use_graph and device.type != "cuda":
-        raise GenerateError("cuda_graph=True needs a model on a CUDA device")
-    eos = None
-    if eos_token_id is not None:
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.int64, device=device)
+    use_graph = use_cuda_graph(device, cuda_graph)
+    eos = eos_tensor(eos_token_id, device)
 
     with torch.inference_mode(), user_errors():
-        gen.store.reset()
-        gen.out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.int64, device=device)
-        gen.finished.zero_()
-        gen.step_idx.zero_()
-        gen.min_new_tokens = min_new_tokens
+        begin_generation(gen, B, max_new_tokens, min_new_tokens, pad_token_id)
         sync_device(device)
         t0 = time.perf_counter()
         logits = gen.prefill(input_ids, lengths, prefill_chunk)

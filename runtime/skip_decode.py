@@ -15,8 +15,8 @@ import time
 import torch
 
 from slimfx.compiler.errors import user_errors
-from slimfx.runtime.generate import (GenerateError, GenerateOutput, get_generator, padded_prompt_length, prompt_lengths,
-                                     sample_next, sync_device)
+from slimfx.runtime.generate import (GenerateError, GenerateOutput, begin_generation, eos_tensor, get_generator,
+                                     padded_prompt_length, prompt_lengths, sample_next, sync_device, use_cuda_graph)
 from slimfx.runtime.kv_store import KVStoreError
 from slimfx.runtime.skip_schedule import ScheduleLoop
 from slimfx.runtime.skip_variants import full_config, removing_config, skip_mode, variants_of
@@ -104,19 +104,11 @@ def generate_skipping(model, input_ids, *, max_new_tokens: int, min_new_tokens: 
     config = specialise(config, int(lengths.max()))
     gen = get_generator(model, B, capacity, capacities=capacities, config=full_config(config), codegen=codegen)
     device = gen.store.device
-    use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
-    if use_graph and device.type != "cuda":
-        raise GenerateError("cuda_graph=True needs a model on a CUDA device")
-    eos = None
-    if eos_token_id is not None:
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.int64, device=device)
+    use_graph = use_cuda_graph(device, cuda_graph)
+    eos = eos_tensor(eos_token_id, device)
     variants, steps = variants_of(gen), StepGraphs(use_graph)
     with torch.inference_mode(), user_errors():
-        gen.store.reset()
-        gen.out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.int64, device=device)
-        gen.finished.zero_()
-        gen.step_idx.zero_()
-        gen.min_new_tokens = min_new_tokens
+        begin_generation(gen, B, max_new_tokens, min_new_tokens, pad_token_id)
         sync_device(device)
         t0 = time.perf_counter()
         logits = gen.prefill(input_ids, lengths, prefill_chunk)
