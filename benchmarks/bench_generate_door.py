@@ -5,8 +5,8 @@ slimfx.runtime.generate and HF's own compiled generate, per decoded token, in on
         [--new-tokens 128] [--reps 3] [--methods ...] [--out results/bench_h100_generate_door_llama1b.json]
 
 Methods (batch 1, random weights, greedy, no EOS so every call decodes --new-tokens):
-  hf_compiled_static   HF generate, static cache, forward compiled with mode="reduce-overhead"
-                       (HF's documented recipe: inductor + CUDA graphs)
+  hf_compiled_static   HF generate with cache_implementation="static", which compiles the
+                       forward itself (fullgraph, mode="reduce-overhead": inductor + CUDA graphs)
   path1_off            torch.compile(model, backend="slimfx").generate(...), passes off
   path1_h2o            the same with kv_eviction H2O at a budget of --budget tokens
   runtime_off          slimfx.runtime.generate(model, ids), passes off
@@ -65,27 +65,33 @@ class _TokenClock:
 
 
 class HFCompiledStatic:
-    """HF generate with a static cache and the forward compiled with mode="reduce-overhead"."""
+    """HF's own compiled generate: a static cache, with which generate compiles the forward
+    itself (CompileConfig: fullgraph, mode="reduce-overhead", i.e. CUDA graphs on CUDA). HF's
+    loop copies each step's logits before the next replay; a forward compiled by hand with
+    CUDA graphs and called from generate fails on the overwritten output instead."""
 
     def __init__(self, model, new: int, device):
+        from transformers import CompileConfig
+
         self.model, self.new, self.device = model, new, device
-        self.original = model.forward
-        mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"  # CUDA graphs need CUDA
-        model.forward = torch.compile(model.forward, mode=mode, fullgraph=True)
+        on_cuda = torch.device(device).type == "cuda"
+        self.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead" if on_cuda else "default")
+        # HF compiles automatically on accelerators only; on the CPU it is asked to.
+        self.compile_config._compile_all_devices = not on_cuda or None
 
     def __call__(self, ids) -> dict:
         clock = _TokenClock()
         _sync(self.device)
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.new, do_sample=False,
-                                      cache_implementation="static",
-                                      disable_compile=True, streamer=clock, pad_token_id=0)
+                                      cache_implementation="static", compile_config=self.compile_config,
+                                      streamer=clock, pad_token_id=0)
         _sync(self.device)
         steps = len(clock.times) - 1
         return {"ms_per_token": 1e3 * (clock.times[-1] - clock.times[0]) / steps, "new_tokens": out.shape[1] - ids.shape[1]}
 
     def close(self):
-        self.model.forward = self.original
+        pass
 
 
 class Path1:
@@ -143,8 +149,7 @@ def make(name: str, model, new: int, device, budget: int):
 def run_context(model, ctx: int, methods, args) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(ctx)).to(args.device)
     row = {"context": ctx, "methods": {}}
-    # HF's compiled forward is installed on the model for its own calls only (the slimfx
-    # methods compile the model's class forward), so HF's reps run as one block.
+    # HF's reps run as one block, before the slimfx methods, under their own dynamo reset.
     if "hf_compiled_static" in methods:
         _measure(row, {"hf_compiled_static": None}, model, ids, args)
     _measure(row, {name: None for name in methods if name != "hf_compiled_static"}, model, ids, args)
