@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of as it is generated")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="KV slots per attention site (default: the prompt and the whole answer); less than the prompt "
+                        "+ max-new-tokens - 1 is refused unless --sliding-window")
+    p.add_argument("--sliding-window", action="store_true",
+                   help="with --capacity below the request: keep only the --capacity most recent tokens per site (lossy; "
+                        "the table says so) instead of refusing")
     p.add_argument("--package", help="a package from `slimfx export`: generate with it (no compiling; --model/--config/--dtype come from it)")
 
 
@@ -47,6 +53,11 @@ def _check(args) -> str:
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: allowed: an integer >= 1")
+    if args.capacity is not None and args.capacity < 1:
+        raise UsageError(f"--capacity {args.capacity}: allowed: an integer >= 1")
+    if args.sliding_window and args.capacity is None:
+        raise UsageError("--sliding-window without --capacity: the default capacity holds the whole request; "
+                         "allowed: --capacity N with it")
     try:
         check_generate_args(args.max_new_tokens, 0, 16, 8, args.temperature, args.top_k, args.top_p)
     except GenerateError as exc:  # named as the flag the user typed
@@ -100,12 +111,14 @@ def main(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     clear_reports()
     input_ids = chat_input_ids(tokenizer, args.prompt).to(device)
-    problem = kv_fit_problem(model, input_ids.shape[1] + args.max_new_tokens)
+    capacity = _capacity(args, model, input_ids.shape[1])
+    problem = kv_fit_problem(model, capacity)
     if problem:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: {problem} of prompt and answer")
+        flag = f"--capacity {capacity}" if args.capacity else f"--max-new-tokens {args.max_new_tokens}"
+        raise UsageError(f"{flag}: {problem} of prompt and answer")
     printer = None if args.no_stream else _Printer(tokenizer)
     tokens, stats = generate(
-        model, input_ids, max_new_tokens=args.max_new_tokens, capacity=input_ids.shape[1] + args.max_new_tokens,
+        model, input_ids, max_new_tokens=args.max_new_tokens, capacity=capacity, sliding_window=args.sliding_window,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         config=config, callback=printer, stream_interval=8,
@@ -117,13 +130,26 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _capacity(args, model, prompt_tokens: int) -> int:
+    """KV slots per site: --capacity (refused, named as the flags, when below the request
+    without --sliding-window), else the prompt and the whole answer."""
+    from slimfx.runtime.generate import check_capacity
+
+    if args.capacity is None:
+        return prompt_tokens + args.max_new_tokens
+    check_capacity(model, args.capacity, None, prompt_tokens, args.max_new_tokens, args.sliding_window,
+                   names=("--capacity", "--capacity", "--sliding-window"))
+    return args.capacity
+
+
 def _run_package(args) -> int:
     from slimfx.export.package import load_package
     from slimfx.runtime.models import chat_input_ids
 
-    for flag in ("model", "config", "dtype"):
+    for flag in ("model", "config", "dtype", "capacity", "sliding_window"):
         if getattr(args, flag):
-            raise UsageError(f"--{flag} with --package: the package fixes the model, passes and dtype; allowed: one of the two")
+            raise UsageError(f"--{flag.replace('_', '-')} with --package: the package fixes the model, passes, dtype and KV "
+                             "capacity; allowed: one of the two")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: allowed: an integer >= 1")
     t0 = time.perf_counter()
@@ -159,6 +185,8 @@ def _print_stats(args, device, dtype, load_s, input_ids, tokens, tokenizer, stat
         ["decode", f"{stats['decode_s'] * 1e3:.0f} ms for {stats['decode_steps']} steps ({stats['ms_per_step']:.1f} ms/token)"],
         ["decode tokens/s", f"{stats['tokens_per_s']:.1f}"],
         ["KV bytes (store)", format_bytes(stats["kv_bytes"])],
+        ["KV sliding window", f"{stats['sliding_window']} most recent tokens per site (lossy)" if stats.get("sliding_window")
+         else "no"],
         ["CUDA graph", "yes" if stats.get("cuda_graph") else "no"],
         ["graphs compiled", len(reports())],
     ]))

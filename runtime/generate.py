@@ -333,13 +333,18 @@ def generate(
     seed: int | None = None,
     config=None,
     codegen: str = "auto",
+    sliding_window: bool = False,
 ) -> GenerateOutput:
     """Generate `max_new_tokens` tokens for a batch of prompts with the slimfx KV runtime.
 
     model: an HF causal LM (unmodified; compiled here with backend="slimfx").
     input_ids [B, T] int, left-padded when `attention_mask` [B, T] (1 = token) is given.
     capacity: KV slots per attention site (default: padded prompt + new tokens, so the
-      result equals the unmodified model's); capacities: {site: slots} overrides.
+      result equals the unmodified model's); capacities: {site: slots} overrides. A
+      capacity below what the request writes (longest prompt + max_new_tokens - 1, or a
+      sliding-window layer's window) is a ConfigError unless sliding_window=True: then
+      such a site keeps only its `capacity` most recent tokens (lossy) and
+      stats["sliding_window"] says how many (None when nothing was dropped).
     temperature 0 = greedy; top_k (0 = off), top_p (1 = off) restrict sampling.
     eos_token_id: stop a sequence there (later tokens are pad_token_id); the loop ends
       early when all sequences have finished (checked every `stream_interval` steps).
@@ -358,16 +363,19 @@ def generate(
     """
     check_generate_args(max_new_tokens, min_new_tokens, prefill_chunk, stream_interval, temperature, top_k, top_p)
     check_model_inputs(model, input_ids, capacities)
+    lengths = prompt_lengths(input_ids, attention_mask)
+    window = check_capacity(model, capacity, capacities, int(lengths.max()), max_new_tokens, sliding_window)
     # layer_skip's speculative and schedule modes run their own loop (runtime/skip_decode.py),
     # loaded by name: it builds on this module.
     skipping = importlib.import_module("slimfx.runtime.skip_decode") if config is not None else None
     if skipping is not None and skipping.skip_mode(config) is not None:
-        return skipping.generate_skipping(
+        out = skipping.generate_skipping(
             model, input_ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, attention_mask=attention_mask,
             capacity=capacity, capacities=capacities, sampling=(float(temperature), int(top_k), float(top_p)),
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, prefill_chunk=prefill_chunk, callback=callback,
             stream_interval=stream_interval, cuda_graph=cuda_graph, seed=seed, config=config, codegen=codegen)
-    lengths = prompt_lengths(input_ids, attention_mask)
+        out.stats["sliding_window"] = window
+        return out
     B, T = input_ids.shape
     if config is not None:
         from slimfx.compiler.pipeline import prefill_chunk as chunk_for, specialise
@@ -377,8 +385,6 @@ def generate(
     padded = padded_prompt_length(T, prefill_chunk)
     if capacity is None:
         capacity = -(-(padded + max_new_tokens) // 256) * 256  # rounded so nearby calls share a store
-    elif not isinstance(capacity, int) or capacity < 1:
-        raise GenerateError(f"capacity: got {capacity!r}; allowed: an integer >= 1")
     from slimfx.runtime.models import kv_fit_problem
 
     held = sum(g.store.nbytes() for g in _GENERATORS.get(model, {}).values())  # a cached generator reuses its store
@@ -388,10 +394,12 @@ def generate(
     if seed is not None:
         torch.manual_seed(seed)
     gen = get_generator(model, B, capacity, capacities=capacities, config=config, codegen=codegen)
-    return run_generation(gen, input_ids, lengths, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                          sampling=(float(temperature), int(top_k), float(top_p)), eos_token_id=eos_token_id,
-                          pad_token_id=pad_token_id, prefill_chunk=prefill_chunk, callback=callback,
-                          stream_interval=stream_interval, cuda_graph=cuda_graph)
+    out = run_generation(gen, input_ids, lengths, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                         sampling=(float(temperature), int(top_k), float(top_p)), eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, prefill_chunk=prefill_chunk, callback=callback,
+                         stream_interval=stream_interval, cuda_graph=cuda_graph)
+    out.stats["sliding_window"] = window
+    return out
 
 
 def check_generate_args(max_new_tokens, min_new_tokens, prefill_chunk, stream_interval, temperature, top_k, top_p) -> None:
@@ -405,6 +413,46 @@ def check_generate_args(max_new_tokens, min_new_tokens, prefill_chunk, stream_in
     if not isinstance(stream_interval, int) or stream_interval < 1:
         raise GenerateError(f"stream_interval: got {stream_interval!r}; allowed: an integer >= 1")
     _check_sampling(temperature, top_k, top_p)
+
+
+def kv_need(longest_prompt: int, max_new_tokens: int) -> int:
+    """KV slots a site fills over a request: the longest prompt's real tokens (left padding
+    is never stored) and every new token but the last (sampled, never fed back)."""
+    return longest_prompt + max_new_tokens - 1
+
+
+def check_capacity(model, capacity, capacities, longest_prompt: int, max_new_tokens: int, sliding_window: bool, *,
+                   names=("capacity", "capacities", "sliding_window=True")) -> int | None:
+    """The sliding window a request runs with: None when every site holds all it attends
+    to, else the fewest slots of a site that wraps (allowed only with `sliding_window`;
+    otherwise a ConfigError naming the capacity, the need and the opt-in). A sliding-window
+    layer needs only its window. `names`: the argument names as the caller's user wrote them."""
+    from slimfx.compiler.config import ConfigError
+
+    def count(n):
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+    if capacity is not None and not count(capacity):
+        raise GenerateError(f"{names[0]}: got {capacity!r}; allowed: an integer >= 1")
+    for site, n in (capacities or {}).items():
+        if not count(n):
+            raise GenerateError(f"{names[1]}[{site}]: got {n!r}; allowed: an integer >= 1")
+    need = kv_need(longest_prompt, max_new_tokens)
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None) or 0
+    windows = site_windows(model)
+    slots = {site: need if capacity is None else capacity for site in range(layers)} or {None: capacity or need}
+    slots.update(capacities or {})
+    wanted = {site: min(need, windows.get(site, need)) for site in slots}
+    short = {site: n for site, n in slots.items() if n < wanted[site]}
+    if not short or sliding_window:
+        return min(short.values(), default=None)
+    site, n = min(short.items(), key=lambda item: (item[0] in windows, item[1]))
+    what = f"{names[1]}[{site}] {n}" if site in (capacities or {}) else f"{names[0]} {n}"
+    why = (f"the request writes {need} KV slots per attention site (longest prompt {longest_prompt} tokens + "
+           f"max_new_tokens {max_new_tokens} - 1)") if wanted[site] == need else \
+        f"sliding-window layer {site} attends to its last {wanted[site]} tokens"
+    raise ConfigError(f"{what}: {why}; allowed: at least {wanted[site]}, or {names[2]} to keep only the {n} most recent "
+                      "tokens (lossy)")
 
 
 def check_model_inputs(model, input_ids, capacities) -> None:

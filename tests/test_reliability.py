@@ -183,6 +183,27 @@ def test_huge_token_budget_is_refused_before_allocating(checkpoint, capsys, monk
                    "--max-new-tokens 10000: the KV cache for", "more than the 1.00 MiB free", "allowed: at most 2048 tokens")
 
 
+def test_capacity_below_the_request_is_one_line(checkpoint, capsys):
+    # "hello" is 5 tokens for the character-level tokenizer: 5 + 6 new - 1 = 10 slots written.
+    one_line_error(capsys, ["run", "--model", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "6", "--capacity", "4"],
+                   "config error: --capacity 4: the request writes 10 KV slots per attention site",
+                   "allowed: at least 10, or --sliding-window to keep only the 4 most recent tokens (lossy)")
+
+
+def test_sliding_window_needs_a_capacity_and_is_checked_before_the_model_loads(capsys):
+    one_line_error(capsys, ["run", "--model", "/no/such/model", "--sliding-window"], "--sliding-window without --capacity")
+
+
+def test_sliding_window_opt_in_runs_and_the_table_says_so(checkpoint, capsys):
+    def window_row(capacity):
+        argv = ["run", "--model", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "6", "--no-stream"]
+        assert main(argv + ["--capacity", str(capacity), "--sliding-window"]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if "KV sliding window" in line)
+
+    assert "4 most recent tokens per site (lossy)" in window_row(4)
+    assert window_row(10).split("KV sliding window")[1].strip(" |") == "no"  # holds the whole request: nothing dropped
+
+
 def test_generate_bounds_the_kv_cache_before_allocating(monkeypatch):
     from slimfx.runtime import models
     from slimfx.runtime.generate import GenerateError, generate

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 import slimfx.runtime as runtime
+from slimfx.compiler.config import ConfigError
 from slimfx.runtime.generate import GenerateError, argmax_last, generate, get_generator, sample_next
 from slimfx.runtime.models import tiny_model
 
@@ -87,16 +88,50 @@ def test_chunked_prefill_is_exact_when_capacity_covers_the_sequence(tiny):
     assert torch.equal(tokens, hf_greedy(tiny, ids, mask, 12))
 
 
-def test_prompt_longer_than_capacity_keeps_the_most_recent_tokens(tiny):
+def test_capacity_below_the_request_is_refused_and_the_boundary_is_exact(tiny):
+    ids, mask = padded_batch([50, 31], seed=2)
+    # 50 real prompt tokens + 3 decoded and written (the 4th is sampled, never written) = 53:
+    # the bucket's padding (to 64) is never stored.
+    with pytest.raises(ConfigError, match=r"^capacity 52: the request writes 53 KV slots per attention site .*"
+                                          r"allowed: at least 53, or sliding_window=True"):
+        generate(tiny, ids, attention_mask=mask, max_new_tokens=4, prefill_chunk=16, capacity=52)
+    tokens, stats = generate(tiny, ids, attention_mask=mask, max_new_tokens=4, prefill_chunk=16, capacity=53)
+    assert torch.equal(tokens, hf_greedy(tiny, ids, mask, 4)) and stats["sliding_window"] is None
+
+
+def test_a_per_site_capacity_below_the_request_is_refused(tiny):
+    ids, mask = padded_batch([20], seed=2)
+    with pytest.raises(ConfigError, match=r"^capacities\[1\] 16: the request writes 23 KV slots"):
+        generate(tiny, ids, attention_mask=mask, max_new_tokens=4, capacity=64, capacities={1: 16})
+
+
+def test_sliding_window_opt_in_keeps_the_most_recent_tokens_and_says_so(tiny):
     ids, mask = padded_batch([50], seed=2)
-    generate(tiny, ids, attention_mask=mask, max_new_tokens=4, prefill_chunk=16, capacity=24)
+    _, stats = generate(tiny, ids, attention_mask=mask, max_new_tokens=4, prefill_chunk=16, capacity=24, sliding_window=True)
+    assert stats["sliding_window"] == 24
     store = get_generator(tiny, 1, 24).store
     assert len(store.sites) == 2
     for cache in store.sites.values():
         held = cache.slot_pos[0, 0].sort().values
-        # 50 prompt tokens + 3 decoded and written (the 4th token is sampled, not yet written).
         assert torch.equal(held.cpu(), torch.arange(53 - 24, 53, dtype=held.dtype))
     assert torch.equal(store.seen.cpu(), torch.tensor([53]))
+
+
+def test_a_sliding_window_model_needs_only_its_window():
+    """Every layer of a Mistral with window 8 reads its last 8 tokens: a capacity of 8 drops
+    nothing the model reads, so it needs no opt-in and gives the large store's tokens."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.MistralForCausalLM(tf.MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                                   sliding_window=8)).eval().to(DEVICE)
+    ids, mask = padded_batch([20], seed=5)
+    small, stats = generate(model, ids, attention_mask=mask, max_new_tokens=6, capacity=8)
+    assert stats["sliding_window"] is None
+    assert torch.equal(small, generate(model, ids, attention_mask=mask, max_new_tokens=6, capacity=64)[0])
+    with pytest.raises(ConfigError, match=r"^capacity 7: sliding-window layer 0 attends to its last 8 tokens"):
+        generate(model, ids, attention_mask=mask, max_new_tokens=6, capacity=7)
 
 
 def test_no_recompilation_across_200_decode_steps(tiny, fresh_dynamo):
