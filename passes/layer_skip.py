@@ -333,14 +333,15 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     if problems:
         return PassResult.skipped(NAME, "; ".join(problems[:3]))
     sizes = _linear_bytes(gm, anatomy)
+    kv_all = _kv_bytes_per_token(gm, anatomy, [s.index for s in anatomy.attention_sites])
     kv_saved = 0 if mlp_only else _kv_bytes_per_token(gm, anatomy, chosen)
     gone = remove(gm, anatomy, found, mlp_only)
     after = ctx.refresh_anatomy(gm)
-    return _result(anatomy, after, sizes, gone, chosen, mlp_only, how, kv_saved)
+    return _result(anatomy, after, sizes, gone, chosen, mlp_only, how, kv_saved, kv_all)
 
 
 def _result(before: Anatomy, after: Anatomy, sizes: dict, gone: list[str], chosen: list[int], mlp_only: bool, how: str,
-            kv_saved: int) -> PassResult:
+            kv_saved: int, kv_all: int) -> PassResult:
     left = {l.weight for l in after.linears}
     kept = sorted(l.weight for l in before.linears if l.block in chosen and l.weight in left and
                   (not mlp_only or l.role not in ("q", "k", "v", "qkv", "o")))
@@ -353,9 +354,14 @@ def _result(before: Anatomy, after: Anatomy, sizes: dict, gone: list[str], chose
         notes.append(f"{len(kept)} linears of removed blocks still computed: they feed the model's own cache "
                      f"(slimfx.runtime.generate drops them), e.g. {kept[0]}")
     saved = sum(sizes[w] for w in gone)
+    # What measure/footprint.py subtracts: the weights no linear reads, and the runtime store's
+    # KV bytes per token without the removed blocks' sites (the model's own cache keeps them).
+    footprint = {"weight_bytes_saved": saved}
+    if kv_saved:
+        footprint["kv_bytes_per_token"] = kv_all - kv_saved
     return PassResult(
         NAME, applied=True, sites_matched=len(chosen), nodes_rewritten=len(chosen), bytes_saved=saved, notes=notes,
         details={"removed_blocks": [] if mlp_only else chosen, "removed_mlps": chosen if mlp_only else [],
                  "removed_linears": gone, "kv_bytes_per_token_saved": kv_saved, "chosen_by": how,
-                 "weight_fraction_kept": 1 - saved / max(1, sum(sizes.values()))},
+                 "weight_fraction_kept": 1 - saved / max(1, sum(sizes.values())), "footprint": footprint},
     )

@@ -156,6 +156,9 @@ def test_exactly_the_chosen_blocks_go_and_logits_match_the_model_without_them(mo
         assert result.details["kv_bytes_per_token_saved"] == len(blocks) * 2 * 2 * 16 * 4  # K and V, 2 kv heads x 16, fp32
     assert sorted(result.details["removed_linears"]) == sorted(gone)
     assert result.bytes_saved == sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in gone)
+    kv_left = (BLOCKS - (0 if mlp_only else len(blocks))) * 2 * 2 * 16 * 4
+    assert result.details["footprint"] == ({"weight_bytes_saved": result.bytes_saved} if mlp_only else
+                                           {"weight_bytes_saved": result.bytes_saved, "kv_bytes_per_token": kv_left})
     assert result.notes[0].startswith("lossy: removed")
     torch.testing.assert_close(logits, eager_logits(without(model, blocks, mlp_only), ids), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits, eager_logits(model, ids), atol=1e-3)  # the removal changed something
