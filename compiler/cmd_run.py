@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     device = _check(args)
     dtype = model_dtype(args.dtype, device)
     config = load_config(args.config or _default_config_path())  # fail fast, before loading weights
-    config.check_artifact_files()
+    config.check_artifacts()  # files exist, load and validate (fit to the model: when its passes run)
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)

@@ -273,6 +273,20 @@ class Config:
                                           f"({where}.{key} names it); allowed: an existing file (the configuration's "
                                           "comments say which `slimfx calibrate` command writes it)")
 
+    def check_artifacts(self, model=None, anatomy=None) -> None:
+        """ConfigError (one line) for the first artifact of the pipeline `slimfx run` could
+        not use: a missing file, one its pass cannot read or validate and, given the model
+        and its anatomy, one made for another model or naming blocks, linears or sites it
+        lacks. Each pass checks with the loader its run() uses (its optional
+        `check_artifacts` hook, compiler/registry.py)."""
+        from slimfx.compiler.registry import registered_passes
+
+        self.check_artifact_files()
+        for name in self.pipeline:
+            hook = getattr(registered_passes()[name], "check_artifacts", None)
+            if hook is not None:
+                hook(self.pass_config(name), self, model, anatomy)
+
     def to_dict(self) -> dict:
         passes = {}
         for name, pc in self.passes.items():

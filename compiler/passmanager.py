@@ -155,7 +155,7 @@ class PassManager:
         module = self.passes[name]
         pass_cfg: PassConfig = self.config.pass_config(name)
         ran = ", ".join(before) or "none"
-        _check_layer_overrides(name, pass_cfg, ctx.anatomy)
+        check_layer_overrides(name, pass_cfg, ctx.anatomy)
         start = time.perf_counter()
         try:
             result = module.run(gm, pass_cfg, ctx)
@@ -176,7 +176,7 @@ class PassManager:
         return result
 
 
-def _check_layer_overrides(name: str, pass_cfg: PassConfig, anatomy) -> None:
+def check_layer_overrides(name: str, pass_cfg: PassConfig, anatomy) -> None:
     """Per-layer overrides must name blocks the model has: an override for a layer that
     does not exist would otherwise be dropped without a word."""
     # Blocks a pass removed (layer_skip) keep their numbers, so overrides count the unmodified model's blocks.

@@ -9,8 +9,11 @@ Every pass module defines
     def run(gm, cfg: PassConfig, ctx: PassContext) -> PassResult
 
 and optionally RUNS_AFTER / RUNS_BEFORE (pass names it must run after / before: the
-pass manager orders a pipeline by them) and
-`specialise(options, prompt_tokens)` (compiler/pipeline.py). See passes/README.md.
+pass manager orders a pipeline by them),
+`specialise(options, prompt_tokens)` (compiler/pipeline.py) and, for a pass that reads
+artifacts, `check_artifacts(cfg, config, model=None, anatomy=None)`: load and validate
+them with the loader run() uses and, given a model and its anatomy, check they fit it
+(`Config.check_artifacts`, for `slimfx config` and `slimfx run`). See passes/README.md.
 
 The compiler's core names the passes here but imports none of them statically: pass
 modules build on the core (config, anatomy, the pass manager), so the core loads them

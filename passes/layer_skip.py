@@ -45,7 +45,7 @@ from slimfx.compiler.anatomy import BLOCK_META, REMOVED_META, Anatomy, Block, me
 from slimfx.compiler.artifacts import check_fields, read_json_artifact, write_json_artifact
 from slimfx.compiler.config import ConfigError, Option
 from slimfx.compiler.passmanager import PassContext, PassResult
-from slimfx.passes._identity import IDENTITY_FIELDS, check_plan_model, describe_model, model_identity
+from slimfx.passes._identity import IDENTITY_FIELDS, check_plan_model, describe_model, identity_of_model, model_identity
 
 NAME = "layer_skip"
 MODES = ("remove", "speculative", "schedule")
@@ -181,17 +181,31 @@ def _check_blocks(blocks: list[int], n_blocks: int, mlp_only: bool, where: str) 
         raise ConfigError(f"{where}: got all {n_blocks} blocks; allowed: at most {n_blocks - 1} (one block must remain)")
 
 
-def _from_plan(gm, cfg, ctx: PassContext, anatomy: Anatomy) -> tuple[bool, list[int], str]:
+def _load_plan(cfg, config, identity: dict | None) -> dict:
+    """The plan `cfg` names, valid and fit for `mlp_only` and, given its identity, the model."""
     key = cfg.options["plan"]
     where = f"artifacts.{key}"
     try:
-        plan = read_plan(ctx.config.artifact_path(key))
+        plan = read_plan(config.artifact_path(key))
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    check_plan_model(plan, model_identity(gm, anatomy, ctx.example_inputs), where)
+    if identity is not None:
+        check_plan_model(plan, identity, where)
     if cfg.options["mlp_only"] and plan["target"] == "block":
         raise ConfigError(f"passes.{NAME}.mlp_only: got true but plan {key!r} removes whole blocks; "
                           "allowed: false, or a plan made with --target mlp")
+    return plan
+
+
+def check_artifacts(cfg, config, model=None, anatomy=None) -> None:
+    """The skip plan loads and validates; given the model, it was made for this one."""
+    if cfg.options["plan"] != "none":
+        _load_plan(cfg, config, identity_of_model(model, anatomy) if anatomy is not None else None)
+
+
+def _from_plan(gm, cfg, ctx: PassContext, anatomy: Anatomy) -> tuple[bool, list[int], str]:
+    key = cfg.options["plan"]
+    plan = _load_plan(cfg, ctx.config, model_identity(gm, anatomy, ctx.example_inputs))
     order = plan.get("order")
     ordered = order if isinstance(order, list) and sorted(order) == sorted(plan["skip"]) else sorted(plan["skip"])
     return plan["target"] == "mlp", ordered, f"plan {key}: {plan['method']}"

@@ -170,6 +170,20 @@ def _head_input(gm, node: torch.fx.Node, last_only: bool) -> tuple[torch.fx.Node
     return last, out_shape
 
 
+def check_artifacts(cfg, config, model=None, anatomy=None) -> None:
+    """The codebook loads and validates; given the model, it was calibrated on its LM head."""
+    from slimfx.runtime.vq_head import load_artifact
+
+    key = cfg.options["codebook"]
+    path = config.artifact_path(key)
+    head = anatomy.lm_head if anatomy is not None else None
+    if head is None:
+        load_artifact(path, key)
+        return
+    art = load_artifact(path, key, vocab=head.out_features, hidden=head.in_features)
+    _check_same_head(art, model.get_parameter(head.weight), key, path)
+
+
 def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     import slimfx.runtime.vq_head  # noqa: F401  registers torch.ops.slimfx.vq_head_*
     from slimfx.runtime.vq_head import load_artifact

@@ -446,3 +446,106 @@ def test_calibrate_output_that_cannot_be_written_is_refused_at_once(capsys, tmp_
 
 def test_inspect_probe_length_is_bounded(capsys):
     one_line_error(capsys, ["inspect", "--tiny", "llama_gqa", "--tokens", "100000000"], "--tokens 100000000: allowed: an integer in [1, 4096]")
+
+
+# ----------------------------------------------------------------------------- slimfx config checks what run needs
+
+
+def _artifact_config(tmp_path: Path, pass_name: str, options: str, artifact: str, data) -> Path:
+    """A configuration running `pass_name` with `options` (TOML lines) whose [artifacts]
+    key `artifact` names a file holding `data` (bytes, a JSON value, or a writer of a path)."""
+    import json
+
+    suffix = ".json" if not callable(data) and not isinstance(data, bytes) else ".safetensors"
+    path = tmp_path / f"artifact{suffix}"
+    if callable(data):
+        data(path)
+    else:
+        path.write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())
+    config = tmp_path / "c.toml"
+    config.write_text(f'[compile]\npipeline = "p"\n[pipelines]\np = ["{pass_name}"]\n[passes.{pass_name}]\n{options}\n'
+                      f'[artifacts]\n{artifact} = "{path.name}"\n')
+    return config
+
+
+def _duo_scores(*shape):
+    from slimfx.passes.kv_eviction import retrieval_heads
+
+    return lambda path: retrieval_heads.save(torch.rand(*shape), path, {})
+
+
+def _codebook(weight):
+    from slimfx.calibrate.vq_head import build_artifact
+    from slimfx.runtime.vq_head import save_artifact
+
+    return lambda path: save_artifact(build_artifact(weight, 8, seed=0), path)
+
+
+def _skip_plan(fingerprint: str) -> dict:
+    return {"kind": "slimfx.layer_skip_plan", "version": 1, "target": "block", "method": "sleb", "skip": [1],
+            "model": {"blocks": 2, "hidden": 64, "vocab": 128, "fingerprint": fingerprint}, "scores": {}, "calibration": {}}
+
+
+DUO = 'policy = "duo"\nbudget = 16'
+UNREADABLE_ARTIFACTS = {
+    "bit-plan": ("quantize", 'plan = "bits"', "bits", {"kind": "other"}, "not a slimfx.bit_allocation v1 file"),
+    "codebook": ("vq_logits", "", "vq_head", b"not safetensors", "not a readable safetensors file"),
+    "duo-heads": ("kv_eviction", DUO, "duo_heads", _duo_scores(4), "scores are 4; allowed: [layers, kv heads]"),
+    "skip-plan": ("layer_skip", 'plan = "skip"', "skip", [1, 2], "not a slimfx.layer_skip_plan v1 file"),
+    "share-plan": ("kv_share", 'plan = "share"', "share", {"kind": "slimfx.kv_share_plan"}, "not a slimfx.kv_share_plan v1 file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE_ARTIFACTS))
+def test_config_loads_and_validates_every_artifact_before_any_model(tmp_path, capsys, monkeypatch, case):
+    from slimfx.runtime import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model loaded though no --model was given")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    pass_name, options, key, data, needle = UNREADABLE_ARTIFACTS[case]
+    config = _artifact_config(tmp_path, pass_name, options, key, data)
+    one_line_error(capsys, ["config", str(config)], "config error", needle)
+    one_line_error(capsys, ["run", "--config", str(config)], "config error", needle)  # run refuses it before loading too
+
+
+UNFIT_ARTIFACTS = {  # for the tiny checkpoint: 2 blocks, hidden 64, vocab 128, 2 kv heads
+    "bit-plan-linear": ("quantize", 'plan = "bits"', "bits",
+                        {"kind": "slimfx.bit_allocation", "version": 1, "formats": {"model.layers.9.mlp.up_proj.weight": "int8"}},
+                        "1 of 1 plan entries name no linear of this model (first: 'model.layers.9.mlp.up_proj.weight')"),
+    "codebook-vocab": ("vq_logits", "", "vq_head", _codebook(torch.randn(100, 64)),
+                       "token_to_code covers 100 tokens; expected 128"),
+    "duo-heads-shape": ("kv_eviction", DUO, "duo_heads", _duo_scores(5, 2), "scores 5 x 2 heads; this model has 2 layers x 2 kv heads"),
+    "skip-plan-model": ("layer_skip", 'plan = "skip"', "skip", _skip_plan("000000000000"), "the plan was made for another model"),
+    "override-layer": ("kv_eviction", 'budget = 16\n[passes.kv_eviction.layers."99"]\nbudget = 8', "unused", {},
+                       "passes.kv_eviction.layers.'99': layer 99 does not exist; allowed: layers 0-1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNFIT_ARTIFACTS))
+def test_config_with_a_model_refuses_artifacts_that_do_not_fit_it(checkpoint, tmp_path, capsys, case):
+    pass_name, options, key, data, needle = UNFIT_ARTIFACTS[case]
+    config = _artifact_config(tmp_path, pass_name, options, key, data)
+    assert main(["config", str(config)]) == 0  # readable: without a model, nothing says it does not fit
+    assert "not checked against a model" in capsys.readouterr().out
+    one_line_error(capsys, ["config", str(config), "--model", str(checkpoint)], "config error", needle)
+
+
+def test_config_with_a_model_accepts_artifacts_made_for_it(checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from slimfx.passes._identity import weight_fingerprint
+
+    weights = load_file(checkpoint / "model.safetensors")
+    fitting = [
+        ("quantize", 'plan = "bits"', "bits",
+         {"kind": "slimfx.bit_allocation", "version": 1, "formats": {"model.layers.1.mlp.up_proj.weight": "int8"}}),
+        ("vq_logits", "", "vq_head", _codebook(weights["lm_head.weight"])),
+        ("kv_eviction", DUO, "duo_heads", _duo_scores(2, 2)),
+        ("layer_skip", 'plan = "skip"', "skip", _skip_plan(weight_fingerprint(weights["model.embed_tokens.weight"]))),
+    ]
+    for pass_name, options, key, data in fitting:
+        config = _artifact_config(tmp_path, pass_name, options, key, data)
+        assert main(["config", str(config), "--model", str(checkpoint)]) == 0, (pass_name, capsys.readouterr().err)
+        assert f"artifacts fit {checkpoint}" in capsys.readouterr().out

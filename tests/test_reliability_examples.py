@@ -65,7 +65,14 @@ def test_commands_in_comments_fit_the_file(path):
 
 def test_a_calibration_file_made_as_the_comment_says_satisfies_the_check(tmp_path, capsys, monkeypatch):
     """vq_logits.toml with its codebook where its comment writes it: the check passes
-    (the copy lives in tmp_path, so the artifact path is rebuilt there)."""
+    (the copy lives in tmp_path, so the artifact path is rebuilt there); a file there that
+    is no codebook is refused in one line. Without --model the check reads the codebook
+    but not which head it was made for, so a small one built from random rows stands in."""
+    import torch
+
+    from slimfx.calibrate.vq_head import build_artifact
+    from slimfx.runtime.vq_head import save_artifact
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "examples").mkdir()
     config = tmp_path / "examples" / "vq_logits.toml"
@@ -75,5 +82,8 @@ def test_a_calibration_file_made_as_the_comment_says_satisfies_the_check(tmp_pat
     assert main(["config", "examples/vq_logits.toml"]) == 2
     capsys.readouterr()
     out.parent.mkdir(parents=True)
-    out.write_bytes(b"stand-in: the config check looks for the file, the pass reads it")
+    out.write_bytes(b"not a codebook")
+    assert main(["config", "examples/vq_logits.toml"]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    save_artifact(build_artifact(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), 4), out)
     assert main(["config", "examples/vq_logits.toml"]) == 0

@@ -228,6 +228,19 @@ def rewrite_mikv(gm, store, index: int, opts: dict) -> int:
     return relayout_site(gm, store, index, layout, make)
 
 
+def check_artifacts(cfg, config, model=None, anatomy=None) -> None:
+    """With policy 'duo' at any layer, the retrieval-head scores load and validate; given the
+    model's anatomy, they score its attention sites' kv heads."""
+    from slimfx.passes.kv_eviction.retrieval_heads import load
+
+    layers = ["all", *sorted(cfg.overridden_layers())]
+    if not any((cfg.options if layer == "all" else cfg.for_layer(layer))["policy"] == "duo" for layer in layers):
+        return
+    sites = anatomy.attention_sites if anatomy is not None else []
+    shape = (len(sites), sites[0].n_kv_heads) if sites else ()
+    load(config.artifact_path(cfg.options["duo_heads"]), cfg.options["duo_heads"], *shape)
+
+
 def _duo_retrieval_heads(ctx: PassContext, cfg, store) -> dict[int, list[int]]:
     """Site index -> its retrieval kv heads, from the calibration artifact."""
     from slimfx.passes.kv_eviction.retrieval_heads import load, select_retrieval

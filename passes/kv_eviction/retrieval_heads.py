@@ -27,8 +27,8 @@ def save(scores: torch.Tensor, path, metadata: dict) -> Path:
     return path
 
 
-def load(path, key: str, n_layers: int, n_kv_heads: int) -> torch.Tensor:
-    """The artifact's scores, checked against the model's [n_layers, n_kv_heads]."""
+def load(path, key: str, n_layers: int | None = None, n_kv_heads: int | None = None) -> torch.Tensor:
+    """The artifact's scores, checked against the model's [n_layers, n_kv_heads] (when given)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -39,8 +39,11 @@ def load(path, key: str, n_layers: int, n_kv_heads: int) -> torch.Tensor:
             scores = f.get_tensor(ARTIFACT_TENSOR)
     except Exception as exc:  # not safetensors, or no such tensor
         raise ConfigError(f"artifacts.{key}: {path} is not a duo-heads artifact ({type(exc).__name__}: {exc})") from None
-    if tuple(scores.shape) != (n_layers, n_kv_heads):
-        shape = " x ".join(str(s) for s in scores.shape)
+    shape = " x ".join(str(s) for s in scores.shape)
+    if scores.dim() != 2:
+        raise ConfigError(f"artifacts.{key}: {path} scores are {shape or 'a scalar'}; allowed: [layers, kv heads] "
+                          "(a file written by `slimfx calibrate duo-heads`)")
+    if n_layers is not None and tuple(scores.shape) != (n_layers, n_kv_heads):
         raise ConfigError(f"artifacts.{key}: {path} scores {shape} heads; this model has "
                           f"{n_layers} layers x {n_kv_heads} kv heads (calibrate on this model)")
     if not torch.isfinite(scores).all():  # NaN would rank heads arbitrarily, without a word

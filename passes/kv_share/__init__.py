@@ -164,6 +164,18 @@ def _resolve(opts: dict, config, anatomy: Anatomy, identity) -> tuple[dict[int, 
     return resolve_chains(pairs), where
 
 
+def check_artifacts(cfg, config, model=None, anatomy=None) -> None:
+    """The sharing plan loads and validates; given the model, the map (from the plan, `map`
+    or `pattern`) fits it: made for this model, pairing layers it has of one head shape."""
+    from slimfx.passes._identity import identity_of_model
+    from slimfx.passes.kv_share.plan import load_plan
+
+    if anatomy is not None:
+        _resolve(cfg.options, config, anatomy, lambda: identity_of_model(model, anatomy))
+    elif cfg.options["plan"] != "none":
+        load_plan(config, cfg.options["plan"], None)
+
+
 def describe_config(config, model, anatomy: Anatomy) -> str:
     """What `config`'s kv_share section makes of this model, as text (`slimfx inspect --config`)."""
     from slimfx.passes._identity import identity_of_model

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slimfx.compiler.artifacts import check_fields, read_json_artifact, write_json_artifact
-from slimfx.compiler.errors import UsageError
+from slimfx.compiler.config import ConfigError
 from slimfx.passes._identity import IDENTITY_FIELDS, check_plan_model
 
 PLAN_KIND = "slimfx.kv_share_plan"
@@ -49,15 +49,17 @@ def write_plan(plan: dict, path) -> Path:
     return write_json_artifact(validate_plan(plan, "plan"), path)
 
 
-def load_plan(config, key: str, identity: dict) -> dict[int, int]:
-    """The map of the plan `[artifacts] key` names, checked against the model `identity` describes."""
+def load_plan(config, key: str, identity: dict | None) -> dict[int, int]:
+    """The map of the plan `[artifacts] key` names, checked against the model `identity`
+    describes (when given)."""
     path = config.artifact_path(key)
     where = f"passes.kv_share.plan ({key} = {str(path)!r})"
     try:
         plan = read_plan(path)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    check_plan_model(plan, identity, where, WRITTEN_BY)
+        raise ConfigError(f"artifacts.{key}: {exc}") from None
+    if identity is not None:
+        check_plan_model(plan, identity, where, WRITTEN_BY)
     return {int(r): o for r, o in plan["map"].items()}
 
 

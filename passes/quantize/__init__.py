@@ -99,6 +99,22 @@ def load_plan(path: Path) -> dict[str, str]:
         raise ConfigError(f"passes.quantize.plan: {exc}") from None
 
 
+def _plan(cfg, config, anatomy) -> dict[str, str] | None:
+    """The plan `cfg` names (None for 'none'), checked against `anatomy` when given."""
+    key = cfg.options["plan"]
+    if key == "none":
+        return None
+    plan = load_plan(config.artifact_path(key))
+    if anatomy is not None:
+        check_plan_matches(plan, anatomy, f"artifacts.{key}")
+    return plan
+
+
+def check_artifacts(cfg, config, model=None, anatomy=None) -> None:
+    """The bit plan loads and validates; with an anatomy, names only linears the model has."""
+    _plan(cfg, config, anatomy)
+
+
 def _choose(info: LinearInfo, cfg, plan: dict | None, device: torch.device):
     """(FormatSpec, hqq) for one linear, or (None, why-not)."""
     from slimfx.passes.quantize.formats import FormatSpec, fp8_supported, parse_spec
@@ -166,9 +182,7 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
     if not anatomy.linears:
         return PassResult.skipped(NAME, "the anatomy found no linears")
     plan_key = cfg.options["plan"]
-    plan = load_plan(ctx.config.artifact_path(plan_key)) if plan_key != "none" else None
-    if plan is not None:
-        check_plan_matches(plan, anatomy, f"artifacts.{plan_key}")
+    plan = _plan(cfg, ctx.config, anatomy)
     by_name = {n.name: n for n in gm.graph.nodes}
     notes, chosen, saved, head_saved = [], {}, 0, 0
     for i, info in enumerate(anatomy.linears):
