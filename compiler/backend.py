@@ -65,7 +65,9 @@ def _lower(gm: torch.fx.GraphModule, example_inputs, codegen: str):
         from slimfx.codegen import compile_graph
 
         return compile_graph(gm, example_inputs), "slimfx"
-    return gm.forward, "eager"
+    from slimfx.runtime.custom_ops import call_bodies_directly
+
+    return call_bodies_directly(gm), "eager"
 
 
 def _auto_codegen(example_inputs) -> str:

@@ -57,6 +57,7 @@ from slimfx.codegen.kernels import use_attention_kernels
 from slimfx.compiler.errors import UsageError
 from slimfx.codegen.kernels.decode_attention import decode_attention_ref
 from slimfx.runtime.sdpa_reads import decode_sdpa, prefill_sdpa
+from slimfx.runtime.custom_ops import custom_op
 
 Tiers = dict[str, dict[str, torch.Tensor]]  # tier name -> field -> buffer
 
@@ -325,7 +326,7 @@ def _softcapped(variant: Variant, layout: str, q, k, v, positions, tiers: Tiers,
 # ----------------------------------------------------------------------------- the op
 
 
-@torch.library.custom_op("slimfx::attention", mutates_args=("buffers",))
+@custom_op("slimfx::attention", mutates_args=("buffers",))
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
               buffers: list[torch.Tensor], scale: float, layout: str, softcap: float = 0.0) -> torch.Tensor:
     """Cache update + attention of one site (module doc). Triton on CUDA, reference elsewhere.

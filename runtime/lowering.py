@@ -14,6 +14,7 @@ import torch
 
 from slimfx.compiler.config import load_config
 from slimfx.compiler.pipeline import run_pipeline
+from slimfx.runtime.custom_ops import call_bodies_directly
 
 
 def _fx_code(lowered_by: str):
@@ -29,11 +30,12 @@ def runtime_backend(config: dict, codegen: str, on_graph=None):
 
     def backend(gm, example_inputs, **_):
         start = time.perf_counter()
-        forward = run_pipeline(gm, example_inputs, load_config(config), _fx_code(codegen), start=start)
+        run_pipeline(gm, example_inputs, load_config(config), _fx_code(codegen), start=start)
         if on_graph is not None:
             on_graph(gm, example_inputs)
         if codegen == "eager":
-            return with_prefill_cudagraph(forward, example_inputs)
+            # After on_graph: the export must see the custom ops, the FX code need not.
+            return with_prefill_cudagraph(call_bodies_directly(gm), example_inputs)
         if codegen == "slimfx":
             from slimfx.codegen import compile_store_graph
 

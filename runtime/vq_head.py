@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 
 from slimfx.compiler.config import ConfigError
+from slimfx.runtime.custom_ops import custom_op
 
 FORMAT = "slimfx.vq_head"
 VERSION = "1"
@@ -288,7 +289,7 @@ def _write_members(out, members, opened, member_logits, proved, token, best) -> 
 # ----------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("slimfx::vq_head_approx", mutates_args=())
+@custom_op("slimfx::vq_head_approx", mutates_args=())
 def vq_head_approx(hidden: torch.Tensor, codebook: torch.Tensor, token_to_code: torch.Tensor,
                    scale: Optional[torch.Tensor]) -> torch.Tensor:
     lead = hidden.shape[:-1]
@@ -301,7 +302,7 @@ def _(hidden, codebook, token_to_code, scale):
     return hidden.new_empty(*hidden.shape[:-1], token_to_code.shape[0])
 
 
-@torch.library.custom_op("slimfx::vq_head_exact", mutates_args=("counters",))
+@custom_op("slimfx::vq_head_exact", mutates_args=("counters",))
 def vq_head_exact(hidden: torch.Tensor, weight: torch.Tensor, codebook: torch.Tensor, slack: torch.Tensor,
                   members: torch.Tensor, counters: torch.Tensor, probes: int) -> torch.Tensor:
     lead = hidden.shape[:-1]
@@ -317,7 +318,7 @@ def _(hidden, weight, codebook, slack, members, counters, probes):
     return hidden.new_empty(*hidden.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("slimfx::vq_head_deferred", mutates_args=("counters", "last_hidden", "last_proved"))
+@custom_op("slimfx::vq_head_deferred", mutates_args=("counters", "last_hidden", "last_proved"))
 def vq_head_deferred(hidden: torch.Tensor, weight: torch.Tensor, codebook: torch.Tensor, slack: torch.Tensor,
                      members: torch.Tensor, counters: torch.Tensor, armed: torch.Tensor, last_hidden: torch.Tensor,
                      last_proved: torch.Tensor, probes: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from slimfx.runtime.custom_ops import custom_op
+
 _IMPL_ENV = "SLIMFX_QLINEAR"
 _IMPLS = ("auto", "ref", "triton")
 
@@ -37,7 +39,7 @@ def _per_channel_op(kind: str):
     kernel serves int8 and fp8 weights: it only converts the weight tile to float, which
     GPUs do for fp8 e4m3 in hardware (sm_89+; checked when the pass picks fp8)."""
 
-    @torch.library.custom_op(f"slimfx::qlinear_{kind}", mutates_args=())
+    @custom_op(f"slimfx::qlinear_{kind}", mutates_args=())
     def qlinear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         from slimfx.codegen.kernels.gemv_int8 import gemv_int8, gemv_int8_ref
 
@@ -54,7 +56,7 @@ qlinear_int8 = _per_channel_op("int8")
 qlinear_fp8 = _per_channel_op("fp8")
 
 
-@torch.library.custom_op("slimfx::qlinear_int4", mutates_args=())
+@custom_op("slimfx::qlinear_int4", mutates_args=())
 def qlinear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                  group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., K] @ W_hat.T + bias with W_hat the packed int4 group-wise weight."""
