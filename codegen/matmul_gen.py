@@ -35,7 +35,7 @@ import torch
 from slimfx.codegen.kernels.matmul_template import TEMPLATE_VERSION, render_kernels
 from slimfx.codegen.partition import FusionGroup, matmul_parts
 from slimfx.codegen.ops import Val, aten, scalar_literal, tl_dtype
-from slimfx.codegen.triton_gen import (
+from slimfx.codegen.kernel_source import (
     HALF_DTYPES,
     C,
     R,

@@ -7,7 +7,7 @@ costs speed, never correctness.
 
 Value model inside a kernel: floating values are computed in fp32 (fp64 stays fp64),
 integers and bools keep their dtype. An explicit cast (convert_element_type /
-_to_copy) rounds here; triton_gen._round_like_eager rounds every other
+_to_copy) rounds here; kernel_source._round_like_eager rounds every other
 half-precision result to its dtype, as eager does after each op. Matmul epilogues
 (matmul_gen.py) are built from these same tables.
 """

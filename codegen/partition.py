@@ -178,7 +178,7 @@ def cat_dim(node: torch.fx.Node) -> int:
 
 def is_fusable_cat(node: torch.fx.Node) -> bool:
     """An aten.cat a pointwise group can compute: its value at index i along `dim` is the
-    operand covering i, read at i less the operand's offset (triton_gen._cat_expr).
+    operand covering i, read at i less the operand's offset (kernel_source._cat_expr).
 
     Operands: tensors of the output's dtype, device and rank, with a static, non-zero size
     along `dim` (so offsets are constants). The rotary embedding's rotate_half
