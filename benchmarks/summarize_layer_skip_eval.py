@@ -99,7 +99,10 @@ def main() -> None:
     args = p.parse_args()
     items = rows(args.evals)
     stem = Path(args.output)
-    stem.with_suffix(".md").write_text(f"# Layer skipping on the default model\n\nFrom {', '.join(args.evals)}.\n\n{table(items)}\n")
+    note = ("Weights kept: weight bytes against the unmodified model's (tied embedding and head included); KV kept: the "
+            "runtime store's KV bytes per token. Passkey and fidelity sizes: as each run's .md states (its command).")
+    stem.with_suffix(".md").write_text(f"# Layer skipping on the default model\n\nFrom {', '.join(args.evals)}.\n\n"
+                                       f"{table(items)}\n\n{note}\n")
     plot(items, stem.with_suffix(".png"))
     print(table(items))
 
