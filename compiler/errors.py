@@ -10,7 +10,8 @@ class UsageError(ValueError):
 
 # An error line echoes what the user gave (keys, paths, values); a 1 MB key must not
 # make a 1 MB line, nor a newline or an escape code in it break the line or the terminal.
-MAX_ECHO = 80
+# Long enough for real paths whole (a temporary folder under pytest-xdist is ~110 characters).
+MAX_ECHO = 300
 MAX_LINE = 2000
 
 
