@@ -22,7 +22,10 @@ settings.load_profile("explore" if os.environ.get("SLIMFX_HYPOTHESIS") == "explo
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist the cores are split between the workers: dynamo's tracing (most of
+# the suite's time) is single-threaded, so two one-thread workers beat one two-thread run.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _workers))
 
 
 @pytest.fixture(scope="session")
