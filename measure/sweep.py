@@ -121,6 +121,7 @@ def build_points(base_raw: dict, specs: list[str]) -> list[SweepPoint]:
         for axis in axes:
             _check_pipeline_runs(axis, config)
         check_pass_options(config)
+        config.check_artifacts()  # every point's files load and validate before a model loads
         label = ", ".join(f"{a.key}={v}" for a, v in zip(axes, combo)) or f"slimfx: pipeline {config.compile['pipeline']}"
         points.append(SweepPoint(label, {a.key: v for a, v in zip(axes, combo)}, config.to_dict()))
     return points

@@ -63,6 +63,22 @@ def test_bad_arguments_are_one_line_errors(capsys, kv_config, argv, match):
     _one_line_error(capsys, [a.replace(KV_CONFIG, kv_config) for a in argv], match)
 
 
+def test_a_swept_artifact_that_does_not_load_is_refused_before_the_model(tmp_path, capsys, monkeypatch):
+    import slimfx.measure.eval_run
+
+    def no_run(*_):
+        raise AssertionError("the eval ran (and loaded a model) before refusing the artifact")
+
+    monkeypatch.setattr(slimfx.measure.eval_run, "run_eval", no_run)
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    good.write_text("{}")
+    config = tmp_path / "skip.toml"
+    config.write_text('[compile]\npipeline = "s"\n[pipelines]\ns = ["layer_skip"]\n[passes.layer_skip]\nplan = "good"\n'
+                      f'[artifacts]\ngood = "{good}"\nbad = "{bad}"\n')
+    _one_line_error(capsys, ["eval", "--config", str(config), "--sweep", "skip.plan=bad"], str(bad))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_bench_without_gpu_says_so(capsys):
     _one_line_error(capsys, ["bench"], "no CUDA GPU found")
