@@ -16,7 +16,6 @@ two so that load changes hit both.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -27,24 +26,9 @@ from pathlib import Path
 import torch
 
 from slimfx.measure.report import stamp, write_json
+from slimfx.measure.timing import TokenClock
 
 PROMPT = "Explain in two sentences why the sky is blue."  # slimfx run's default prompt
-
-
-class _TokenClock:
-    """An HF streamer that notes when each new token arrives (the first put is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value):
-        if self.prompt_seen:
-            self.times.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self):
-        pass
 
 
 def _load() -> float:
@@ -53,15 +37,14 @@ def _load() -> float:
 
 def hf_eager(model, ids, new: int) -> dict:
     """HF generate (eager, DynamicCache), greedy, exactly `new` tokens."""
-    clock = _TokenClock()
+    clock = TokenClock()
     load = _load()
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
                              eos_token_id=None, pad_token_id=0, streamer=clock)  # no EOS: exactly `new` tokens
     total = time.perf_counter() - t0
-    steps = len(clock.times) - 1
-    return {"ms_per_token": 1e3 * (clock.times[-1] - clock.times[0]) / steps, "first_token_s": clock.times[0] - t0,
+    return {"ms_per_token": clock.ms_per_token(), "first_token_s": clock.times[0] - t0,
             "total_s": total, "load_before": load, "load_after": _load(), "tokens": out[0, ids.shape[1]:].tolist()}
 
 

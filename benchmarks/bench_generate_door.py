@@ -34,6 +34,7 @@ import torch
 
 import slimfx.compiler.backend  # noqa: F401 - backend="slimfx" by name where slimfx is not pip-installed
 from slimfx.measure.report import stamp, write_json
+from slimfx.measure.timing import TokenClock
 from slimfx.measure.shapes import SHAPES, build
 
 METHODS = ("hf_compiled_static", "path1_off", "path1_h2o", "runtime_off", "runtime_h2o")
@@ -47,21 +48,6 @@ def h2o_config(budget: int) -> dict:
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-class _TokenClock:
-    """HF streamer: the time each new token arrives (the first put is the prompt)."""
-
-    def __init__(self):
-        self.times, self.prompt_seen = [], False
-
-    def put(self, value):
-        if self.prompt_seen:
-            self.times.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self):
-        pass
 
 
 class HFCompiledStatic:
@@ -80,15 +66,14 @@ class HFCompiledStatic:
         self.compile_config._compile_all_devices = not on_cuda or None
 
     def __call__(self, ids) -> dict:
-        clock = _TokenClock()
+        clock = TokenClock()
         _sync(self.device)
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.new, do_sample=False,
                                       cache_implementation="static", compile_config=self.compile_config,
                                       streamer=clock, pad_token_id=0)
         _sync(self.device)
-        steps = len(clock.times) - 1
-        return {"ms_per_token": 1e3 * (clock.times[-1] - clock.times[0]) / steps, "new_tokens": out.shape[1] - ids.shape[1]}
+        return {"ms_per_token": clock.ms_per_token(), "new_tokens": out.shape[1] - ids.shape[1]}
 
     def close(self):
         pass

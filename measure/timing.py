@@ -104,3 +104,24 @@ def copy_bandwidth(device: torch.device | str = "cuda", nbytes: int = 1 << 30, r
             dst.copy_(src)
         times.append(t.ms)
     return 2 * nbytes / (statistics.median(times) / 1e3) / 1e9
+
+
+class TokenClock:
+    """An HF `streamer` that notes when each new token arrives: HF's generate calls put()
+    once with the prompt, then once per token as it is made. Per-token decode time is
+    `ms_per_token()`: first to last new token over the steps between them."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+    def ms_per_token(self) -> float:
+        return 1e3 * (self.times[-1] - self.times[0]) / (len(self.times) - 1)

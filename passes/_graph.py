@@ -31,6 +31,19 @@ def bind_tensor(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor, befor
     return node
 
 
+def replace_with_attention(gm: torch.fx.GraphModule, node: torch.fx.Node, site_index: int, args, kwargs=None) -> torch.fx.Node:
+    """Replace a site's attention `node` by a slimfx::attention call of `args` (the op must
+    be registered: import slimfx.runtime.attention_op). The new node is marked with the
+    site's index: later passes (kv_eviction) find the site by that mark."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(torch.ops.slimfx.attention.default, args, kwargs or {})
+    new.meta = dict(node.meta)
+    new.meta["slimfx_site"] = site_index
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
 def graph_input_value(gm: torch.fx.GraphModule, node: torch.fx.Node, example_inputs):
     """The concrete value behind a placeholder (from dynamo's example inputs, in
     placeholder order) or a get_attr node (the module attribute); None otherwise."""

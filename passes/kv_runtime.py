@@ -46,7 +46,7 @@ from slimfx.compiler.anatomy import AttentionSite, is_sdpa, shape_of
 from slimfx.compiler.config import Option
 from slimfx.compiler.errors import UsageError
 from slimfx.compiler.passmanager import PassContext, PassResult
-from slimfx.passes._graph import attention_sites, bind_site, bind_tensor, sdpa_operands, sdpa_scale
+from slimfx.passes._graph import attention_sites, bind_site, bind_tensor, replace_with_attention, sdpa_operands, sdpa_scale
 
 NAME = "kv_runtime"
 DESCRIPTION = "replaces each attention site (SDPA, no model cache) by one slimfx::attention op over a runtime KV store"
@@ -126,12 +126,7 @@ def _rewrite_site(gm, site: AttentionSite, node: torch.fx.Node, store) -> str | 
     # site relaid out by a later pass already: the op takes the site as it is now.
     args = (q, k, v, positions, bind_site(gm, cache, node), scale, cache.layout)
     kwargs = {"softcap": site.variant.softcap} if site.variant.softcap else {}
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(torch.ops.slimfx.attention.default, args, kwargs)
-    new.meta = dict(node.meta)
-    new.meta["slimfx_site"] = site.index  # later passes (kv_eviction) find the site here
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    replace_with_attention(gm, node, site.index, args, kwargs)
     return None
 
 

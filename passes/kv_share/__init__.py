@@ -48,7 +48,7 @@ import torch.fx
 from slimfx.compiler.anatomy import Anatomy, shape_of
 from slimfx.compiler.config import ConfigError, Option
 from slimfx.compiler.passmanager import PassContext, PassResult
-from slimfx.passes._graph import bind_site, bind_tensor, sdpa_operands, sdpa_scale
+from slimfx.passes._graph import bind_site, bind_tensor, replace_with_attention, sdpa_operands, sdpa_scale
 
 NAME = "kv_share"
 DESCRIPTION = "lets chosen layers attend over an earlier layer's KV cache (explicit map, calibrated KVSharer plan, CLA pairs or groups); their k/v projections and stores go (lossy)"
@@ -206,12 +206,7 @@ def _bind_reader(gm: torch.fx.GraphModule, site, node: torch.fx.Node, store) -> 
     cache = store.site(site.index, site.n_kv_heads, site.head_dim)  # the owner's tiers, read-only
     positions = bind_tensor(gm, f"_slimfx_pos{int(shape[2])}", store.step_positions(int(shape[2])), node)
     args = (q, q, q, positions, bind_site(gm, cache, node), sdpa_scale(node, site.head_dim), cache.layout)
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(torch.ops.slimfx.attention.default, args)
-    new.meta = dict(node.meta)
-    new.meta["slimfx_site"] = site.index
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    replace_with_attention(gm, node, site.index, args)
 
 
 def kv_footprint(sites: dict, readers: dict[int, int], store) -> dict:
@@ -270,12 +265,7 @@ def _merge_pair(gm, owner, reader, node, store, opts) -> int:
         raise ConfigError(f"passes.{NAME}: layer {reader.index}'s q/k/v operands were not found; allowed: SDPA attention sites")
     positions = bind_tensor(gm, f"_slimfx_pos{int(shape[2])}", store.step_positions(int(shape[2])), node)
     args = (q, k, v, positions, bind_site(gm, shared, node), sdpa_scale(node, reader.head_dim), upper)
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(torch.ops.slimfx.attention.default, args)
-    new.meta = dict(node.meta)
-    new.meta["slimfx_site"] = reader.index
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    replace_with_attention(gm, node, reader.index, args)
     return store.sites[owner.index].tiers["keep"].capacity
 
 
