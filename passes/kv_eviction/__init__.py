@@ -31,6 +31,9 @@ by (eviction_op.py). Policies: policies.py. Per-layer budgets and policies come 
   memory really drops.
 - MiKV (`evicted` = int8/int4/int2): tokens the policy evicts move to a low-precision
   tier instead of being dropped (mikv_op.py).
+- TokenSelect (policy "tokenselect"): nothing is evicted; the site keeps its full store
+  and each decode step reads only `budget` tokens per kv head, chosen by the query
+  (select_op.py). Lossy, and it saves no memory (nor, without a sparse kernel, time).
 
 With a budget at least the total length nothing is ever evicted and the output equals
 the unmodified model's (tested for every policy).
@@ -52,20 +55,27 @@ from slimfx.passes.kv_eviction.eviction_op import evict_layout
 from slimfx.passes.kv_eviction.mikv_op import FORMATS as MIKV_FORMATS
 from slimfx.passes.kv_eviction.mikv_op import channel_groups, low_tier, mikv_layout
 from slimfx.passes.kv_eviction.policies import POLICIES, make_policy, resolve_sinks
+from slimfx.passes.kv_eviction import select_op
 from slimfx.runtime.kv_store import plain_tier
 
 NAME = "kv_eviction"
-DESCRIPTION = "keeps a fixed token budget per attention site, chosen by a policy (StreamingLLM, H2O, A2SF, TOVA, Keyformer, SnapKV, DuoAttention; SCOPE budgets)"
+DESCRIPTION = ("keeps a fixed token budget per attention site, chosen by a policy (StreamingLLM, H2O, A2SF, TOVA, Keyformer, SnapKV, "
+               "DuoAttention; SCOPE budgets), or reads only that many at decode (TokenSelect)")
 LOSSY = True
 RUNS_AFTER = ("kv_runtime",)  # works on the slimfx::attention nodes kv_runtime creates
 OPTIONS = {
-    "policy": Option(str, "h2o", "which tokens to keep", choices=tuple(POLICIES)),
-    "budget": Option(int, 256, "tokens kept per site (sinks and recent window included)", lo=2, hi=1 << 24),
-    "n_sink": Option(int, -1, "first tokens always kept (attention sinks); -1: the policy's paper default (policies.PAPER_DEFAULTS)",
+    "policy": Option(str, "h2o", "which tokens to keep (tokenselect: which to read at decode)",
+                     choices=(*POLICIES, *select_op.SELECTORS)),
+    "budget": Option(int, 256, "tokens kept per site (sinks and recent window included); tokenselect: tokens each kv head "
+                     "reads per decode step", lo=2, hi=1 << 24),
+    "n_sink": Option(int, -1, "first tokens always kept (attention sinks); -1: the policy's paper default (policies.PAPER_DEFAULTS; "
+                     "tokenselect: 128/2688 of the budget)",
                      lo=-1, hi=1 << 16),
     "window": Option(int, -1, "most recent tokens always kept; -1: the policy's paper default (H2O/A2SF half the budget, SnapKV "
-                     "its observation window, Keyformer 30%, TOVA none)", lo=-1, hi=1 << 20),
+                     "its observation window, Keyformer 30%, TOVA none, TokenSelect 512/2688 of the budget)", lo=-1, hi=1 << 20),
     "alpha": Option(float, 0.95, "A2SF forgetting factor", lo=0.0, hi=1.0),
+    "vote": Option(str, "layer", "tokenselect: the heads whose soft votes pick one token set (layer: all of the layer's, the "
+                   "paper's; kv_head: each kv head's query group)", choices=select_op.VOTES),
     "tau": Option(float, 1.0, "Keyformer Gumbel temperature", lo=1e-3, hi=100.0),
     "obs_window": Option(int, 32, "SnapKV observation window (last prompt queries)", lo=1, hi=1 << 16),
     "budget_fraction": Option(float, 0.0, "budget as a share of the prompt (0: use `budget`); resolved per prompt by the runtime, "
@@ -87,15 +97,21 @@ OPTIONS = {
 FRACTION_ROUNDING = 16  # prompts of nearby lengths get one budget, so one compiled graph
 
 
+def _sinks(opts: dict, budget: int) -> tuple[int, int]:
+    if opts["policy"] in select_op.SELECTORS:
+        return select_op.resolve_sinks(opts["policy"], budget, opts["n_sink"], opts["window"])
+    return resolve_sinks(opts["policy"], budget, opts["n_sink"], opts["window"], _policy_param(opts))
+
+
 def _fraction_budget(opts: dict, prompt_tokens: int) -> int:
     wanted = math.ceil(opts["budget_fraction"] * prompt_tokens / FRACTION_ROUNDING) * FRACTION_ROUNDING
-    n_sink, window = resolve_sinks(opts["policy"], wanted, opts["n_sink"], opts["window"], _policy_param(opts))
+    n_sink, window = _sinks(opts, wanted)
     return max(wanted, n_sink + window + 1)
 
 
 def resolved(opts: dict) -> dict:
     """`opts` with n_sink and window -1 replaced by the policy's paper defaults at its budget."""
-    n_sink, window = resolve_sinks(opts["policy"], opts["budget"], opts["n_sink"], opts["window"], _policy_param(opts))
+    n_sink, window = _sinks(opts, opts["budget"])
     return {**opts, "n_sink": n_sink, "window": window}
 
 
@@ -144,9 +160,17 @@ def _check_options(index: int, opts: dict) -> None:
                                    "else 0 and an absolute budget"))
     try:
         opts = resolved(opts)
-        make_policy(opts["policy"], opts["budget"], n_sink=opts["n_sink"], window=opts["window"])
+        if opts["policy"] in select_op.SELECTORS:
+            select_op.check_options(opts["budget"], opts["n_sink"], opts["window"], opts["vote"])
+        else:
+            make_policy(opts["policy"], opts["budget"], n_sink=opts["n_sink"], window=opts["window"])
     except ConfigError as exc:
         raise at_layer(exc) from None
+    if opts["policy"] in select_op.SELECTORS:
+        for key, off in (("decode_budget", 0), ("evicted", "drop")):
+            if opts[key] != off:
+                raise at_layer(ConfigError(f"{key}: got {opts[key]!r} with policy {opts['policy']!r}; allowed: {off!r} "
+                                           "(tokenselect keeps every token and evicts nothing)"))
     if opts["decode_budget"] and opts["decode_budget"] <= opts["window"]:
         raise at_layer(ConfigError(f"decode_budget: got {opts['decode_budget']}; allowed: 0 (off) or > window ({opts['window']}), "
                                    "so generated tokens outside the recent window can be evicted"))
@@ -253,7 +277,7 @@ def _duo_retrieval_heads(ctx: PassContext, cfg, store) -> dict[int, list[int]]:
     return {site: mask[row].nonzero().flatten().tolist() for row, site in enumerate(sites)}
 
 
-OWN_KINDS = ("evict", "duo", "mikv")  # the layouts this pass gives sites
+OWN_KINDS = ("evict", "duo", "mikv", "select")  # the layouts this pass gives sites
 
 
 def _rewrite_site(gm, store, index: int, opts: dict, duo_heads) -> tuple[int, str | None]:
@@ -267,6 +291,12 @@ def _rewrite_site(gm, store, index: int, opts: dict, duo_heads) -> tuple[int, st
         return 0, f"site {index}: laid out as {cache.layout!r} by another pass, left as it is"
     if cache.layout.startswith("plain/"):
         return 0, f"site {index}: a sliding-window layer; its ring of {cache.capacity} slots already bounds it (budgets apply to global layers)"
+    if opts["policy"] in select_op.SELECTORS:
+        if opts["budget"] >= cache.capacity and kind == "plain":
+            return 0, f"site {index}: budget {opts['budget']} >= store capacity {cache.capacity}, every slot is read"
+        layout = select_op.select_layout(opts["n_sink"], opts["window"], opts["budget"], opts["vote"])
+        # The plain ring's own buffers, read differently: nothing is reallocated or saved.
+        return relayout_site(gm, store, index, layout, lambda cache: dict(cache.tiers)), None
     if opts["budget"] + opts["decode_budget"] > cache.capacity and kind == "plain":
         return 0, f"site {index}: budget {opts['budget'] + opts['decode_budget']} > store capacity {cache.capacity}, nothing to evict"
     if opts["evicted"] != "drop":
@@ -281,7 +311,11 @@ def _rewrite_site(gm, store, index: int, opts: dict, duo_heads) -> tuple[int, st
 
 
 def _details(store, cfg, retrieval: dict) -> dict:
-    details = {"budgets": {i: cfg.for_layer(i)["budget"] for i in sorted(store.sites)}}
+    # A tokenselect site keeps its whole store: no budget caps its footprint.
+    selecting = {i for i, c in store.sites.items() if c.layout.startswith("select/")}
+    details = {"budgets": {i: cfg.for_layer(i)["budget"] for i in sorted(store.sites) if i not in selecting}}
+    if selecting:
+        details["read_budgets"] = {i: cfg.for_layer(i)["budget"] for i in sorted(selecting)}
     low = {i: c.tiers["low"] for i, c in store.sites.items() if "low" in c.tiers}
     if low:
         # MiKV: demoted tokens stay in a quantized tier; the footprint counts them at its bytes per token.
