@@ -11,6 +11,14 @@ KVSharer (Yang et al., 2024), training-free, on calibration text:
    least `threshold`); it stops at the target number of readers.
 A layer is never both reader and owner, and the first layer always owns its KV.
 
+MiniCache (Liu et al., 2024), `--method minicache`: one forward records every layer's key
+and value projections; each pair of adjacent layers (l, l+1) is scored by the mean cosine
+similarity of their keys and of their values at the same token (rotary embedding turns
+both layers' vectors by the same angle, so the projections' similarity is the cached
+keys'); the `count` most similar disjoint pairs are chosen, the upper layer merging into
+the lower one. The plan records every pair's similarity, from which a `merge_threshold`
+(the angle up to which tokens are merged) can be read. Use it with merge = "minicache".
+
 How sharing is applied here: forward hooks replace a reader's k and v projection outputs
 by its owner's (computed earlier in the same forward). Rotary embedding is the same
 function of position for every layer, so this equals attending over the owner's rotated
@@ -140,6 +148,60 @@ def calibrate_share(model, input_ids: torch.Tensor, *, count: int, threshold: fl
     }
 
 
+def adjacent_similarity(outputs: dict[tuple[int, int], torch.Tensor], layers: list[int]) -> list[tuple[int, int, float]]:
+    """(upper, lower, similarity) for every adjacent pair: the mean over tokens of the cosine
+    similarity of their keys, averaged with that of their values."""
+    out = []
+    for lower, upper in zip(layers, layers[1:]):
+        sims = [F.cosine_similarity(outputs[(upper, w)].float(), outputs[(lower, w)].float(), dim=-1).mean() for w in (0, 1)]
+        out.append((upper, lower, float(sum(sims) / 2)))
+    return out
+
+
+def best_disjoint_pairs(scored: list[tuple[int, int, float]], count: int) -> dict[int, int]:
+    """upper -> lower for the `count` disjoint adjacent pairs of `scored` (in layer order)
+    with the largest total similarity: a pick-or-skip recursion along the layers, exact
+    (a greedy pick of the best pair can block two good neighbours)."""
+    from functools import lru_cache
+
+    @lru_cache(maxsize=None)
+    def best(i: int, left: int) -> tuple[float, tuple]:
+        if left == 0:
+            return 0.0, ()
+        if i >= len(scored):
+            return float("-inf"), ()
+        skip = best(i + 1, left)
+        total, rest = best(i + 2, left - 1)
+        take = (total + scored[i][2], (i, *rest))
+        return max(skip, take, key=lambda t: t[0])
+
+    total, picked = best(0, count)
+    if total == float("-inf"):
+        raise UsageError(f"--count {count}: allowed: at most {(len(scored) + 1) // 2} disjoint adjacent pairs")
+    return {scored[i][0]: scored[i][1] for i in picked}
+
+
+def calibrate_minicache(model, input_ids: torch.Tensor, *, count: int, model_name: str = "model", text: str = "") -> dict:
+    """A merge plan: the `count` most similar disjoint adjacent pairs (upper -> lower)."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
+        raise UsageError(f"calibrate share: calibration ids of shape {tuple(input_ids.shape)}; allowed: [1, T] with T >= 2")
+    probe = ShareProbe(model, input_ids)
+    probe.close()
+    layers = sorted(probe.layers)
+    if not 0 <= count <= len(layers) // 2:
+        raise UsageError(f"--count {count}: allowed: 0-{len(layers) // 2} (a layer is never both reader and owner)")
+    scored = adjacent_similarity(probe.outputs, layers)
+    chosen = best_disjoint_pairs(scored, count)
+    return {
+        "kind": PLAN_KIND, "version": PLAN_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": model_name, **probe.identity},
+        "method": "minicache", "map": {str(r): o for r, o in sorted(chosen.items())},
+        "calibration": {"tokens": int(input_ids.shape[1]), "text": text, "count": count,
+                        "pairs": [{"reader": u, "owner": lo, "similarity": round(sim, 6)} for u, lo, sim in scored]},
+    }
+
+
 def _progress(items: list, enabled: bool):
     from tqdm import tqdm
 
@@ -152,7 +214,11 @@ def _progress(items: list, enabled: bool):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `slimfx calibrate share`."""
     add_common_arguments(p, "layers read another layer's KV")
-    p.add_argument("--threshold", type=float, default=0.9, help="least mean cosine similarity of the last hidden state (default 0.9)")
+    p.add_argument("--method", choices=("kvsharer", "minicache"), default="kvsharer",
+                   help="kvsharer: readers of dissimilar layers' KV, each kept if the output stays close; "
+                        "minicache: the most similar adjacent pairs, to merge (merge = \"minicache\")")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="kvsharer: least mean cosine similarity of the last hidden state (default 0.9)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -161,8 +227,11 @@ def main(args: argparse.Namespace) -> int:
     if args.fraction is not None and not 0 <= args.fraction <= 0.5:
         raise UsageError(f"--fraction {args.fraction}: allowed: a number in [0, 0.5] (a layer is never both reader and owner)")
     count = args.count if args.count is not None else round(args.fraction * n_layers)
-    plan = calibrate_share(model, ids, count=count, threshold=args.threshold, progress=not args.no_progress,
-                           model_name=model_name(args), text=text_name(args))
+    if args.method == "minicache":
+        plan = calibrate_minicache(model, ids, count=count, model_name=model_name(args), text=text_name(args))
+    else:
+        plan = calibrate_share(model, ids, count=count, threshold=args.threshold, progress=not args.no_progress,
+                               model_name=model_name(args), text=text_name(args))
     write_plan(plan, args.output)
     print(format_plan(plan))
     print(f"plan written to {args.output}; use it with [passes.kv_share] plan = \"KEY\" and [artifacts] KEY = \"{args.output}\"")

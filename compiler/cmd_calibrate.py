@@ -130,7 +130,7 @@ _register_layer_skip()
 def _register_kv_share() -> None:
     from slimfx.calibrate import kv_share
 
-    register("share", "which layers read another layer's KV cache (KVSharer on calibration text)", kv_share.add_arguments, kv_share.main)
+    register("share", "which layers read or merge another layer's KV cache (KVSharer or MiniCache on calibration text)", kv_share.add_arguments, kv_share.main)
 
 
 _register_kv_share()

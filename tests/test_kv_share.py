@@ -226,6 +226,35 @@ def test_kvsharer_calibration_writes_a_plan_the_pass_applies(model, ids, tmp_pat
     assert [(r, o) for r, o, _ in ranked_pairs(means, [0, 1, 2])] == [(2, 0), (1, 0), (2, 1)]
 
 
+def test_minicache_calibration_picks_the_most_similar_disjoint_adjacent_pairs(model, ids, tmp_path):
+    from slimfx.calibrate.kv_share import adjacent_similarity, best_disjoint_pairs, calibrate_minicache
+    from slimfx.passes.kv_share.plan import format_plan, read_plan, write_plan
+
+    calibration = torch.randint(1, 128, (1, 48), generator=torch.Generator().manual_seed(5))
+    plan = calibrate_minicache(model, calibration, count=2)
+    scored = {(p["reader"], p["owner"]): p["similarity"] for p in plan["calibration"]["pairs"]}
+    assert set(scored) == {(1, 0), (2, 1), (3, 2)}
+    # Two disjoint pairs out of 4 layers can only be (1, 0) and (3, 2).
+    assert plan["map"] == {"1": 0, "3": 2} and plan["method"] == "minicache"
+    one = calibrate_minicache(model, calibration, count=1)
+    best = max(scored, key=scored.get)
+    assert one["map"] == {str(best[0]): best[1]}
+    path = write_plan(plan, tmp_path / "merge.json")
+    assert read_plan(path)["map"] == plan["map"] and "KV cosine similarity of the chosen pairs" in format_plan(plan)
+    cfg = _config(plan="merge", merge="minicache")
+    cfg["artifacts"] = {"merge": str(path)}
+    tokens, stats = generate(model, ids, max_new_tokens=4, capacity=64, config=cfg)
+    assert tokens.shape == (2, 4)
+    # The score is the mean cosine similarity of keys and of values at the same token.
+    k0, k1 = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    outputs = {(0, 0): k0, (0, 1): k0, (1, 0): k1, (1, 1): -k1}
+    assert adjacent_similarity(outputs, [0, 1])[0][2] == pytest.approx(0.0, abs=1e-6)
+    # The best total, not the best pair first: (2, 1) alone would block both neighbours.
+    scored_by_hand = [(1, 0, 0.5), (2, 1, 0.9), (3, 2, 0.5), (4, 3, 0.05)]
+    assert best_disjoint_pairs(scored_by_hand, 2) == {1: 0, 3: 2}
+    assert best_disjoint_pairs(scored_by_hand, 1) == {2: 1}
+
+
 # ----------------------------------------------------------------------------- MiniCache merging
 
 

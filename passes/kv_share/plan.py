@@ -2,7 +2,7 @@
 
     {"kind": "slimfx.kv_share_plan", "version": 1,
      "model": {"blocks", "hidden", "vocab", "fingerprint"},   (passes/_identity.py)
-     "method": "kvsharer",
+     "method": "kvsharer" | "minicache",
      "map": {"5": 4, ...},                                  reader layer -> owner layer
      "calibration": {...}}                                   how it was made (free-form)
 
@@ -19,7 +19,7 @@ from slimfx.passes._identity import IDENTITY_FIELDS, check_plan_model
 
 PLAN_KIND = "slimfx.kv_share_plan"
 PLAN_VERSION = 1
-METHODS = ("kvsharer",)
+METHODS = ("kvsharer", "minicache")
 WRITTEN_BY = "slimfx calibrate share"
 _FIELDS = {"kind": str, "version": int, "model": dict, "method": str, "map": dict, "calibration": dict}
 
@@ -66,5 +66,10 @@ def load_plan(config, key: str, identity: dict | None) -> dict[int, int]:
 def format_plan(plan: dict) -> str:
     pairs = ", ".join(f"{r} reads {o}" for r, o in plan["map"].items()) or "none"
     cal = plan["calibration"]
-    return (f"KV-sharing plan ({plan['method']}): {len(plan['map'])} of {plan['model']['blocks']} layers read another's KV: {pairs}\n"
-            f"last hidden state similarity {cal['similarity']:.4f} (threshold {cal['threshold']}), {len(cal['tried'])} pairs tried")
+    head = f"KV-sharing plan ({plan['method']}): {len(plan['map'])} of {plan['model']['blocks']} layers read another's KV: {pairs}"
+    if plan["method"] == "minicache":
+        sims = {(p["reader"], p["owner"]): p["similarity"] for p in cal.get("pairs", [])}
+        chosen = [sims[(int(r), o)] for r, o in plan["map"].items() if (int(r), o) in sims]
+        return head + (f"\nKV cosine similarity of the chosen pairs {min(chosen):.3f}-{max(chosen):.3f}"
+                       f" (all adjacent pairs {min(sims.values()):.3f}-{max(sims.values()):.3f})" if chosen else "")
+    return head + f"\nlast hidden state similarity {cal['similarity']:.4f} (threshold {cal['threshold']}), {len(cal['tried'])} pairs tried"
