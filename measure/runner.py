@@ -47,14 +47,22 @@ class RuntimeStepper:
     def _build(self, prompt_tokens: int) -> None:
         from slimfx.compiler.pipeline import prefill_chunk, specialise
         from slimfx.runtime.generate import get_generator
+        from slimfx.runtime.skip_variants import full_config, removing_config, variants_of
 
         # FX code, not inductor: eval measures quality, and an inductor compile per
         # configuration and capacity would dominate a sweep's time on a GPU.
         config = specialise(self.config, prompt_tokens)
         self.chunk = prefill_chunk(config, prompt_tokens, PREFILL_CHUNK)
         self.capacity = 1 << (capacity_for(self.wanted + self.chunk) - 1).bit_length()
-        self.gen = get_generator(self.model, 1, self.capacity, config=config, codegen="eager")
+        schedule = _schedule_options(config)
+        graph_config = config if schedule is None else full_config(config)
+        self.gen = get_generator(self.model, 1, self.capacity, config=graph_config, codegen="eager")
         self.gen.store.reset()
+        self.step_fns, self.generated = [self.gen.step_fn], 0
+        if schedule is not None:  # a SkipDecode schedule: one graph per level, as generate runs it
+            variants = variants_of(self.gen)
+            self.step_fns += [variants.get("level", removing_config(config, j)) for j in range(1, schedule["schedule_levels"])]
+            self.schedule_tokens = schedule["schedule_tokens"]
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -67,12 +75,29 @@ class RuntimeStepper:
             raise ValueError("RuntimeStepper: after the prefill, feed one token per call")
         positions = store.step_positions(1)
         positions.copy_(store.seen[:, None])
-        logits = gen.step_fn(gen.model, ids.to(store.device), positions)
+        self.generated += 1  # this step's logits give generated token `generated` (token 0 came from the prefill)
+        logits = self._step_fn()(gen.model, ids.to(store.device), positions)
         store.seen.add_(1)
         return logits[:, None].float()
 
+    def _step_fn(self):
+        """The decode graph of this step: the generator's own, or the schedule's level graph."""
+        if len(self.step_fns) == 1:
+            return self.step_fns[0]
+        from slimfx.runtime.skip_schedule import level_of
+
+        return self.step_fns[level_of(self.generated, len(self.step_fns), self.schedule_tokens)]
+
     def kv_bytes(self) -> int:
         return self.gen.store.nbytes() if self.gen is not None else 0
+
+
+def _schedule_options(config) -> dict | None:
+    """layer_skip's options when `config` runs a SkipDecode schedule, else None."""
+    from slimfx.runtime.skip_variants import skip_mode
+
+    mode = skip_mode(config)
+    return mode[1] if mode is not None and mode[0] == "schedule" else None
 
 
 class CompiledStepper(Stepper):

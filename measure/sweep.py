@@ -82,17 +82,6 @@ def _check_pipeline_runs(axis: SweepAxis, config) -> None:
             f"add it to a pipeline in the config and select it with [compile] pipeline")
 
 
-def _check_measurable(config) -> None:
-    """Refuse what the eval's stepper cannot measure. It runs one compiled graph at every
-    position, so a layer-skip schedule (a different graph per position, chosen by the
-    runtime's own loop) would be measured as the whole model: a silently wrong row.
-    Speculative mode is lossless, and the whole model is what it computes."""
-    if "layer_skip" in config.pipeline and config.pass_config("layer_skip").options["mode"] == "schedule":
-        raise UsageError("passes.layer_skip.mode = 'schedule': slimfx eval runs one graph at every position and would "
-                         "measure the whole model; allowed here: mode 'remove' (or 'speculative', lossless); a schedule "
-                         "runs through slimfx.runtime.generate / slimfx run")
-
-
 def check_pass_options(config) -> None:
     """Run the checks a pass makes at compile time (e.g. a KV budget below what its
     policy needs: sinks + window + 1) now, so a bad sweep fails before the model loads.
@@ -132,7 +121,6 @@ def build_points(base_raw: dict, specs: list[str]) -> list[SweepPoint]:
         for axis in axes:
             _check_pipeline_runs(axis, config)
         check_pass_options(config)
-        _check_measurable(config)
         config.check_artifacts()  # every point's files load and validate before a model loads
         label = ", ".join(f"{a.key}={v}" for a, v in zip(axes, combo)) or f"slimfx: pipeline {config.compile['pipeline']}"
         points.append(SweepPoint(label, {a.key: v for a, v in zip(axes, combo)}, config.to_dict()))

@@ -218,6 +218,19 @@ def test_schedule_matches_the_eager_reference_and_never_recompiles(model, fresh_
     assert counters["stats"]["unique_graphs"] - before == first and torch.equal(again, tokens)
 
 
+def test_eval_steps_a_schedule_as_generate_runs_it(model):
+    """slimfx eval's stepper runs each position's level graph: its greedy tokens are the
+    schedule's, not the whole model's."""
+    from slimfx.measure.runner import Runner, greedy_generate
+
+    ids = torch.randint(1, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+    cfg = skip_config(blocks=[3, 1, 4], mode="schedule", schedule_levels=4, schedule_tokens=6)
+    tokens, _ = generate(model, ids, max_new_tokens=16, config=cfg)
+    whole, _ = generate(model, ids, max_new_tokens=16)
+    assert greedy_generate(Runner(model, cfg), ids, 16).tolist() == tokens[0].tolist()
+    assert not torch.equal(tokens, whole)
+
+
 def test_schedule_composes_with_eviction(model, prompts):
     """Every level's graph shares the evicting store: the budgets hold for the sites the
     levels run, and the early tokens (level 0, the whole model) equal plain eviction's."""

@@ -26,22 +26,10 @@ window = 32
 """
 
 
-SKIP_SCHEDULE = "{skip_config}"  # replaced by the path of a layer_skip configuration
-SKIP_TOML = """
-[compile]
-pipeline = "s"
-[pipelines]
-s = ["layer_skip"]
-[passes.layer_skip]
-blocks = [1]
-"""
-
-
 @pytest.fixture
 def kv_config(tmp_path):
     path = tmp_path / "kv.toml"
     path.write_text(KV_TOML)
-    (tmp_path / "skip.toml").write_text(SKIP_TOML)
     return str(path)
 
 
@@ -67,14 +55,12 @@ def _one_line_error(capsys, argv, match):
     (["eval", "--pipeline", "nope"], "compile.pipeline"),
     (["eval", "--config", "/no/such.toml"], "not found"),
     (["eval", "--model", "/no/such/model"], "no such file or folder"),
-    (["eval", "--config", SKIP_SCHEDULE, "--sweep", "skip.mode=schedule"], "passes.layer_skip.mode = 'schedule'"),
     (["bench", "--device", "cpu", "--shape", "gpt-5"], "--shape gpt-5: unknown"),
     (["bench", "--device", "cpu", "--backends", "eager,tvm"], "--backends"),
     (["bench", "--device", "cpu", "--batch", "1,x"], "--batch"),
 ])
 def test_bad_arguments_are_one_line_errors(capsys, kv_config, argv, match):
-    skip_config = kv_config.replace("kv.toml", "skip.toml")
-    _one_line_error(capsys, [a.replace(KV_CONFIG, kv_config).replace(SKIP_SCHEDULE, skip_config) for a in argv], match)
+    _one_line_error(capsys, [a.replace(KV_CONFIG, kv_config) for a in argv], match)
 
 
 def test_a_swept_artifact_that_does_not_load_is_refused_before_the_model(tmp_path, capsys, monkeypatch):
