@@ -143,3 +143,40 @@ def test_paper_defaults_scale_with_the_budget():
     opts = {name: o.default for name, o in OPTIONS.items()}
     got = resolved({**opts, "policy": "tokenselect", "budget": 2688})
     assert (got["n_sink"], got["window"]) == (128, 512)  # the paper's n_init / n_local at its 2688 tokens read
+
+
+def _prefill_then_decode(device, steps=6, budget=12, vote="layer"):
+    """A 40-token prompt (second sequence left padded by 3) then `steps` decode steps
+    through a select site and the op itself (Triton reads on CUDA, the references on the
+    CPU): the decode outputs, [steps, B, Hq, D] on the CPU."""
+    gen = torch.Generator().manual_seed(0)
+    B, hkv, hq, D, N = 2, 2, 8, 64, 40 + steps
+    k, v, q = (torch.randn(B, h, N, D, generator=gen).to(device) for h in (hkv, hkv, hq))
+    positions = torch.stack([torch.arange(N), torch.arange(N) - 3]).to(device)
+    site = select_site(B, hkv, 64, D, n_sink=2, window=4, budget=budget, vote=vote, device=device)
+    op = lambda a, b: torch.ops.slimfx.attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], positions[:, a:b], site.buffers(),
+                                                 D ** -0.5, site.layout)
+    op(0, 40)
+    outs = [op(t, t + 1) for t in range(40, N)]
+    return torch.stack(outs).cpu(), site, q[:, :, -1:], positions[:, -1:]
+
+
+def test_a_reader_site_reads_what_the_owner_selects():
+    """Cross-layer sharing: a site reading this cache (read/<layout>, no write) selects as
+    the owner's decode step does, over the same tiers."""
+    from slimfx.runtime.attention_op import unpack, variant_of
+
+    outs, site, q, pos = _prefill_then_decode("cpu")
+    reader = variant_of("read/" + site.layout)
+    got = reader.run(q, None, None, pos, unpack(reader, site.buffers(), site.layout), 1 / 8, False)
+    torch.testing.assert_close(got, outs[-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("vote", ["layer", "kv_head"])
+def test_cuda_matches_cpu(vote):
+    """The Triton decode read with masked slot positions gives the CPU read's result."""
+    gpu, cpu = _prefill_then_decode("cuda", vote=vote)[0], _prefill_then_decode("cpu", vote=vote)[0]
+    err = ((gpu - cpu).norm() / cpu.norm()).item()
+    assert err <= 2e-3, f"rel err {err:.2e}"  # fp32 dots may run as tf32 on the GPU
