@@ -180,3 +180,11 @@ def test_cuda_matches_cpu(vote):
     gpu, cpu = _prefill_then_decode("cuda", vote=vote)[0], _prefill_then_decode("cpu", vote=vote)[0]
     err = ((gpu - cpu).norm() / cpu.norm()).item()
     assert err <= 2e-3, f"rel err {err:.2e}"  # fp32 dots may run as tf32 on the GPU
+
+
+def test_budget_fraction_resolves_per_prompt(sharp_model, prompt):
+    """A quarter of the 40-token prompt, rounded up to 16: each kv head reads 16 tokens."""
+    slimfx.clear_reports()
+    generate(sharp_model, prompt, max_new_tokens=2, capacity=128, config=_config(budget_fraction=0.25))
+    result = next(r for rep in slimfx.reports() for r in rep.passes if r.name == "kv_eviction" and r.applied)
+    assert result.details["read_budgets"] == {0: 16, 1: 16}
