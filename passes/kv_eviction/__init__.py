@@ -161,7 +161,7 @@ def _check_options(index: int, opts: dict) -> None:
     try:
         opts = resolved(opts)
         if opts["policy"] in select_op.SELECTORS:
-            select_op.check_options(opts["budget"], opts["n_sink"], opts["window"], opts["vote"])
+            select_op.check_options(opts["budget"], opts["n_sink"], opts["window"])
         else:
             make_policy(opts["policy"], opts["budget"], n_sink=opts["n_sink"], window=opts["window"])
     except ConfigError as exc:
