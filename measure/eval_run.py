@@ -137,7 +137,7 @@ def run_eval(args, settings: dict) -> dict:
             graphs = reports()
             if not graphs:
                 raise RuntimeError(f"{point.label}: the slimfx backend compiled no graph; the figures would be the unmodified model's")
-            entry["footprint"] = footprint.apply_pass_reports(base_fp, graphs)
+            entry["footprint"] = footprint.apply_pass_reports(base_fp, graphs, _resident_passes(point.raw))
             kv = [c["kv_bytes"] for c in (entry["passkey"] or {}).get("cases", [])]
             if kv:  # what the store really allocated, beside what the passes report
                 entry["footprint"]["kv_bytes_allocated_max"] = max(kv)
@@ -173,3 +173,11 @@ def run_eval(args, settings: dict) -> dict:
         "configurations": configurations,
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
     }
+
+
+def _resident_passes(raw_config: dict) -> tuple[str, ...]:
+    """layer_skip when it runs as extra graphs beside the whole model (schedule, speculative):
+    their removed blocks stay in memory for the whole model's graph."""
+    from slimfx.runtime.skip_variants import skip_mode
+
+    return ("layer_skip",) if skip_mode(raw_config) is not None else ()

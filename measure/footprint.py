@@ -72,11 +72,13 @@ def model_footprint(model, dtype: torch.dtype | None = None) -> dict:
     }
 
 
-def apply_pass_reports(base: dict, reports) -> dict:
+def apply_pass_reports(base: dict, reports, resident: tuple[str, ...] = ()) -> dict:
     """The footprint a compiled configuration keeps: `base` with every pass's reported
     footprint applied. `reports`: CompileReports of that configuration's graphs; a
     model compiled into several graphs reports the same pass in each, so savings are
-    taken per pass as the largest reported, not summed over graphs."""
+    taken per pass as the largest reported, not summed over graphs. `resident`: passes
+    whose graphs run beside the whole model's (a layer-skip schedule's levels, a
+    speculative draft), so what they leave out is still held: their footprints count not."""
     saved_weights: dict[str, int] = {}
     saved_head: dict[str, int] = {}
     out = dict(base, source="unmodified figures; no pass reported a footprint change")
@@ -92,7 +94,7 @@ def apply_pass_reports(base: dict, reports) -> dict:
                     out["kv_site_low_tier_bytes_per_token"] = {int(k): float(v) for k, v in details["low_tier_bytes_per_token"].items()}
                 changed.append(result.name)
             fp = details.get("footprint") or {}
-            if not fp:
+            if not fp or result.name in resident:
                 continue
             changed.append(result.name)
             saved_weights[result.name] = max(saved_weights.get(result.name, 0), int(fp.get("weight_bytes_saved", 0)))

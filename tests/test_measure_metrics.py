@@ -164,6 +164,10 @@ def test_footprint_applies_pass_reports():
     assert footprint.kv_bytes_at(json.loads(json.dumps(duo)), 1000) == footprint.kv_bytes_at(duo, 1000)
     assert footprint.apply_pass_reports(base, [report({"budgets": {0: 16}}, applied=False)])["weight_bytes"] == base["weight_bytes"]
     assert footprint.apply_pass_reports(base, [])["weight_bytes"] == base["weight_bytes"]
+    # A pass whose graphs run beside the whole model's (a layer-skip schedule) frees nothing.
+    extra = [report({"footprint": {"weight_bytes_saved": 4000}})]
+    assert footprint.apply_pass_reports(base, extra)["weight_bytes"] == base["weight_bytes"] - 4000
+    assert footprint.apply_pass_reports(base, extra, resident=("p",))["weight_bytes"] == base["weight_bytes"]
 
 
 def test_runtime_runner_matches_the_unmodified_model(model):
