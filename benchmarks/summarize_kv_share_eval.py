@@ -9,9 +9,10 @@ Writes STEM.md and STEM.png; every figure is read from the eval JSONs."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from slimfx.measure.eval_report import summary_main
 
 
 def method_of(config: dict) -> str:
@@ -76,16 +77,7 @@ def plot(items: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("evals", nargs="+", help="eval JSON files")
-    p.add_argument("--output", required=True, help="file stem: writes STEM.md and STEM.png")
-    args = p.parse_args()
-    items = rows(args.evals)
-    stem = Path(args.output)
-    stem.with_suffix(".md").write_text(f"# Cross-layer KV sharing on the default model\n\nFrom {', '.join(args.evals)}.\n\n{table(items)}\n")
-    plot(items, stem.with_suffix(".png"))
-    print(table(items))
-
+    summary_main(__doc__, "Cross-layer KV sharing on the default model", rows, table, plot)
 
 if __name__ == "__main__":
     main()

@@ -11,9 +11,10 @@ from the layer_skip pass's report of each configuration's compile)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from slimfx.measure.eval_report import summary_main
 
 METHODS = {"block_influence": "Block Influence", "sleb": "SLEB"}
 
@@ -93,19 +94,9 @@ def plot(items: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("evals", nargs="+", help="eval JSON files")
-    p.add_argument("--output", required=True, help="file stem: writes STEM.md and STEM.png")
-    args = p.parse_args()
-    items = rows(args.evals)
-    stem = Path(args.output)
     note = ("Weights kept: weight bytes against the unmodified model's (tied embedding and head included); KV kept: the "
             "runtime store's KV bytes per token. Passkey and fidelity sizes: as each run's .md states (its command).")
-    stem.with_suffix(".md").write_text(f"# Layer skipping on the default model\n\nFrom {', '.join(args.evals)}.\n\n"
-                                       f"{table(items)}\n\n{note}\n")
-    plot(items, stem.with_suffix(".png"))
-    print(table(items))
-
+    summary_main(__doc__, "Layer skipping on the default model", rows, table, plot, note)
 
 if __name__ == "__main__":
     main()

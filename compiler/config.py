@@ -282,8 +282,9 @@ class Config:
         from slimfx.compiler.registry import registered_passes
 
         self.check_artifact_files()
+        modules = registered_passes()
         for name in self.pipeline:
-            hook = getattr(registered_passes()[name], "check_artifacts", None)
+            hook = getattr(modules[name], "check_artifacts", None)
             if hook is not None:
                 hook(self.pass_config(name), self, model, anatomy)
 

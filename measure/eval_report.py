@@ -177,3 +177,21 @@ def write_eval(results: dict, paths: dict[str, Path]) -> None:
     write_json(paths["json"], results)
     paths["md"].write_text(markdown(results))
     plot(results, paths["png"])
+
+
+def summary_main(doc: str, title: str, rows, table, plot, note: str = "") -> None:
+    """The command line of a script that merges eval JSONs into one table and plot
+    (benchmarks/summarize_*_eval.py): `SCRIPT EVAL.json ... --output STEM` writes STEM.md
+    (titled `title`, naming its sources, `note` under the table) and STEM.png."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("evals", nargs="+", help="eval JSON files")
+    p.add_argument("--output", required=True, help="file stem: writes STEM.md and STEM.png")
+    args = p.parse_args()
+    items = rows(args.evals)
+    stem = Path(args.output)
+    text = f"# {title}\n\nFrom {', '.join(args.evals)}.\n\n{table(items)}\n" + (f"\n{note}\n" if note else "")
+    stem.with_suffix(".md").write_text(text)
+    plot(items, stem.with_suffix(".png"))
+    print(table(items))

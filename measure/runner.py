@@ -59,10 +59,14 @@ class RuntimeStepper:
         self.gen = get_generator(self.model, 1, self.capacity, config=graph_config, codegen="eager")
         self.gen.store.reset()
         self.step_fns, self.generated = [self.gen.step_fn], 0
+        self.level = lambda index: 0
         if schedule is not None:  # a SkipDecode schedule: one graph per level, as generate runs it
+            from slimfx.runtime.skip_schedule import level_of
+
             variants = variants_of(self.gen)
-            self.step_fns += [variants.get("level", removing_config(config, j)) for j in range(1, schedule["schedule_levels"])]
-            self.schedule_tokens = schedule["schedule_tokens"]
+            levels, tokens = schedule["schedule_levels"], schedule["schedule_tokens"]
+            self.step_fns += [variants.get("level", removing_config(config, j)) for j in range(1, levels)]
+            self.level = lambda index: level_of(index, levels, tokens)
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -76,17 +80,9 @@ class RuntimeStepper:
         positions = store.step_positions(1)
         positions.copy_(store.seen[:, None])
         self.generated += 1  # this step's logits give generated token `generated` (token 0 came from the prefill)
-        logits = self._step_fn()(gen.model, ids.to(store.device), positions)
+        logits = self.step_fns[self.level(self.generated)](gen.model, ids.to(store.device), positions)
         store.seen.add_(1)
         return logits[:, None].float()
-
-    def _step_fn(self):
-        """The decode graph of this step: the generator's own, or the schedule's level graph."""
-        if len(self.step_fns) == 1:
-            return self.step_fns[0]
-        from slimfx.runtime.skip_schedule import level_of
-
-        return self.step_fns[level_of(self.generated, len(self.step_fns), self.schedule_tokens)]
 
     def kv_bytes(self) -> int:
         return self.gen.store.nbytes() if self.gen is not None else 0
