@@ -138,37 +138,58 @@ def real_weights_end_to_end(new: int, lengths, device) -> list[dict]:
     return rows
 
 
-def run_speed(args) -> dict:
+def _acceptance_rows(path: str | None) -> dict:
+    """(draft, K) -> tokens per round measured on real weights (fixed-K rows of the acceptance JSON)."""
+    if not path:
+        return {}
+    if not Path(path).is_file():
+        print(f"[speed] no acceptance file {path}: round times only, no projected speedup", file=sys.stderr)
+        return {}
+    return {(row["draft"], row["draft_length"]): row["tokens_per_round"]
+            for row in json.loads(Path(path).read_text())["rows"] if not row["adaptive"]}
+
+
+def run_speed(args, save) -> dict:
+    """Every stage in args.stages; `save(result)` after each, so a run stopped at its time
+    limit keeps the stages it finished."""
     from slimfx.measure.bench_run import BenchSettings, run_backend
     from slimfx.measure.shapes import build
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.layers:  # a CPU smoke run of this script: the tiny shape has too few blocks to skip any
-        from slimfx.runtime.models import tiny_model
-
-        model = tiny_model("llama_gqa", layers=args.layers).to(device, dtype)
-    else:
-        model = build(args.shape, dtype, device, 0)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0)).to(device)
-    hf = run_backend("inductor", model, BenchSettings(args.context, (1,), args.new_tokens, 8), device) if args.hf else None
-    by_blocks = speed_by_blocks(model, ids, args.new_tokens)
-    accepted = {}
-    if args.acceptance and not Path(args.acceptance).is_file():
-        print(f"[speed] no acceptance file {args.acceptance}: round times only, no projected speedup", file=sys.stderr)
-    elif args.acceptance:
-        for row in json.loads(Path(args.acceptance).read_text())["rows"]:
-            if not row["adaptive"]:
-                accepted[(row["draft"], row["draft_length"])] = row["tokens_per_round"]
+    stages = set(args.stages.split(","))
     lengths = tuple(int(k) for k in args.lengths.split(","))
-    rounds = speculative_rounds(model, ids, args.new_tokens, by_blocks[0]["ms_per_token"], accepted, lengths)
-    del model
-    torch.cuda.empty_cache()
-    return {"kind": "slimfx.layer_skip_speed", "stamp": stamp(str(device)),
-            "settings": {"shape": args.shape, "context": args.context, "new_tokens": args.new_tokens, "batch": 1, "dtype": "bfloat16",
-                         "acceptance_file": args.acceptance},
-            "method": __doc__.strip(), "hf_inductor": hf, "by_blocks_removed": by_blocks, "speculative_rounds": rounds,
-            "real_weights_smollm2": real_weights_end_to_end(args.new_tokens, lengths, device) if args.real else None}
+    result = {"kind": "slimfx.layer_skip_speed", "stamp": stamp(str(device)),
+              "settings": {"shape": args.shape, "context": args.context, "new_tokens": args.new_tokens, "batch": 1,
+                           "dtype": "bfloat16" if device.type == "cuda" else "float32", "acceptance_file": args.acceptance,
+                           "stages": sorted(stages)},
+              "method": __doc__.strip(), "hf_inductor": None, "by_blocks_removed": None, "speculative_rounds": None,
+              "real_weights_smollm2": None}
+    if stages & {"hf", "blocks", "rounds"}:
+        if args.layers:  # a CPU smoke run of this script: the tiny shape has too few blocks to skip any
+            from slimfx.runtime.models import tiny_model
+
+            model = tiny_model("llama_gqa", layers=args.layers).to(device, dtype)
+        else:
+            model = build(args.shape, dtype, device, 0)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0)).to(device)
+        if "hf" in stages:
+            result["hf_inductor"] = run_backend("inductor", model, BenchSettings(args.context, (1,), args.new_tokens, 8), device)
+            save(result)
+        if stages & {"blocks", "rounds"}:
+            result["by_blocks_removed"] = speed_by_blocks(model, ids, args.new_tokens)
+            save(result)
+        if "rounds" in stages:
+            t_full = result["by_blocks_removed"][0]["ms_per_token"]
+            result["speculative_rounds"] = speculative_rounds(model, ids, args.new_tokens, t_full,
+                                                              _acceptance_rows(args.acceptance), lengths)
+            save(result)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "real" in stages:
+        result["real_weights_smollm2"] = real_weights_end_to_end(args.new_tokens, lengths, device)
+    return result
 
 
 def main() -> int:
@@ -189,14 +210,18 @@ def main() -> int:
     s.add_argument("--out", default="results/bench_h100_layer_skip.json")
     s.add_argument("--device", default="cuda")
     s.add_argument("--layers", type=int, default=0, help="smoke run: a tiny random model with this many blocks instead of --shape")
-    s.add_argument("--no-hf", dest="hf", action="store_false", help="skip the HF + inductor baseline")
-    s.add_argument("--no-real", dest="real", action="store_false", help="skip SmolLM2's real weights end to end")
+    s.add_argument("--stages", default="hf,blocks,rounds,real",
+                   help="comma list: hf (HF + inductor baseline), blocks (decode vs blocks removed), rounds (speculative "
+                        "round times; needs blocks' full-model time, so it runs blocks too), real (SmolLM2 end to end)")
     args = p.parse_args()
-    result = run_acceptance(args) if args.what == "acceptance" else run_speed(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    print(f"wrote {out}", file=sys.stderr)
+
+    def save(result: dict) -> None:
+        write_json(out, result)
+        print(f"wrote {out}", file=sys.stderr, flush=True)
+
+    save(run_acceptance(args) if args.what == "acceptance" else run_speed(args, save))
     return 0
 
 

@@ -8,8 +8,13 @@ compressed HF cache with true positions, as kvpress's own pipeline does. kvpress
 not a dependency: install it beside slimfx (e.g. `pip install --no-deps --target DIR
 kvpress` and put DIR on PYTHONPATH).
 
-    python benchmarks/compare_kvpress.py --fraction 0.25 --presses tova,snapkv,streaming \\
-        --output results/compare_kvpress_25.json
+    python benchmarks/compare_kvpress.py --fraction 0.25 --presses tova,snapkv,streaming,h2o \\
+        --samples 2 --depths 0.25,0.75 --slimfx results/eval_kv_eviction_ruler_f025.json \\
+        --output results/compare_kvpress_f025.json
+
+`--slimfx` puts slimfx's scores on the same prompts beside each press's (kvpress has
+no A2SF, Keyformer, D2O, TokenSelect or TidalDecode press; its H2O is
+ObservedAttentionPress, which needs eager attention).
 """
 
 from __future__ import annotations
@@ -46,7 +51,13 @@ def press_for(name: str, ratio: float):
 
     return {"tova": lambda: kvpress.TOVAPress(compression_ratio=ratio),
             "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio),
-            "streaming": lambda: kvpress.StreamingLLMPress(compression_ratio=ratio)}[name]()
+            "streaming": lambda: kvpress.StreamingLLMPress(compression_ratio=ratio),
+            "h2o": lambda: kvpress.ObservedAttentionPress(compression_ratio=ratio)}[name]()
+
+
+# kvpress's H2O (ObservedAttentionPress) scores keys by the attention weights the prompt's
+# forward returns, which only eager attention materialises.
+EAGER_PRESSES = ("h2o",)
 
 
 @torch.no_grad()
@@ -79,23 +90,24 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--depths", default="0.25,0.5,0.75")
     ap.add_argument("--output", required=True)
+    ap.add_argument("--slimfx", default=None, help="a `slimfx eval --ruler` JSON on the same prompts to compare with")
     args = ap.parse_args()
     _kvpress_for_this_transformers()
     torch.manual_seed(0)
     model, tokenizer = load_model(None, dtype=torch.float32, device="cpu")
-    model.set_attn_implementation("sdpa") if hasattr(model, "set_attn_implementation") else None
     cases = ruler.build_cases(tokenizer, ruler.TASKS, (args.length,), args.samples, 0)
     keys = passkey.build_cases(tokenizer, [args.length], [float(d) for d in args.depths.split(",")], 1, 0)
     results = {"fraction": args.fraction, "length": args.length, "samples": args.samples, "depths": args.depths,
                "kvpress": __import__("kvpress").__version__ if hasattr(__import__("kvpress"), "__version__") else "0.5.5",
                "presses": {}}
     for name in args.presses.split(","):
+        model.set_attn_implementation("eager" if name in EAGER_PRESSES else "sdpa")
         t0 = time.perf_counter()
         records = []
         for c in cases:
             kept = math.ceil(args.fraction * c.n_tokens / 16) * 16
             text, held = answer(model, tokenizer, c.input_ids, press_for(name, 1 - kept / c.n_tokens), ruler.NEW_TOKENS[c.task])
-            records.append({"task": c.task, "answer": text, "score": ruler.score(text, c.answers), "kept": kept, "held": held})
+            records.append({"task": c.task, "answers": list(c.answers), "answer": text, "score": ruler.score(text, c.answers), "kept": kept, "held": held})
         found = []
         for c in keys:
             kept = math.ceil(args.fraction * c.n_tokens / 16) * 16
@@ -105,8 +117,30 @@ def main() -> None:
                                     "passkey": sum(f["found"] for f in found) / len(found), "passkey_cases": found,
                                     "seconds": round(time.perf_counter() - t0, 1)}
         print(name, json.dumps({k: results["presses"][name][k] for k in ("ruler", "passkey", "seconds")}), flush=True)
+    if args.slimfx:
+        results["versus_slimfx"] = versus_slimfx(results, args.slimfx, args.fraction)
     with open(args.output, "w") as f:
         json.dump(results, f, indent=1)
+
+
+def versus_slimfx(results: dict, eval_json: str, fraction: float) -> dict:
+    """Per policy, slimfx's scores (a `slimfx eval --ruler` JSON swept over kv.policy at this
+    fraction) beside the press's, after checking that both scored the same prompts."""
+    data = json.loads(open(eval_json).read())
+    rows = {}
+    for cfg in data["configurations"]:
+        name = cfg["values"].get("kv.policy")
+        if name not in results["presses"] or abs(cfg["values"].get("kv.budget_fraction", -1) - fraction) > 1e-9:
+            continue
+        ours, theirs = cfg["ruler"]["cases"], results["presses"][name]["ruler_cases"]
+        if [(c["task"], c["answers"]) for c in ours] != [(c["task"], c["answers"]) for c in theirs]:
+            raise SystemExit(f"{eval_json}: its RULER cases differ from this run's (same --length, --samples and seed 0?)")
+        press = results["presses"][name]
+        rows[name] = {"slimfx_ruler": cfg["ruler"]["summary"]["average"], "kvpress_ruler": press["ruler"]["average"],
+                      "slimfx_passkey": cfg["passkey"]["summary"]["accuracy"], "kvpress_passkey": press["passkey"]}
+        print(f"{name}: RULER slimfx {rows[name]['slimfx_ruler']:.3f} vs kvpress {rows[name]['kvpress_ruler']:.3f}; "
+              f"passkey {rows[name]['slimfx_passkey']:.2f} vs {rows[name]['kvpress_passkey']:.2f}", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
