@@ -393,8 +393,9 @@ class KVStore:
                                    "before the rollback point (evicted or overwritten); allowed: capacity >= sequence length, no eviction")
 
     def nbytes(self) -> int:
-        """Device bytes held by the caches of all sites."""
-        return sum(c.nbytes() for c in self.sites.values())
+        """Device bytes held by the caches of all sites; a tier several sites hold is counted once."""
+        tiers = {id(t): t for _, c in self.owned_sites() for t in c.tiers.values()}
+        return sum(t.nbytes() for t in tiers.values())
 
     def describe(self) -> str:
         caps = sorted({c.capacity for c in self.sites.values()})

@@ -149,6 +149,21 @@ def test_kv_eviction_budget_beyond_the_store_rewrites_nothing():
     assert _layouts(gm) == ["plain", "plain"]
 
 
+def test_kv_eviction_tidaldecode_wires_the_selection_buffer_into_the_following_ops():
+    """The graph stays static: the following site's op takes the selection site's buffer of
+    chosen positions as one of its inputs (the same tensor, bound, never copied)."""
+    gm = _runtime_graph(layers=3)
+    store = KVStore(B, CAPACITY)
+    results = _run_pipeline(gm, _with_runtime(eviction_config(policy="tidaldecode", budget=8, select_layers=[1]), store.id))
+    assert results["kv_eviction"].nodes_rewritten == 2
+    assert _layouts(gm) == ["plain", "tidal/select/8", "tidal/follow/8"]
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.slimfx.attention.default]
+    buffers = [[getattr(gm, b.target) for b in n.args[4]] for n in ops]
+    chosen = store.sites[1].tiers["chosen"]["slot_pos"]
+    assert len(buffers[0]) == 3 and buffers[1][-1] is chosen and buffers[2][-1] is chosen
+    assert buffers[2][0] is store.sites[2].k and buffers[2][0] is not buffers[1][0]  # each layer reads its own keys
+
+
 # ----------------------------------------------------------------------------- kv_quantize
 
 

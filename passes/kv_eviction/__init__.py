@@ -34,6 +34,15 @@ by (eviction_op.py). Policies: policies.py. Per-layer budgets and policies come 
 - TokenSelect (policy "tokenselect"): nothing is evicted; the site keeps its full store
   and each decode step reads only `budget` tokens per kv head, chosen by the query
   (select_op.py). Lossy, and it saves no memory (nor, without a sparse kernel, time).
+- D2O (policy "d2o"): H2O's keep rule, and each evicted token merged into the kept token
+  whose key is most similar when the similarity reaches a moving threshold
+  (eviction_op.merge_targets); per-site budgets by attention density from a
+  `slimfx calibrate d2o-budgets` plan (`d2o_budgets`), splitting the same total
+  (layer_budgets.py, which says how this differs from the paper).
+- TidalDecode (policy "tidaldecode"): nothing is evicted; at each decode step the
+  `select_layers` attend fully and choose `budget` tokens per query head, which every
+  later layer up to the next selection layer reads (tidal_op.py). Layers before the first
+  selection layer are exact. Lossy; it saves no memory (nor, without a sparse kernel, time).
 
 With a budget at least the total length nothing is ever evicted and the output equals
 the unmodified model's (tested for every policy).
@@ -51,23 +60,25 @@ from slimfx.compiler.config import ConfigError, Option
 from slimfx.compiler.passmanager import PassContext, PassResult
 from slimfx.passes._graph import attention_sites, relayout_site
 from slimfx.passes.kv_eviction.duo_op import duo_layout, duo_tiers
-from slimfx.passes.kv_eviction.eviction_op import evict_layout
+from slimfx.passes.kv_eviction.eviction_op import evict_layout, evict_tier
+from slimfx.passes.kv_eviction import layer_budgets
 from slimfx.passes.kv_eviction.mikv_op import FORMATS as MIKV_FORMATS
 from slimfx.passes.kv_eviction.mikv_op import channel_groups, low_tier, mikv_layout
 from slimfx.passes.kv_eviction.policies import POLICIES, make_policy, resolve_sinks
-from slimfx.passes.kv_eviction import select_op
+from slimfx.passes.kv_eviction import select_op, tidal_op
 from slimfx.runtime.kv_store import plain_tier
 
 NAME = "kv_eviction"
 DESCRIPTION = ("keeps a fixed token budget per attention site, chosen by a policy (StreamingLLM, H2O, A2SF, TOVA, Keyformer, SnapKV, "
-               "DuoAttention; SCOPE budgets), or reads only that many at decode (TokenSelect)")
+               "DuoAttention, D2O; SCOPE budgets), or reads only that many at decode (TokenSelect, TidalDecode)")
 LOSSY = True
 RUNS_AFTER = ("kv_runtime",)  # works on the slimfx::attention nodes kv_runtime creates
 OPTIONS = {
     "policy": Option(str, "h2o", "which tokens to keep (tokenselect: which to read at decode)",
-                     choices=(*POLICIES, *select_op.SELECTORS)),
+                     choices=(*POLICIES, *select_op.SELECTORS, tidal_op.NAME)),
     "budget": Option(int, 256, "tokens kept per site (sinks and recent window included); tokenselect: tokens each kv head "
-                     "reads per decode step", lo=2, hi=1 << 24),
+                     "reads per decode step; tidaldecode: tokens each query head reads, the current one included",
+                     lo=2, hi=1 << 24),
     "n_sink": Option(int, -1, "first tokens always kept (attention sinks); -1: the policy's paper default (policies.PAPER_DEFAULTS; "
                      "tokenselect: 128/2688 of the budget)",
                      lo=-1, hi=1 << 16),
@@ -90,6 +101,12 @@ OPTIONS = {
                             "over 4096 tokens: after each 4096-token chunk); N (a power "
                             "of two >= 16): bounded-memory chunked prefill, the store compressed after every N prompt tokens",
                             lo=0, hi=1 << 24, per_layer=False),
+    "select_layers": Option(list, [], "tidaldecode: the token selection layers, increasing ([]: the paper's, layer 2 and "
+                            "13/32 of the depth)", item=int, lo=0, hi=1 << 16, per_layer=False),
+    "merge_ema": Option(float, 0.5, "d2o: weight of the previous merge threshold in its moving average (the authors' code's "
+                        "0.5)", lo=0.0, hi=1.0),
+    "d2o_budgets": Option(str, "d2o_budgets", "d2o: key in [artifacts] of the `slimfx calibrate d2o-budgets` plan (per-site "
+                          "budgets by attention density); 'none': uniform budgets", per_layer=False),
     "evicted": Option(str, "drop", "an evicted token is dropped, or kept at low precision (MiKV)", choices=("drop", "int8", "int4", "int2")),
 }
 
@@ -98,6 +115,8 @@ FRACTION_ROUNDING = 16  # prompts of nearby lengths get one budget, so one compi
 
 
 def _sinks(opts: dict, budget: int) -> tuple[int, int]:
+    if opts["policy"] == tidal_op.NAME:
+        return 0, 0  # the current token is read besides the chosen ones
     if opts["policy"] in select_op.SELECTORS:
         return select_op.resolve_sinks(opts["policy"], budget, opts["n_sink"], opts["window"])
     return resolve_sinks(opts["policy"], budget, opts["n_sink"], opts["window"], _policy_param(opts))
@@ -147,7 +166,8 @@ def prefill_chunk(options: dict, prompt_tokens: int, chunk: int) -> int:
 
 
 def _policy_param(opts: dict) -> float:
-    return {"a2sf": opts["alpha"], "keyformer": opts["tau"], "snapkv": float(opts["obs_window"])}.get(opts["policy"], 0.0)
+    return {"a2sf": opts["alpha"], "keyformer": opts["tau"], "snapkv": float(opts["obs_window"]),
+            "d2o": opts["merge_ema"]}.get(opts["policy"], 0.0)
 
 
 def _check_options(index: int, opts: dict) -> None:
@@ -158,6 +178,12 @@ def _check_options(index: int, opts: dict) -> None:
         raise at_layer(ConfigError(f"budget_fraction: got {opts['budget_fraction']} but the prompt length is unknown here; allowed: "
                                    "a fraction through slimfx.runtime.generate / slimfx run / slimfx eval (they resolve it per prompt), "
                                    "else 0 and an absolute budget"))
+    if opts["policy"] == tidal_op.NAME:
+        for key, off in (("n_sink", -1), ("window", -1), ("decode_budget", 0), ("evicted", "drop")):
+            if opts[key] != off:
+                raise at_layer(ConfigError(f"{key}: got {opts[key]!r} with policy 'tidaldecode'; allowed: {off!r} (it keeps every "
+                                           "token and reads its selection layer's choice plus the current token)"))
+        return
     try:
         opts = resolved(opts)
         if opts["policy"] in select_op.SELECTORS:
@@ -180,14 +206,33 @@ def _check_options(index: int, opts: dict) -> None:
     if opts["policy"] == "duo" and opts["evicted"] != "drop":
         raise at_layer(ConfigError(f"evicted: got {opts['evicted']!r} with policy 'duo'; allowed: 'drop' (duo's streaming heads "
                                    "keep sinks + recent tokens by design; MiKV's low tier goes with a score-based policy)"))
+    if opts["policy"] == "d2o" and (opts["decode_budget"] or opts["evicted"] != "drop"):
+        key, off = ("decode_budget", 0) if opts["decode_budget"] else ("evicted", "drop")
+        raise at_layer(ConfigError(f"{key}: got {opts[key]!r} with policy 'd2o'; allowed: {off!r} (D2O merges what it evicts "
+                                   "into the kept tokens)"))
     if opts["decode_budget"] and opts["evicted"] != "drop":
         raise at_layer(ConfigError(f"evicted: got {opts['evicted']!r} with decode_budget {opts['decode_budget']}; allowed: 'drop' "
                                    "(MiKV and SCOPE budgets do not combine)"))
 
 
+def _check_tidal(pc) -> None:
+    """tidaldecode is all layers' policy or none's (its selection layers choose for the layers
+    after them), with increasing selection layers."""
+    layers = pc.options["select_layers"]
+    if sorted(set(layers)) != layers:
+        raise ConfigError(f"passes.kv_eviction.select_layers: got {layers}; allowed: distinct layer numbers in increasing order")
+    top = pc.options["policy"] == tidal_op.NAME
+    for layer in sorted(pc.overridden_layers()):
+        policy = pc.for_layer(layer)["policy"]
+        if (policy == tidal_op.NAME) != top:
+            raise ConfigError(f"passes.kv_eviction.policy (layer {layer}): got {policy!r} with {pc.options['policy']!r} for the "
+                              "model; allowed: 'tidaldecode' for every layer or for none")
+
+
 def check_config(pc) -> None:
     """The checks run() makes, before any compile (measure/sweep.py); a `budget_fraction`
     is checked as it resolves for a long prompt, since the prompt is not known yet."""
+    _check_tidal(pc)
     for layer in ["all", *sorted(pc.overridden_layers())]:
         opts = pc.options if layer == "all" else pc.for_layer(layer)
         if opts["budget_fraction"] > 0:
@@ -195,10 +240,10 @@ def check_config(pc) -> None:
         _check_options(layer, opts)
 
 
-def _evict_tiers(capacity: int):
+def _evict_tiers(capacity: int, policy: str = "h2o"):
     def make(cache):
-        return {"main": plain_tier(cache.k.shape[0], cache.n_kv_heads, capacity, cache.head_dim,
-                                   dtype=cache.k.dtype, device=cache.k.device, scores=True)}
+        return {"main": evict_tier(policy, cache.k.shape[0], cache.n_kv_heads, capacity, cache.head_dim,
+                                   dtype=cache.k.dtype, device=cache.k.device)}
     return make
 
 
@@ -206,7 +251,7 @@ def _rewrite_evict(gm, store, index: int, opts: dict) -> int:
     """One tier of `budget` (+ `decode_budget`) slots for every head."""
     prefill_slots = opts["budget"] if opts["decode_budget"] else 0
     layout = evict_layout(opts["policy"], opts["n_sink"], opts["window"], _policy_param(opts), prefill_slots)
-    return relayout_site(gm, store, index, layout, _evict_tiers(opts["budget"] + opts["decode_budget"]))
+    return relayout_site(gm, store, index, layout, _evict_tiers(opts["budget"] + opts["decode_budget"], opts["policy"]))
 
 
 def _rewrite_duo(gm, store, index: int, opts: dict, retrieval: list[int]) -> int:
@@ -254,9 +299,10 @@ def rewrite_mikv(gm, store, index: int, opts: dict) -> int:
 
 def check_artifacts(cfg, config, model=None, anatomy=None) -> None:
     """With policy 'duo' at any layer, the retrieval-head scores load and validate; given the
-    model's anatomy, they score its attention sites' kv heads."""
+    model's anatomy, they score its attention sites' kv heads. Likewise d2o's budget plan."""
     from slimfx.passes.kv_eviction.retrieval_heads import load
 
+    layer_budgets.check_artifacts(cfg, config, model, anatomy)
     layers = ["all", *sorted(cfg.overridden_layers())]
     if not any((cfg.options if layer == "all" else cfg.for_layer(layer))["policy"] == "duo" for layer in layers):
         return
@@ -277,7 +323,7 @@ def _duo_retrieval_heads(ctx: PassContext, cfg, store) -> dict[int, list[int]]:
     return {site: mask[row].nonzero().flatten().tolist() for row, site in enumerate(sites)}
 
 
-OWN_KINDS = ("evict", "duo", "mikv", "select")  # the layouts this pass gives sites
+OWN_KINDS = ("evict", "duo", "mikv", "select", "tidal")  # the layouts this pass gives sites
 
 
 def _rewrite_site(gm, store, index: int, opts: dict, duo_heads) -> tuple[int, str | None]:
@@ -311,9 +357,11 @@ def _rewrite_site(gm, store, index: int, opts: dict, duo_heads) -> tuple[int, st
 
 
 def _details(store, cfg, retrieval: dict) -> dict:
-    # A tokenselect site keeps its whole store: no budget caps its footprint.
-    selecting = {i for i, c in store.sites.items() if c.layout.startswith("select/")}
-    details = {"budgets": {i: cfg.for_layer(i)["budget"] for i in sorted(store.sites) if i not in selecting}}
+    # A tokenselect or tidaldecode site keeps its whole store: no budget caps its footprint.
+    selecting = {i for i, c in store.sites.items() if c.layout.startswith(("select/", "tidal/"))}
+    # A site left plain (a budget beyond its store, or before tidaldecode's first selection layer) keeps everything.
+    evicting = [i for i, c in sorted(store.sites.items()) if i not in selecting and c.layout != "plain"]
+    details = {"budgets": {i: cfg.for_layer(i)["budget"] for i in evicting}}
     if selecting:
         details["read_budgets"] = {i: cfg.for_layer(i)["budget"] for i in sorted(selecting)}
     low = {i: c.tiers["low"] for i, c in store.sites.items() if "low" in c.tiers}
@@ -336,8 +384,14 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
         return PassResult.skipped(NAME, "no slimfx::attention sites (run kv_runtime first, through slimfx.runtime.generate)")
     if store is None:
         return PassResult.skipped(NAME, "the KV store of kv_runtime is gone")
+    _check_tidal(cfg)
     for index, _ in sites:  # validate everything before touching anything
         _check_options(index, cfg.for_layer(index))
+    cfg = layer_budgets.with_site_budgets(gm, cfg, ctx, [i for i, _ in sites])  # d2o: the calibrated per-site split
+    if cfg.options["policy"] == tidal_op.NAME:
+        saved, rewritten, notes = tidal_op.rewrite_sites(gm, store, dict(sites), cfg.options["select_layers"],
+                                                         lambda i: cfg.for_layer(i)["budget"], "passes.kv_eviction.select_layers")
+        return _result(gm, store, cfg, {}, len(sites), saved, rewritten, notes)
     retrieval = {}
     if any(cfg.for_layer(index)["policy"] == "duo" for index, _ in sites):
         retrieval = _duo_retrieval_heads(ctx, cfg, store)
@@ -349,8 +403,12 @@ def run(gm: torch.fx.GraphModule, cfg, ctx: PassContext) -> PassResult:
         else:
             saved += bytes_saved
             rewritten += 1
+    return _result(gm, store, cfg, retrieval, len(sites), saved, rewritten, notes)
+
+
+def _result(gm, store, cfg, retrieval: dict, matched: int, saved: int, rewritten: int, notes: list[str]) -> PassResult:
     if not rewritten:
-        return PassResult(NAME, applied=False, sites_matched=len(sites), notes=notes)
+        return PassResult(NAME, applied=False, sites_matched=matched, notes=notes)
     gm.recompile()
-    return PassResult(NAME, applied=True, sites_matched=len(sites), nodes_rewritten=rewritten, bytes_saved=saved,
+    return PassResult(NAME, applied=True, sites_matched=matched, nodes_rewritten=rewritten, bytes_saved=saved,
                       notes=notes, details=_details(store, cfg, retrieval))
