@@ -21,7 +21,7 @@ def reference(sharp_model, prompt):
     return tokens, stats
 
 
-@pytest.mark.parametrize("policy", sorted(set(POLICIES) - {"duo"}))  # duo needs an artifact: below
+@pytest.mark.parametrize("policy", sorted(set(POLICIES) - {"duo", "d2o"}))  # they need an artifact: below, test_eviction_d2o.py
 def test_budget_at_least_total_length_is_token_identical(sharp_model, prompt, reference, policy):
     tokens, _ = generate(sharp_model, prompt, max_new_tokens=16, capacity=64,
                          config=_config(policy=policy, budget=64, n_sink=2, window=8))

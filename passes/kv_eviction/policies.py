@@ -20,12 +20,19 @@ what `n_sink` / `window` -1 resolves to; B is the budget):
 | keyformer | softmax((logits + Gumbel) / tau) summed over queries | least accumulated mass (*) | 0 / 30% of B (paper: 20-30%) |
 | snapkv    | last `obs_window` queries' attention, max-pooled (7) over keys, mean over the GQA group | lowest prefill score (**) | 0 / obs_window (32) |
 | duo       | streaming heads as streaming; retrieval heads keep all (duo_op.py) | oldest non-sink | 4 / the rest |
+| d2o       | as h2o, and each evicted token merged into its most similar kept key (***) | as h2o, merged likewise | 4 / B/2 |
 
 (*) Keyformer's decode steps add the kernel's plain softmax mass: the fused decode kernel
 has no per-step Gumbel noise or temperature schedule. (**) SnapKV's paper keeps every
 generated token; in a fixed-budget store generated tokens outside the recent window go
 first (SCOPE's `decode_budget` gives them slots of their own).
-A2SF's alpha is tuned per model in its paper; 0.95 here.
+A2SF's alpha is tuned per model in its paper; 0.95 here. (***) D2O's token level: the
+keep rule is H2O's; an evicted token whose key's cosine similarity to its nearest kept
+key reaches a moving-average threshold is merged into that kept token instead of being
+dropped (eviction_op.merge_evicted). Its layer level (budgets by attention density) is a
+calibrated per-layer split of the total budget (layer_budgets.py). The 4 sinks and the
+equal heavy/recent split are the authors' code's (first 4 tokens forced kept, hh_ratio =
+recent_ratio).
 
 "Per head": H2O, A2SF, Keyformer and SnapKV keep a set per kv head (the mass of the
 query heads sharing a kv head is summed); TOVA keeps one set per layer.
@@ -59,6 +66,7 @@ class EvictionPolicy:
     window: int = 64
     name: str = "base"
     decay: float | None = None  # None: the policy needs no attention scores
+    merges = False  # True: evicted tokens may be merged into kept ones (D2O)
 
     def __post_init__(self):
         self.check_budget()
@@ -125,14 +133,15 @@ class EvictionPolicy:
         cost = torch.where(~filled, NEG_INF, torch.where(prot, float("inf"), prio))
         return torch.sort(cost, dim=-1, stable=True).indices[..., :n_new]
 
-    def compact(self, k, v, scores, slot_pos, seen, budget: int | None = None):
+    def compact(self, k, v, scores, slot_pos, seen, budget: int | None = None, keep: torch.Tensor | None = None):
         """Gather the kept slots of [B, Hkv, C(, D)] buffers into the first `budget` slots.
 
         Returns new (k, v, scores, slot_pos) of capacity min(budget, C); slots past the kept
         count are empty (slot_pos -1). Used after a prefill that saw more than the budget.
+        `keep`: keep_mask's answer when the caller already has it.
         """
         budget = self.budget if budget is None else budget
-        keep = self.keep_mask(scores, slot_pos, seen, budget)
+        keep = self.keep_mask(scores, slot_pos, seen, budget) if keep is None else keep
         # Kept slots first (stable: in slot order), then the rest.
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :budget]
         kept = torch.gather(keep, -1, order)
@@ -251,6 +260,22 @@ class DuoAttention(EvictionPolicy):
         return slot_pos.float()
 
 
+class D2O(EvictionPolicy):
+    """H2O's accumulated attention mass and recent window; what it evicts is merged, not
+    dropped, when similar enough to a kept token (`merges`: the evict op runs
+    eviction_op.merge_evicted). `ema`: the weight of the previous merge threshold in its
+    moving average."""
+
+    merges = True
+
+    def __init__(self, budget, n_sink=4, window=64, ema=0.5, **_):
+        super().__init__(budget, n_sink, window, "d2o", 1.0)
+        self.ema = float(ema)
+
+    def priority(self, scores, slot_pos, seen):
+        return scores
+
+
 def prefill_key_mass(q, q_pos, keys, k_pos, scale: float, decay: float = 1.0, noise=None, tau: float = 1.0) -> torch.Tensor:
     """Attention mass every key receives from a chunk's queries, query t weighted by
     decay^(T-1-t) (the last query by 1; decay 0 keeps only the last), summed over the GQA
@@ -303,7 +328,8 @@ def snapkv_scores(q: torch.Tensor, k: torch.Tensor, obs_window: int, pool: int, 
     return torch.where(in_window, mass, pooled)
 
 
-POLICIES = {"streaming": StreamingLLM, "h2o": H2O, "a2sf": A2SF, "tova": TOVA, "keyformer": Keyformer, "snapkv": SnapKV, "duo": DuoAttention}
+POLICIES = {"streaming": StreamingLLM, "h2o": H2O, "a2sf": A2SF, "tova": TOVA, "keyformer": Keyformer, "snapkv": SnapKV, "duo": DuoAttention,
+            "d2o": D2O}
 
 
 # The papers' sinks and recent windows, (n_sink, window(budget, param)): what the options'
@@ -317,6 +343,7 @@ PAPER_DEFAULTS = {
     "keyformer": (0, lambda budget, param: round(0.3 * budget)),
     "snapkv": (0, lambda budget, param: int(param) if param else 32),
     "duo": (4, lambda budget, param: 0),
+    "d2o": (4, lambda budget, param: budget // 2),
 }
 
 
