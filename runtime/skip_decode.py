@@ -15,7 +15,7 @@ import time
 import torch
 
 from slimfx.compiler.errors import user_errors
-from slimfx.runtime.generate import (GenerateError, GenerateOutput, begin_generation, eos_tensor, get_generator,
+from slimfx.runtime.generate import (GenerateOutput, begin_generation, eos_tensor, get_generator,
                                      padded_prompt_length, prompt_lengths, sample_next, sync_device, use_cuda_graph)
 from slimfx.runtime.kv_store import KVStoreError
 from slimfx.runtime.skip_schedule import ScheduleLoop
@@ -97,7 +97,11 @@ def generate_skipping(model, input_ids, *, max_new_tokens: int, min_new_tokens: 
     if capacity is None:
         capacity = -(-(padded_prompt_length(T, prefill_chunk) + max_new_tokens + extra) // 256) * 256
     elif mode == "speculative" and capacity < needed:  # a verification writes draft_length past the kept tokens
-        raise GenerateError(f"capacity: got {capacity!r}; allowed: at least {needed} (prompt + new tokens + draft_length)")
+        from slimfx.compiler.config import ConfigError  # the plain loop's capacity refusal (generate.check_capacity)
+
+        raise ConfigError(f"capacity {capacity}: self-speculative decoding writes {needed} KV slots per attention site "
+                          f"(longest prompt {int(lengths.max())} + max_new_tokens {max_new_tokens} + draft_length "
+                          f"{extra}); allowed: at least {needed} (rolling a wrapped ring back is not exact)")
     if seed is not None:
         torch.manual_seed(seed)
     config = specialise(config, int(lengths.max()))

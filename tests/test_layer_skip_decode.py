@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from slimfx.compiler.config import ConfigError
-from slimfx.runtime.generate import GenerateError, generate
+from slimfx.runtime.generate import generate
 from slimfx.runtime.kv_store import KVStoreError
 from slimfx.runtime.models import tiny_model
 from slimfx.runtime.skip_schedule import level_of
@@ -85,8 +85,8 @@ def test_greedy_tokens_equal_the_unmodified_model_at_the_capacity_boundary(model
 
 
 def test_one_slot_less_than_a_verification_needs_is_refused(model, prompts):
-    with pytest.raises(GenerateError, match=rf"capacity: got {AT_CAPACITY - 1}; allowed: at least {AT_CAPACITY} "
-                                            r"\(prompt \+ new tokens \+ draft_length\)"):
+    with pytest.raises(ConfigError, match=rf"^capacity {AT_CAPACITY - 1}: self-speculative decoding writes {AT_CAPACITY} KV "
+                                          rf"slots .*; allowed: at least {AT_CAPACITY} "):
         generate(model, *prompts[:1], attention_mask=prompts[1], max_new_tokens=NEW, capacity=AT_CAPACITY - 1,
                  config=skip_config(**SPECULATIVE))
 
