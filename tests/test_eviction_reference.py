@@ -6,6 +6,8 @@ scored chunk by chunk (one chunk: the papers' "compress after the prompt"), then
 generated token frees the least-ranked unprotected slot, is written, and its query's
 attention updates the scores. The op (attention_ref over an evict site, batched, left
 padded) must hold exactly the reference's tokens after the prompt and after every step.
+D2O keeps as H2O does and merges what it evicts (`merge`): there the kept keys and values
+must equal the reference's too.
 """
 
 import math
@@ -20,8 +22,8 @@ from slimfx.passes.kv_eviction.policies import POLICIES, make_policy, uniform_ha
 from slimfx.runtime.attention_op import attention_ref
 
 HQ_PER_KV = 2
-DECAY = {"h2o": 1.0, "a2sf": 0.8, "tova": 0.0, "keyformer": 1.0}
-PARAM = {"a2sf": 0.8, "keyformer": 0.7, "snapkv": 3}
+DECAY = {"h2o": 1.0, "a2sf": 0.8, "tova": 0.0, "keyformer": 1.0, "d2o": 1.0}
+PARAM = {"a2sf": 0.8, "keyformer": 0.7, "snapkv": 3, "d2o": 0.6}
 
 
 def _probs(q_heads, keys, logit_noise=None, tau=1.0):
@@ -40,10 +42,12 @@ def _gumbel(t, positions, seed=0):
 class Reference:
     """One sequence, every kv head: kept positions and their scores (dict per head)."""
 
-    def __init__(self, name, q, k, capacity, n_sink, window):
-        self.name, self.q, self.k, self.C, self.n_sink, self.window = name, q, k, capacity, n_sink, window
+    def __init__(self, name, q, k, v, capacity, n_sink, window):
+        self.name, self.q, self.k, self.v, self.C, self.n_sink, self.window = name, q, k, v, capacity, n_sink, window
         self.hkv = k.shape[0]
         self.held = [dict() for _ in range(self.hkv)]  # position -> score
+        self.kv = [dict() for _ in range(self.hkv)]  # position -> (key, value) as held (D2O merges change them)
+        self.tau = [None] * self.hkv  # D2O's moving merge threshold per head
 
     def group(self, h):
         return slice(h * HQ_PER_KV, (h + 1) * HQ_PER_KV)
@@ -61,15 +65,19 @@ class Reference:
     def protected(self, p, seen):
         return p < self.n_sink or p >= seen - self.window
 
+    def held_keys(self, h, positions):
+        return torch.stack([self.kv[h][p][0] for p in positions])
+
     def prefill_chunk(self, a, b):
         for h in range(self.hkv):
             keys = sorted(self.held[h]) + list(range(a, b))
+            self.kv[h].update({t: (self.k[h, t], self.v[h, t]) for t in range(a, b)})
             scores = {p: self.held[h].get(p, 0.0) for p in keys}
             if self.name in DECAY:
                 for t in range(a, b):
                     vis = [p for p in keys if p <= t]
                     noise = _gumbel(t, vis) if self.name == "keyformer" else None
-                    mass = _probs(self.q[self.group(h), t], self.k[h, vis], noise, PARAM.get("keyformer", 1.0) if noise is not None else 1.0).sum(0)
+                    mass = _probs(self.q[self.group(h), t], self.held_keys(h, vis), noise, PARAM.get("keyformer", 1.0) if noise is not None else 1.0).sum(0)
                     for p in keys:
                         scores[p] *= DECAY[self.name]
                     for p, m in zip(vis, mass.tolist()):
@@ -101,17 +109,47 @@ class Reference:
             cand = sorted((p for p in self.held[h] if not self.protected(p, seen)), key=lambda p: (-ranks[h][p], p))
             keep = set(prot) | set(cand[:max(self.C - len(prot), 0)])
             self.held[h] = {p: s for p, s in self.held[h].items() if p in keep}
+            self.drop(h, [p for p in self.kv[h] if p not in keep])
+
+    def drop(self, h, evicted):
+        """Forget the evicted positions; D2O merges each into its nearest kept key (cosine)
+        when that similarity reaches the moving threshold, weighted exp(u) against the kept
+        token's own e."""
+        gone = [(p, *self.kv[h].pop(p)) for p in evicted]
+        if self.name != "d2o" or not gone:
+            return
+        kept = sorted(self.held[h])
+        nearest = []
+        for _, k, v in gone:
+            sims = [float(torch.nn.functional.cosine_similarity(k.double(), self.kv[h][c][0].double(), dim=0, eps=1e-12)) for c in kept]
+            best = max(range(len(kept)), key=lambda i: sims[i])
+            nearest.append((sims[best], kept[best], k, v))
+        mean = sum(u for u, *_ in nearest) / len(nearest)
+        ema = PARAM["d2o"]
+        self.tau[h] = mean if self.tau[h] is None else ema * self.tau[h] + (1 - ema) * mean
+        for c in kept:
+            into = [(math.exp(u), k, v) for u, target, k, v in nearest if target == c and u >= self.tau[h]]
+            if into:
+                total = math.e + sum(w for w, _, _ in into)
+                kc, vc = self.kv[h][c]
+                self.kv[h][c] = ((math.e * kc.double() + sum(w * k.double() for w, k, _ in into)) / total,
+                                 (math.e * vc.double() + sum(w * v.double() for w, _, v in into)) / total)
 
     def decode(self, t):
         ranks = [{p: self.rank(h, p) for p in self.held[h]} for h in range(self.hkv)]
         for h in range(self.hkv):
+            victim = None
             if len(self.held[h]) >= self.C:
                 cand = [p for p in self.held[h] if not self.protected(p, t)]
-                del self.held[h][min(cand, key=lambda p: (ranks[h][p], p))]
+                victim = min(cand, key=lambda p: (ranks[h][p], p))
+                del self.held[h][victim]
             self.held[h][t] = 0.0
+            self.kv[h][t] = (self.k[h, t], self.v[h, t])
+            if victim is not None:  # merged into the kept tokens, the new one included
+                self.drop(h, [victim])
             if self.name in DECAY:
                 vis = sorted(self.held[h])
-                mass = _probs(self.q[self.group(h), t], self.k[h, vis]).sum(0)
+                mass = _probs(self.q[self.group(h), t], self.held_keys(h, vis)).sum(0)
                 for p, m in zip(vis, mass.tolist()):
                     self.held[h][p] = DECAY[self.name] * self.held[h][p] + m
 
@@ -122,6 +160,16 @@ class Reference:
 def _op_kept(cache, b):
     pos = cache.slot_pos[b].long()
     return [sorted(pos[h][pos[h] >= 0].tolist()) for h in range(pos.shape[0])]
+
+
+def _check_held_values(cache, b, ref):
+    """Every kept token's key and value are the reference's (merged ones included)."""
+    pos = cache.slot_pos[b].long()
+    for h in range(pos.shape[0]):
+        for slot in (pos[h] >= 0).nonzero().flatten().tolist():
+            k, v = ref.kv[h][int(pos[h, slot])]
+            torch.testing.assert_close(cache.k[b, h, slot].double(), k.double(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(cache.v[b, h, slot].double(), v.double(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -146,7 +194,7 @@ def test_keep_set_matches_the_papers_rule(name, data, hkv, n_pad, seed):
                for xs in zip(*streams))
     positions = torch.stack([torch.arange(P + steps) - n for n in pads])
     cache = evict_site(2, hkv, capacity, D, policy=name, n_sink=n_sink, window=window, param=PARAM.get(name, 0.0))
-    refs = [Reference(name, stream[0], stream[1], capacity, n_sink, window) for stream in streams]
+    refs = [Reference(name, *stream, capacity, n_sink, window) for stream in streams]
     for a in range(0, P, chunk):
         b_ = min(a + chunk, P)
         attention_ref(q[:, :, a:b_], k[:, :, a:b_], v[:, :, a:b_], positions[:, a:b_], cache)
@@ -156,8 +204,10 @@ def test_keep_set_matches_the_papers_rule(name, data, hkv, n_pad, seed):
                 r.prefill_chunk(lo, hi)
     for b in range(2):
         assert _op_kept(cache, b) == refs[b].kept(), f"after the prompt, sequence {b}"
+        _check_held_values(cache, b, refs[b])
     for i in range(P, P + steps):
         attention_ref(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], positions[:, i:i + 1], cache)
         for b in range(2):
             refs[b].decode(int(positions[b, i]))
             assert _op_kept(cache, b) == refs[b].kept(), f"after step {i}, sequence {b}"
+            _check_held_values(cache, b, refs[b])
