@@ -134,3 +134,12 @@ def _register_kv_share() -> None:
 
 
 _register_kv_share()
+
+
+def _register_d2o_budgets() -> None:
+    from slimfx.calibrate import d2o_budgets
+
+    register("d2o-budgets", "D2O's per-layer KV budgets by attention density on calibration text", d2o_budgets.add_arguments, d2o_budgets.main)
+
+
+_register_d2o_budgets()
