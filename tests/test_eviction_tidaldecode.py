@@ -127,6 +127,7 @@ def test_small_budget_is_lossy_and_keeps_every_kv_byte(sharp_model, prompt, refe
     # The whole cache is held, plus the chosen positions: [2 sequences, 4 query heads, 3] int32.
     assert stats["kv_bytes"] == reference[1]["kv_bytes"] + 2 * 4 * 3 * 4
     result = _applied()
+    assert result.bytes_saved == -2 * 4 * 3 * 4  # the chosen positions, counted once though both sites hold them
     assert result.details["read_budgets"] == {0: 4, 1: 4} and not result.details["budgets"]
 
 

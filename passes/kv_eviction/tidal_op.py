@@ -163,7 +163,8 @@ def rewrite_sites(gm, store, sites: dict, layers: list[int], budget_of, key: str
 
     layers = layers or paper_layers(max(sites) + 1)
     check_layers(layers, sites, store, key)
-    saved, rewritten, notes = 0, 0, []
+    # The store's own count: a chosen tier several sites hold is one buffer (relayout_site counts it per site).
+    before, rewritten, notes = store.nbytes(), 0, []
     for index in sorted(sites):
         cache = store.sites[index]
         if index < layers[0]:
@@ -180,7 +181,7 @@ def rewrite_sites(gm, store, sites: dict, layers: list[int], budget_of, key: str
         if index == select:
             heads = _n_q_heads(sites[index])
             make = lambda c, h=heads, b=budget: {"main": c.tiers["main"], "chosen": chosen_tier(store.batch, h, b, c.capacity, c.k.device)}
-            saved += relayout_site(gm, store, index, tidal_layout("select", budget), make)
+            relayout_site(gm, store, index, tidal_layout("select", budget), make)
         else:
             chosen = store.sites[select].tiers.get("chosen")
             if chosen is None:
@@ -189,6 +190,6 @@ def rewrite_sites(gm, store, sites: dict, layers: list[int], budget_of, key: str
             if chosen.n_heads != _n_q_heads(sites[index]):
                 raise ConfigError(f"{key}: site {index} has {_n_q_heads(sites[index])} query heads, its selection layer {select} "
                                   f"{chosen.n_heads}; allowed: selection layers with the query-head count of the layers after them")
-            saved += relayout_site(gm, store, index, tidal_layout("follow", budget), lambda c, t=chosen: {"main": c.tiers["main"], "chosen": t})
+            relayout_site(gm, store, index, tidal_layout("follow", budget), lambda c, t=chosen: {"main": c.tiers["main"], "chosen": t})
         rewritten += 1
-    return saved, rewritten, notes
+    return before - store.nbytes(), rewritten, notes
