@@ -19,6 +19,9 @@ it registers under its kind (`register_variant`) from the module that owns it:
                      nothing (cross-layer KV sharing: the owner, an earlier layer, wrote them)
     evict, duo, mikv passes/kv_eviction/: a policy picks the slot; DuoAttention's head groups;
                      MiKV's low-precision tier for evicted tokens
+    select, tidal    passes/kv_eviction/: the whole cache kept, a decode step reads a chosen
+                     subset (TokenSelect; TidalDecode, whose selection layers' choice the
+                     following layers read from a tier they share)
     kvq              passes/kv_quantize/: quantize on write, sinks + recent tokens at full precision
 
 Every variant reads through the same two functions, so every optimisation and switch
