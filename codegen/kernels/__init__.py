@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 ATTENTION_ENV = "SLIMFX_ATTENTION"
 _ATTENTION_CHOICES = ("auto", "ref", "triton")
 
@@ -19,3 +21,14 @@ def use_attention_kernels(q) -> bool:
     if mode == "auto":
         return q.is_cuda
     return mode == "triton"
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """`input_precision` of the kernels' tl.dot for operands of x's dtype: fp32 operands get
+    "ieee" unless torch allows TF32 for CUDA matmuls (as cuBLAS and SDPA then use it), so an
+    fp32 model reads attention and products at the precision of its unmodified forward.
+    (Triton's default, "tf32", moved a tiny fp32 model's logits by up to 0.036 from HF's on
+    an H100.) 16-bit operands: "tf32", which only ever affects fp32 operands."""
+    if x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"

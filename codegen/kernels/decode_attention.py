@@ -67,6 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
+from slimfx.codegen.kernels import dot_precision
+
 LOG2E = 1.4426950408889634
 # Finite "minus infinity" for running maxima: exp2(-inf - -inf) is NaN, and a split
 # whose slots are all empty must produce weight 0, not NaN.
@@ -79,7 +81,7 @@ def _tier_blocks(
     K, V, POS, KS, VS, LG, g_ok,
     stride_kc, stride_vc, start, end,
     BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    SCALED: tl.constexpr, TIER: tl.constexpr, WINDOW: tl.constexpr, TRACK: tl.constexpr,
+    SCALED: tl.constexpr, TIER: tl.constexpr, WINDOW: tl.constexpr, TRACK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The flash-decoding loop over slots start..end-1 of one tier of one KV head (K, V,
     POS, KS, VS point at the head's rows; LG at its query heads' logits rows), in the
@@ -98,7 +100,7 @@ def _tier_blocks(
             else:
                 visible = visible & ((pos < lo) | (pos >= hi))
         k = tl.load(K + n[:, None] * stride_kc + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32)  # [BLOCK_G, BLOCK_N]
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION, out_dtype=tl.float32)  # [BLOCK_G, BLOCK_N]
         if SCALED:
             s = s * tl.load(KS + n, mask=n_ok, other=0.0)[None, :]
         s = tl.where(visible[None, :], s, float("-inf"))
@@ -111,7 +113,7 @@ def _tier_blocks(
         v = tl.load(V + n[:, None] * stride_vc + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if SCALED:
             p = p * tl.load(VS + n, mask=n_ok, other=0.0)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION, out_dtype=tl.float32)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -133,6 +135,7 @@ def _decode_split_kernel(
     C, C1, HKV, SPLITS, SPLITS0, SLOTS_PER_SPLIT, SLOTS_PER_SPLIT1,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     TRACK: tl.constexpr, SCALED0: tl.constexpr, SECOND: tl.constexpr, SCALED1: tl.constexpr, WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -174,12 +177,12 @@ def _decode_split_kernel(
                 K1 + b * stride_k1b + hkv * stride_k1h, V1 + b * stride_v1b + hkv * stride_v1h, POS1 + b * stride_p1b + hkv * stride_p1h,
                 KS1 + b * stride_s1b + hkv * stride_s1h, VS1 + b * stride_s1b + hkv * stride_s1h, LOGITS, g_ok,
                 stride_k1c, stride_v1c, start1, end1,
-                BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, SCALED=SCALED1, TIER=1, WINDOW=WINDOW, TRACK=False,
+                BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, SCALED=SCALED1, TIER=1, WINDOW=WINDOW, TRACK=False, PRECISION=PRECISION,
             )
         else:
-            m_i, l_i, acc = _tier_blocks(q, qpos, lo, hi, m_i, l_i, acc, k_base, v_base, p_base, KS + s_off, VS + s_off, lg_base, g_ok, stride_kc, stride_vc, start, end, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, SCALED=SCALED0, TIER=0, WINDOW=WINDOW, TRACK=TRACK)
+            m_i, l_i, acc = _tier_blocks(q, qpos, lo, hi, m_i, l_i, acc, k_base, v_base, p_base, KS + s_off, VS + s_off, lg_base, g_ok, stride_kc, stride_vc, start, end, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, SCALED=SCALED0, TIER=0, WINDOW=WINDOW, TRACK=TRACK, PRECISION=PRECISION)
     else:
-        m_i, l_i, acc = _tier_blocks(q, qpos, lo, hi, m_i, l_i, acc, k_base, v_base, p_base, KS + s_off, VS + s_off, lg_base, g_ok, stride_kc, stride_vc, start, end, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, SCALED=SCALED0, TIER=0, WINDOW=WINDOW, TRACK=TRACK)
+        m_i, l_i, acc = _tier_blocks(q, qpos, lo, hi, m_i, l_i, acc, k_base, v_base, p_base, KS + s_off, VS + s_off, lg_base, g_ok, stride_kc, stride_vc, start, end, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, SCALED=SCALED0, TIER=0, WINDOW=WINDOW, TRACK=TRACK, PRECISION=PRECISION)
     row = (b * HKV * GROUP + hq) * SPLITS + split
     tl.store(M_PART + row, m_i, mask=g_ok)
     tl.store(L_PART + row, l_i, mask=g_ok)
@@ -431,6 +434,7 @@ def decode_attention(q, k_cache, v_cache, slot_pos, q_pos, *, scale: float | Non
         C, C1, Hkv, total, n_splits, per_split, per_split1,
         GROUP=group, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, TRACK=track,
         SCALED0=k_scale is not None, SECOND=n_splits1 > 0, SCALED1=ks1 is not None, WINDOW=window is not None,
+        PRECISION=dot_precision(q),
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or _stages(cfg, q, n_splits1 > 0),
     )
     m_final = torch.empty(B * Hq if track else 1, device=dev, dtype=torch.float32)

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from slimfx.codegen.kernels import dot_precision
 from slimfx.codegen.autotune import GEMM_DOT, GEMM_GEMV, GEMM_LIBRARY, TUNER, next_pow2
 
 TEMPLATE_VERSION = 2  # part of every kernel hash: bump when the skeletons below change
@@ -186,14 +187,6 @@ class MatmulKernels:
     beta: float = 1
 
 
-def _dot_precision(a: torch.Tensor) -> str:
-    """fp32 operands: "ieee" unless torch allows TF32 (as cuBLAS then does). 16-bit operands:
-    Triton's default ("tf32", which only ever affects fp32 operands)."""
-    if a.dtype == torch.float32 and not (a.is_cuda and torch.backends.cuda.matmul.allow_tf32):
-        return "ieee"
-    return "tf32"
-
-
 def _upcast_dot(a: torch.Tensor) -> bool:
     # Triton's CPU interpreter (3.9) returns garbage from a bf16 tl.dot (1e10 off on
     # 16x16 randn); fp32 is exact for bf16 values, so the CPU path upcasts. GPUs never do.
@@ -225,7 +218,7 @@ def _run_template(kernels: MatmulKernels, cfg: dict, a, b, params: tuple, m: int
         block_m = cfg["BLOCK_M"]
         grid = (_cdiv(m, block_m), _cdiv(n, block_n), split)
         kernels.dot[grid](*params, *common, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-                          EVEN_K=even_k, DOT_PRECISION=_dot_precision(a), UPCAST=_upcast_dot(a), **launch)
+                          EVEN_K=even_k, DOT_PRECISION=dot_precision(a), UPCAST=_upcast_dot(a), **launch)
     if split > 1:
         _run_epilogue(kernels, params, ws, m, n, split)
 

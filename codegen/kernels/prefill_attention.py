@@ -31,13 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
+from slimfx.codegen.kernels import dot_precision
+
 LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
 def _attend_keys(q, qpos, q_last, m_i, l_i, acc, k_base, v_base, p_base, stride_kn, stride_vn, N,
-                 offs_n, offs_d, d_ok, window, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr):
+                 offs_n, offs_d, d_ok, window, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """Online-softmax update of (m_i, l_i, acc) with the N keys at k_base / v_base whose
     positions are at p_base (a key is visible to a query iff 0 <= k_pos <= q_pos)."""
     for n0 in range(0, N, BLOCK_N):
@@ -48,7 +51,7 @@ def _attend_keys(q, qpos, q_last, m_i, l_i, acc, k_base, v_base, p_base, stride_
         # block's last query): during a chunked prefill most of the store is one or the other.
         if tl.sum(((kpos >= 0) & (kpos <= q_last)).to(tl.int32), axis=0) > 0:
             k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION, out_dtype=tl.float32)
             visible = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
             if WINDOWED:
                 visible = visible & (kpos[None, :] > qpos[:, None] - window)
@@ -58,7 +61,7 @@ def _attend_keys(q, qpos, q_last, m_i, l_i, acc, k_base, v_base, p_base, stride_
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), out_dtype=tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION, out_dtype=tl.float32)
             m_i = m_new
     return m_i, l_i, acc
 
@@ -76,7 +79,7 @@ def _prefill_kernel(
     stride_qpb, stride_kpb, stride_kph, stride_kp2b, stride_kp2h,
     T, N, N2, HQ, window,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    WINDOWED: tl.constexpr,
+    WINDOWED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -100,11 +103,11 @@ def _prefill_kernel(
     m_i, l_i, acc = _attend_keys(q, qpos, q_last, m_i, l_i, acc,
                                  K + b * stride_kb + hkv * stride_kh, V + b * stride_vb + hkv * stride_vh,
                                  KPOS + b * stride_kpb + hkv * stride_kph, stride_kn, stride_vn, N,
-                                 offs_n, offs_d, d_ok, window, BLOCK_N, WINDOWED)
+                                 offs_n, offs_d, d_ok, window, BLOCK_N, WINDOWED, PRECISION)
     m_i, l_i, acc = _attend_keys(q, qpos, q_last, m_i, l_i, acc,
                                  K2 + b * stride_k2b + hkv * stride_k2h, V2 + b * stride_v2b + hkv * stride_v2h,
                                  KPOS2 + b * stride_kp2b + hkv * stride_kp2h, stride_k2n, stride_v2n, N2,
-                                 offs_n, offs_d, d_ok, window, BLOCK_N, WINDOWED)
+                                 offs_n, offs_d, d_ok, window, BLOCK_N, WINDOWED, PRECISION)
     out = acc * tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)[:, None]
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -184,6 +187,7 @@ def prefill_attention(q, q_pos, k, v, k_pos, *, extra=None, scale: float | None 
         q_pos.stride(0), k_pos.stride(0), k_pos.stride(1), *k2_pos_strides,
         T, N, k2.shape[2], Hq, window,
         GROUP=Hq // Hkv, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, WINDOWED=window > 0,
+        PRECISION=dot_precision(q),
         num_warps=warps, num_stages=stages,
     )
     return out
