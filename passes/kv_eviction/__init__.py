@@ -166,8 +166,9 @@ def prefill_chunk(options: dict, prompt_tokens: int, chunk: int) -> int:
 
 
 def _policy_param(opts: dict) -> float:
-    return {"a2sf": opts["alpha"], "keyformer": opts["tau"], "snapkv": float(opts["obs_window"]),
-            "d2o": opts["merge_ema"]}.get(opts["policy"], 0.0)
+    """The policy's one parameter (eviction_op.py's layout field); only its own option is read."""
+    key = {"a2sf": "alpha", "keyformer": "tau", "snapkv": "obs_window", "d2o": "merge_ema"}.get(opts["policy"])
+    return float(opts[key]) if key else 0.0
 
 
 def _check_options(index: int, opts: dict) -> None:
