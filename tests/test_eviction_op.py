@@ -42,7 +42,8 @@ def test_budget_covering_everything_equals_full_attention(policy):
     torch.testing.assert_close(evict, full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+# D2O merges evicted keys into kept ones: its held keys are checked in test_eviction_reference.py.
+@pytest.mark.parametrize("policy", sorted(set(POLICIES) - {"d2o"}))
 def test_small_budget_keeps_the_rule_and_true_positions(policy):
     n_sink, window, cap = 2, 3, 8
     q, k, v = _stream(14, 10, seed=1)
