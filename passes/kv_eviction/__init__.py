@@ -66,7 +66,6 @@ from slimfx.passes.kv_eviction.mikv_op import FORMATS as MIKV_FORMATS
 from slimfx.passes.kv_eviction.mikv_op import channel_groups, low_tier, mikv_layout
 from slimfx.passes.kv_eviction.policies import POLICIES, make_policy, resolve_sinks
 from slimfx.passes.kv_eviction import select_op, tidal_op
-from slimfx.runtime.kv_store import plain_tier
 
 NAME = "kv_eviction"
 DESCRIPTION = ("keeps a fixed token budget per attention site, chosen by a policy (StreamingLLM, H2O, A2SF, TOVA, Keyformer, SnapKV, "
