@@ -25,7 +25,8 @@ With the model's own cache (HF DynamicCache / StaticCache through plain torch.co
 a removed block's k/v projections still feed that cache and are kept (noted); the MLP,
 q/o projections and attention go.
 
-Modes (`mode`): "remove" rewrites the graph as above. "speculative" (lossless) and
+Modes (`mode`): "remove" rewrites the graph as above. "speculative" (every token the full
+model's; greedy equal to plain decoding up to rounding ties, runtime/speculative.py) and
 "schedule" (SkipDecode) keep every block in this graph: slimfx.runtime.generate runs them
 (runtime/speculative.py, runtime/skip_schedule.py) with extra graphs of the same model
 bound to the same KV store, compiled with mode "remove" (the draft; each schedule level
@@ -59,8 +60,8 @@ OPTIONS: dict = {
     "mlp_only": Option(bool, False, "remove only the chosen blocks' MLPs (attention and KV cache stay exact)", per_layer=False),
     "target_speedup": Option(float, 0.0, "unified skipping: remove the fewest evenly spread intermediate blocks whose weight "
                              "bytes give this decode speedup (0: off)", lo=0.0, hi=100.0, per_layer=False),
-    "mode": Option(str, "remove", "remove: the graph loses the blocks (lossy); speculative: lossless self-speculative decoding "
-                   "drafting with them removed; schedule: SkipDecode, removed progressively over the generated tokens (lossy)",
+    "mode": Option(str, "remove", "remove: the graph loses the blocks (lossy); speculative: self-speculative decoding "
+                   "drafting with them removed (every token the full model's; greedy equal to plain decoding up to bf16 rounding ties); schedule: SkipDecode, removed progressively over the generated tokens (lossy)",
                    choices=MODES, per_layer=False),
     "draft_length": Option(int, 4, "speculative: most tokens drafted per verification", lo=1, hi=16, per_layer=False),
     "adaptive_draft": Option(bool, True, "speculative: draft length follows the running acceptance rate (else always draft_length)",
