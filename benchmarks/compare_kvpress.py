@@ -97,7 +97,9 @@ def main() -> None:
     model, tokenizer = load_model(None, dtype=torch.float32, device="cpu")
     cases = ruler.build_cases(tokenizer, ruler.TASKS, (args.length,), args.samples, 0)
     keys = passkey.build_cases(tokenizer, [args.length], [float(d) for d in args.depths.split(",")], 1, 0)
-    results = {"fraction": args.fraction, "length": args.length, "samples": args.samples, "depths": args.depths,
+    from slimfx.measure.report import stamp
+
+    results = {"stamp": stamp("cpu"), "fraction": args.fraction, "length": args.length, "samples": args.samples, "depths": args.depths,
                "kvpress": __import__("kvpress").__version__ if hasattr(__import__("kvpress"), "__version__") else "0.5.5",
                "presses": {}}
     for name in args.presses.split(","):

@@ -1,0 +1,75 @@
+"""One table and one plot from the eviction evals on the RULER-style suite
+(results/eval_kv_eviction_ruler1k_*.json): per policy and share of the prompt, the suite
+average, passkey and prompts scored, beside the unmodified model on the same prompts.
+
+    python benchmarks/summarize_kv_eviction_eval.py results/eval_kv_eviction_ruler1k_f*.json \
+        --output results/eval_kv_eviction_ruler1k
+
+Writes STEM.md and STEM.png; every figure is read from the eval JSONs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slimfx.measure.eval_report import summary_main
+
+
+def _scores(part: dict) -> dict:
+    ruler, passkey = part["ruler"]["summary"], part["passkey"]["summary"]
+    return {"suite": ruler["average"], "suite_n": ruler["n"], "passkey": passkey["accuracy"], "passkey_n": passkey["n"]}
+
+
+def rows(paths: list[str]) -> list[dict]:
+    out = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        base = _scores(data["base"])
+        for c in data["configurations"]:
+            out.append({"policy": c["values"]["kv.policy"], "fraction": c["values"]["kv.budget_fraction"],
+                        "source": Path(path).name, **_scores(c),
+                        "unmodified_suite": base["suite"], "unmodified_passkey": base["passkey"]})
+    return sorted(out, key=lambda r: (r["policy"], r["fraction"], -r["suite_n"]))
+
+
+def table(items: list[dict]) -> str:
+    lines = ["| policy | share of prompt | suite average | unmodified, same prompts | passkey | unmodified | prompts (suite + passkey) | run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in items:
+        lines.append(f"| {r['policy']} | {r['fraction']:.1%} | {r['suite']:.2f} | {r['unmodified_suite']:.2f} | "
+                     f"{r['passkey']:.2f} | {r['unmodified_passkey']:.2f} | {r['suite_n']} + {r['passkey_n']} | {r['source']} |")
+    return "\n".join(lines)
+
+
+def plot(items: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy in sorted({r["policy"] for r in items}):
+        by_share = {}
+        for r in items:  # the run with the most prompts at each share
+            if r["policy"] == policy and (r["fraction"] not in by_share or r["suite_n"] > by_share[r["fraction"]]["suite_n"]):
+                by_share[r["fraction"]] = r
+        pts = sorted((f, r["suite"]) for f, r in by_share.items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+    base = sorted({(r["fraction"], r["unmodified_suite"]) for r in items})
+    ax.plot([b[0] for b in base], [b[1] for b in base], color="black", linestyle="--", label="unmodified (same prompts)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([0.125, 0.25, 0.5], ["12.5%", "25%", "50%"])
+    ax.set_xlabel("KV budget (share of the prompt)")
+    ax.set_ylabel("RULER-style suite average")
+    ax.set_title("KV eviction on SmolLM2-135M, 1K prompts (CPU)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    summary_main(__doc__, "KV eviction on the RULER-style suite, default model, 1K prompts", rows, table, plot)
+
+
+if __name__ == "__main__":
+    main()
