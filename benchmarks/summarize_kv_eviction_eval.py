@@ -26,7 +26,10 @@ def rows(paths: list[str]) -> list[dict]:
         data = json.loads(Path(path).read_text())
         base = _scores(data["base"])
         for c in data["configurations"]:
-            out.append({"policy": c["values"]["kv.policy"], "fraction": c["values"]["kv.budget_fraction"],
+            opts = c["config"]["passes"]["kv_eviction"]  # the configuration as run, swept values applied
+            if opts.get("d2o_budgets") == "none" and opts["policy"] == "d2o":
+                continue  # an ablation row, not the policy as configured
+            out.append({"policy": opts["policy"], "fraction": opts["budget_fraction"],
                         "source": Path(path).name, **_scores(c),
                         "unmodified_suite": base["suite"], "unmodified_passkey": base["passkey"]})
     return sorted(out, key=lambda r: (r["policy"], r["fraction"], -r["suite_n"]))
