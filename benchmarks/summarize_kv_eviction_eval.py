@@ -58,8 +58,12 @@ def plot(items: list[dict], path: Path) -> None:
                 by_share[r["fraction"]] = r
         pts = sorted((f, r["suite"]) for f, r in by_share.items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
-    base = sorted({(r["fraction"], r["unmodified_suite"]) for r in items})
-    ax.plot([b[0] for b in base], [b[1] for b in base], color="black", linestyle="--", label="unmodified (same prompts)")
+    base = {}
+    for r in items:  # the unmodified model on the prompts of the largest run at each share
+        if r["fraction"] not in base or r["suite_n"] > base[r["fraction"]][1]:
+            base[r["fraction"]] = (r["unmodified_suite"], r["suite_n"])
+    ax.scatter(list(base), [v[0] for v in base.values()], color="black", marker="x", s=60, zorder=5,
+               label="unmodified, same prompts")
     ax.set_xscale("log", base=2)
     ax.set_xticks([0.125, 0.25, 0.5], ["12.5%", "25%", "50%"])
     ax.set_xlabel("KV budget (share of the prompt)")
