@@ -4,6 +4,7 @@ calibration text (a file, or the model's own greedy text) and loading the model 
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 
 from slimfx.compiler.errors import UsageError
 
@@ -90,3 +91,40 @@ def model_name(args: argparse.Namespace) -> str:
 
 def text_name(args: argparse.Namespace) -> str:
     return args.text or "the model's own greedy text"
+
+
+def attention_modules(model, command: str) -> list:
+    """The self-attention modules in layer order (HF decoder layers' `self_attn`)."""
+    modules = [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    if not modules:
+        raise UsageError(f"calibrate {command}: no `self_attn` modules found; allowed: HF decoder-only models "
+                         "(Llama, Qwen2, Mistral, Phi-3)")
+    return modules
+
+
+@contextmanager
+def attention_weights(model, command: str, reduce):
+    """While the body runs, every forward of `model` stores, per attention layer,
+    `reduce(weights)` in the yielded list, weights being the first sequence's attention
+    probabilities [Hq, T_query, T_key]. Attention runs eager meanwhile: the only HF
+    implementation that returns its weights."""
+    modules = attention_modules(model, command)
+    values: list = [None] * len(modules)
+
+    def hook_for(layer: int):
+        def hook(module, args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise RuntimeError(f"calibrate {command}: attention weights not returned (eager attention required)")
+            values[layer] = reduce(weights[0])
+        return hook
+
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
+    try:
+        yield values
+    finally:
+        for h in handles:
+            h.remove()
+        model.config._attn_implementation = saved

@@ -19,48 +19,19 @@ import sys
 
 import torch
 
+from slimfx.calibrate.common import attention_weights
 from slimfx.compiler.errors import UsageError
 from slimfx.passes.kv_eviction.layer_budgets import PLAN_KIND, PLAN_VERSION, shares, write_plan
-
-
-class _VarianceRecorder:
-    """Forward hooks turning each attention module's weights into the layer's variance."""
-
-    def __init__(self, modules):
-        self.values: list[float | None] = [None] * len(modules)
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
-
-    def _hook(self, layer: int):
-        def hook(module, args, output):
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None:
-                raise RuntimeError("d2o-budgets: attention weights not returned (eager attention required)")
-            received = weights[0].float().sum(dim=-2)  # [Hq, T]: the mass each key receives
-            self.values[layer] = float(received.var(dim=-1).mean())
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def layer_variances(model, ids: torch.Tensor) -> list[float]:
     """Per attention layer, the variance over keys of the attention mass each key receives
     from the text's queries, mean over query heads (module doc)."""
-    modules = [m for name, m in model.named_modules() if name.endswith("self_attn")]
-    if not modules:
-        raise UsageError("calibrate d2o-budgets: no `self_attn` modules found; allowed: HF decoder-only models "
-                         "(Llama, Qwen2, Mistral, Phi-3)")
-    saved = model.config._attn_implementation
-    model.config._attn_implementation = "eager"  # the only implementation that returns weights
-    recorder = _VarianceRecorder(modules)
-    try:
-        with torch.no_grad():
-            model(ids.to(next(model.parameters()).device))
-    finally:
-        recorder.remove()
-        model.config._attn_implementation = saved
-    return recorder.values
+    # weights [Hq, T, T] -> the mass each key receives [Hq, T] -> its variance over keys
+    variance = lambda weights: float(weights.float().sum(dim=-2).var(dim=-1).mean())
+    with attention_weights(model, "d2o-budgets", variance) as values, torch.no_grad():
+        model(ids.to(next(model.parameters()).device))
+    return values
 
 
 def calibrate_budgets(model, ids: torch.Tensor, text: str = "given ids", name: str | None = None) -> dict:

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from slimfx.calibrate.common import attention_weights
 from slimfx.compiler.errors import UsageError
 from slimfx.passes.kv_eviction.retrieval_heads import save, select_retrieval
 
@@ -33,44 +34,20 @@ CALIBRATION_SEED = 1000  # slimfx eval's passkey prompts use seed 0: calibration
 ANSWER = "The pass key is {key}."
 
 
-def _attention_modules(model) -> list[torch.nn.Module]:
-    """The self-attention modules in layer order (HF decoder layers' `self_attn`)."""
-    modules = [m for name, m in model.named_modules() if name.endswith("self_attn")]
-    if not modules:
-        raise UsageError("duo-heads: no `self_attn` modules found; allowed: HF decoder-only models (Llama, Qwen2, Mistral, Phi-3)")
-    return modules
-
-
 def _digit_positions(tokenizer, ids: list[int], key: str) -> list[int]:
     """Positions of tokens that are (parts of) the key's digits."""
     return [i for i, t in enumerate(ids) if (s := tokenizer.decode([t]).strip()) and s.isdigit() and s in key]
 
 
-class _MassRecorder:
-    """Forward hooks that turn each layer's attention weights into per-head needle mass."""
-
-    def __init__(self, modules):
-        self.rows: torch.Tensor | None = None  # query rows that emit a key digit
-        self.cols: torch.Tensor | None = None  # key positions of the needle's digits
-        self.mass: list[torch.Tensor | None] = [None] * len(modules)
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
-
-    def _hook(self, layer: int):
-        def hook(module, args, output):
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None:
-                raise RuntimeError("duo-heads: attention weights not returned (eager attention required)")
-            picked = weights[0][:, self.rows][:, :, self.cols].sum(-1).mean(-1)  # [Hq]
-            self.mass[layer] = picked.float().cpu()
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
+def _needle_mass(weights: torch.Tensor, where: dict) -> torch.Tensor:
+    """[Hq] attention mass of the query rows that emit a key digit on the needle's digit
+    keys (`where["rows"]`, `where["cols"]`), summed over keys and averaged over rows."""
+    return weights[:, where["rows"]][:, :, where["cols"]].sum(-1).mean(-1).float().cpu()
 
 
-def _case_mass(model, tokenizer, recorder: _MassRecorder, case) -> torch.Tensor:
-    """[n_layers, Hq] attention mass on the needle while the answer's key digits are emitted."""
+def _case_mass(model, tokenizer, mass: list, where: dict, case) -> torch.Tensor:
+    """[n_layers, Hq] attention mass on the needle while the answer's key digits are emitted
+    (`mass`: the list attention_weights fills, with _needle_mass at `where`)."""
     prompt = case.input_ids[0].tolist()
     answer = tokenizer(ANSWER.format(key=case.key), add_special_tokens=False).input_ids
     ids = prompt + answer
@@ -78,10 +55,10 @@ def _case_mass(model, tokenizer, recorder: _MassRecorder, case) -> torch.Tensor:
     emit = [len(prompt) + p - 1 for p in _digit_positions(tokenizer, answer, case.key)]
     if not needle or not emit:
         raise RuntimeError(f"duo-heads: key {case.key} not found in the prompt or answer tokens")
-    recorder.rows, recorder.cols = torch.tensor(emit), torch.tensor(needle)
+    where.update(rows=torch.tensor(emit), cols=torch.tensor(needle))
     with torch.no_grad():
         model(torch.tensor([ids], device=next(model.parameters()).device))
-    return torch.stack(recorder.mass)
+    return torch.stack(mass)
 
 
 def calibrate(model, tokenizer, lengths=(1024, 2048), depths=(0.2, 0.4, 0.6, 0.8), trials: int = 1,
@@ -90,24 +67,19 @@ def calibrate(model, tokenizer, lengths=(1024, 2048), depths=(0.2, 0.4, 0.6, 0.8
     from slimfx.measure.passkey import build_cases
 
     cases = build_cases(tokenizer, lengths, depths, trials, seed)
-    modules = _attention_modules(model)
     n_q, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
-    saved = model.config._attn_implementation
-    model.config._attn_implementation = "eager"  # the only implementation that returns weights
-    recorder = _MassRecorder(modules)
-    try:
-        total = torch.zeros(len(modules), n_q)
+    where: dict = {}
+    with attention_weights(model, "duo-heads", lambda weights: _needle_mass(weights, where)) as mass:
+        total = torch.zeros(len(mass), n_q)
         for i, case in enumerate(cases):
-            total += _case_mass(model, tokenizer, recorder, case)
+            total += _case_mass(model, tokenizer, mass, where, case)
             if progress:
                 print(f"\rduo-heads: {i + 1}/{len(cases)} prompts", end="", file=sys.stderr, flush=True)
         if progress:
             print(file=sys.stderr)
-    finally:
-        recorder.remove()
-        model.config._attn_implementation = saved
+    n_layers = len(mass)
     per_q_head = total / len(cases)
-    return per_q_head.view(len(modules), n_kv, n_q // n_kv).mean(-1)
+    return per_q_head.view(n_layers, n_kv, n_q // n_kv).mean(-1)
 
 
 # ----------------------------------------------------------------------------- CLI

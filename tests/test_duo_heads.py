@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from slimfx.calibrate import duo_heads
+from slimfx.calibrate.common import attention_weights
 from slimfx.compiler.config import ConfigError
 from slimfx.measure.passkey import PasskeyCase
 from slimfx.passes.kv_eviction import retrieval_heads
@@ -34,12 +35,9 @@ def _case():
 def test_recorded_mass_equals_the_attention_on_the_needle():
     model = tiny_model("llama_gqa", layers=2, seed=1)
     case, tok = _case(), DigitTokenizer()
-    model.config._attn_implementation = "eager"
-    recorder = duo_heads._MassRecorder(duo_heads._attention_modules(model))
-    try:
-        mass = duo_heads._case_mass(model, tok, recorder, case)
-    finally:
-        recorder.remove()
+    where = {}
+    with attention_weights(model, "duo-heads", lambda weights: duo_heads._needle_mass(weights, where)) as recorded:
+        mass = duo_heads._case_mass(model, tok, recorded, where, case)
     full = torch.cat([case.input_ids, torch.tensor([tok("").input_ids])], 1)
     with torch.no_grad():
         attentions = model(full, output_attentions=True).attentions

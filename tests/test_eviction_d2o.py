@@ -146,3 +146,23 @@ def test_plan_of_another_model_is_refused(sharp_model, prompt, plan, tmp_path):
     path.write_text(json.dumps(dict(json.loads(plan.read_text()), variance=[1.0])))
     with pytest.raises(ConfigError, match="the plan has 1 layers; this model has 2 attention sites"):
         generate(sharp_model, prompt, max_new_tokens=2, capacity=64, config=_config(path, budget=32))
+
+
+def test_layer_variances_are_the_variance_of_each_keys_received_mass(sharp_model):
+    """calibrate d2o-budgets' density: per layer, the variance over keys of the attention
+    mass each key receives, mean over heads, from HF's own attention weights."""
+    from slimfx.calibrate.d2o_budgets import layer_variances
+
+    ids = torch.randint(1, 128, (1, 24), generator=torch.Generator().manual_seed(6))
+    measured = layer_variances(sharp_model, ids)
+    saved = sharp_model.config._attn_implementation
+    sharp_model.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            attentions = sharp_model(ids, output_attentions=True).attentions
+    finally:
+        sharp_model.config._attn_implementation = saved
+    expected = [float(a[0].sum(dim=-2).var(dim=-1).mean()) for a in attentions]
+    assert measured == pytest.approx(expected, rel=1e-5)
+    assert len(set(measured)) == len(measured)  # layers differ: the hook saw each one
+    assert sharp_model.config._attn_implementation == saved
