@@ -9,10 +9,10 @@ not a dependency: install it beside slimfx (e.g. `pip install --no-deps --target
 kvpress` and put DIR on PYTHONPATH).
 
     python benchmarks/compare_kvpress.py --fraction 0.25 --presses tova,snapkv,streaming,h2o \\
-        --samples 2 --depths 0.25,0.75 --slimfx results/eval_kv_eviction_ruler_f025.json \\
+        --lengths 1024 --samples 2 --depths 0.25,0.75 --slimfx results/eval_kv_eviction_ruler_f025.json \\
         --output results/compare_kvpress_f025.json
 
-`--slimfx` puts slimfx's scores on the same prompts beside each press's (kvpress has
+`--slimfx` (one or more eval JSONs) puts slimfx's scores on the same prompts beside each press's (kvpress has
 no A2SF, Keyformer, D2O, TokenSelect or TidalDecode press; its H2O is
 ObservedAttentionPress, which needs eager attention).
 """
@@ -67,14 +67,15 @@ def answer(model, tokenizer, ids: torch.Tensor, press, max_new_tokens: int) -> t
 
     cache = DynamicCache()
     with press(model):
-        out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+        out = model(input_ids=ids.to(model.device), past_key_values=cache, logits_to_keep=1)
     held = cache.get_seq_length(0)
     new = [int(out.logits[0, -1].argmax())]
     pos = ids.shape[1]
     for i in range(max_new_tokens - 1):
         if new[-1] == tokenizer.eos_token_id:
             break
-        out = model(input_ids=torch.tensor([[new[-1]]]), past_key_values=cache, position_ids=torch.tensor([[pos + i]]))
+        out = model(input_ids=torch.tensor([[new[-1]]], device=model.device), past_key_values=cache,
+                    position_ids=torch.tensor([[pos + i]], device=model.device))
         new.append(int(out.logits[0, -1].argmax()))
     return tokenizer.decode(new, skip_special_tokens=True), held
 
@@ -86,20 +87,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--presses", default="tova,snapkv,streaming")
-    ap.add_argument("--length", type=int, default=1024)
+    ap.add_argument("--lengths", default="1024", help="prompt lengths in tokens (comma list), as `slimfx eval --ruler-lengths`")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--depths", default="0.25,0.5,0.75")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--output", required=True)
-    ap.add_argument("--slimfx", default=None, help="a `slimfx eval --ruler` JSON on the same prompts to compare with")
+    ap.add_argument("--slimfx", nargs="+", default=[], help="`slimfx eval --ruler` JSONs on the same prompts to compare with")
     args = ap.parse_args()
     _kvpress_for_this_transformers()
     torch.manual_seed(0)
-    model, tokenizer = load_model(None, dtype=torch.float32, device="cpu")
-    cases = ruler.build_cases(tokenizer, ruler.TASKS, (args.length,), args.samples, 0)
-    keys = passkey.build_cases(tokenizer, [args.length], [float(d) for d in args.depths.split(",")], 1, 0)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    model, tokenizer = load_model(None, dtype=torch.float32, device=args.device)
+    cases = ruler.build_cases(tokenizer, ruler.TASKS, tuple(lengths), args.samples, 0)
+    keys = passkey.build_cases(tokenizer, lengths, [float(d) for d in args.depths.split(",")], 1, 0)
     from slimfx.measure.report import stamp
 
-    results = {"stamp": stamp("cpu"), "fraction": args.fraction, "length": args.length, "samples": args.samples, "depths": args.depths,
+    results = {"stamp": stamp(args.device), "fraction": args.fraction, "lengths": lengths, "samples": args.samples, "depths": args.depths,
                "kvpress": __import__("kvpress").__version__ if hasattr(__import__("kvpress"), "__version__") else "0.5.5",
                "presses": {}}
     for name in args.presses.split(","):
@@ -120,7 +123,7 @@ def main() -> None:
                                     "seconds": round(time.perf_counter() - t0, 1)}
         print(name, json.dumps({k: results["presses"][name][k] for k in ("ruler", "passkey", "seconds")}), flush=True)
     if args.slimfx:
-        results["versus_slimfx"] = versus_slimfx(results, args.slimfx, args.fraction)
+        results["versus_slimfx"] = {name: row for path in args.slimfx for name, row in versus_slimfx(results, path, args.fraction).items()}
     with open(args.output, "w") as f:
         json.dump(results, f, indent=1)
 
@@ -136,7 +139,7 @@ def versus_slimfx(results: dict, eval_json: str, fraction: float) -> dict:
             continue
         ours, theirs = cfg["ruler"]["cases"], results["presses"][name]["ruler_cases"]
         if [(c["task"], c["answers"]) for c in ours] != [(c["task"], c["answers"]) for c in theirs]:
-            raise SystemExit(f"{eval_json}: its RULER cases differ from this run's (same --length, --samples and seed 0?)")
+            raise SystemExit(f"{eval_json}: its RULER cases differ from this run's (same --lengths, --samples and seed 0?)")
         press = results["presses"][name]
         rows[name] = {"slimfx_ruler": cfg["ruler"]["summary"]["average"], "kvpress_ruler": press["ruler"]["average"],
                       "slimfx_passkey": cfg["passkey"]["summary"]["accuracy"], "kvpress_passkey": press["passkey"]}

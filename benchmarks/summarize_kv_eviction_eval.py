@@ -3,7 +3,9 @@
 average, passkey and prompts scored, beside the unmodified model on the same prompts.
 
     python benchmarks/summarize_kv_eviction_eval.py results/eval_kv_eviction_ruler1k_f*.json \
-        --output results/eval_kv_eviction_ruler1k
+        results/eval_kv_tidaldecode.json results/eval_kv_d2o.json --output results/eval_kv_eviction_ruler1k
+    python benchmarks/summarize_kv_eviction_eval.py results/eval_kv_eviction_ruler2k4k_f025_*.json \
+        --output results/eval_kv_eviction_ruler2k4k
 
 Writes STEM.md and STEM.png; every figure is read from the eval JSONs."""
 
@@ -20,6 +22,17 @@ def _scores(part: dict) -> dict:
     return {"suite": ruler["average"], "suite_n": ruler["n"], "passkey": passkey["accuracy"], "passkey_n": passkey["n"]}
 
 
+def _setting(data: dict) -> str:
+    """Prompt lengths and device of one eval, for the title: e.g. '2K/4K prompts, NVIDIA H100 80GB HBM3'."""
+    lengths = "/".join(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in data["settings"]["ruler"]["lengths"])
+    device = data["stamp"]["device"]
+    return f"{lengths} prompts, {'CPU' if device.lower().startswith(('cpu', 'amd', 'intel')) else device}"
+
+
+def title(items: list[dict]) -> str:
+    return "KV eviction on the RULER-style suite, default model, " + "; ".join(sorted({r["setting"] for r in items}))
+
+
 def rows(paths: list[str]) -> list[dict]:
     out = []
     for path in paths:
@@ -30,7 +43,7 @@ def rows(paths: list[str]) -> list[dict]:
             if opts.get("d2o_budgets") == "none" and opts["policy"] == "d2o":
                 continue  # an ablation row, not the policy as configured
             out.append({"policy": opts["policy"], "fraction": opts["budget_fraction"],
-                        "source": Path(path).name, **_scores(c),
+                        "source": Path(path).name, **_scores(c), "setting": _setting(data),
                         "unmodified_suite": base["suite"], "unmodified_passkey": base["passkey"]})
     return sorted(out, key=lambda r: (r["policy"], r["fraction"], -r["suite_n"]))
 
@@ -68,14 +81,14 @@ def plot(items: list[dict], path: Path) -> None:
     ax.set_xticks([0.125, 0.25, 0.5], ["12.5%", "25%", "50%"])
     ax.set_xlabel("KV budget (share of the prompt)")
     ax.set_ylabel("RULER-style suite average")
-    ax.set_title("KV eviction on SmolLM2-135M, 1K prompts (CPU)")
+    ax.set_title(title(items).replace("default model", "SmolLM2-135M"), fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
-    summary_main(__doc__, "KV eviction on the RULER-style suite, default model, 1K prompts", rows, table, plot)
+    summary_main(__doc__, title, rows, table, plot)
 
 
 if __name__ == "__main__":

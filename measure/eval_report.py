@@ -182,7 +182,7 @@ def write_eval(results: dict, paths: dict[str, Path]) -> None:
 def summary_main(doc: str, title: str, rows, table, plot, note: str = "") -> None:
     """The command line of a script that merges eval JSONs into one table and plot
     (benchmarks/summarize_*_eval.py): `SCRIPT EVAL.json ... --output STEM` writes STEM.md
-    (titled `title`, naming its sources, `note` under the table) and STEM.png."""
+    (titled `title`, a string or a function of the rows, naming its sources, `note` under the table) and STEM.png."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -191,7 +191,8 @@ def summary_main(doc: str, title: str, rows, table, plot, note: str = "") -> Non
     args = p.parse_args()
     items = rows(args.evals)
     stem = Path(args.output)
-    text = f"# {title}\n\nFrom {', '.join(args.evals)}.\n\n{table(items)}\n" + (f"\n{note}\n" if note else "")
+    heading = title(items) if callable(title) else title
+    text = f"# {heading}\n\nFrom {', '.join(args.evals)}.\n\n{table(items)}\n" + (f"\n{note}\n" if note else "")
     stem.with_suffix(".md").write_text(text)
     plot(items, stem.with_suffix(".png"))
     print(table(items))
