@@ -32,7 +32,8 @@ def run_evict(device, policy, q, k, v, prefill_slots=0):
     """A PROMPT-token prefill then single-token decode steps: outputs and the kept positions."""
     from slimfx.passes.kv_eviction.eviction_op import evict_site
 
-    cache = evict_site(B, HKV, CAP, D, policy=policy, n_sink=4, window=16, param=16.0 if policy == "snapkv" else 0.9,
+    param = {"snapkv": 16.0, "h2o-mean": 1.0}.get(policy, 0.9)  # h2o-mean: H2O with mass = "mean"
+    cache = evict_site(B, HKV, CAP, D, policy=policy.removesuffix("-mean"), n_sink=4, window=16, param=param,
                        prefill_slots=prefill_slots, device=device)
     return _feed(device, cache, q, k, v)
 
@@ -83,7 +84,7 @@ def assert_same(gpu, cpu):
 def _policies():
     from slimfx.passes.kv_eviction.policies import POLICIES
 
-    return list(POLICIES)
+    return [*POLICIES, "h2o-mean"]
 
 
 @cuda

@@ -55,6 +55,28 @@ def test_budget_below_policy_minimum_is_a_config_error(sharp_model, prompt):
     assert str(err.value) == "passes.kv_eviction.budget (layer 0): got 8; allowed: >= 13 for policy 'h2o' (n_sink 4 + window 8 + 1 slot to choose)"
 
 
+def test_h2o_mean_mass_reaches_the_site_and_ranks_differently(sharp_model, prompt):
+    """`mass = "mean"` is H2O's per-query normalisation: the sites' layout carries it, and
+    on a budget below the prompt it keeps other tokens than the paper's sum does."""
+    from slimfx.runtime.generate import get_generator
+
+    kept = {}
+    for mass in ("sum", "mean"):
+        cfg = _config(policy="h2o", budget=16, n_sink=0, window=4, mass=mass)
+        generate(sharp_model, prompt, max_new_tokens=4, capacity=64, config=cfg)
+        store = get_generator(sharp_model, 2, 64, config=cfg, codegen="auto").store
+        assert all(c.layout.split("/")[4] == ("1.0" if mass == "mean" else "0.0") for c in store.sites.values())
+        kept[mass] = [sorted(c.slot_pos[0, h][c.slot_pos[0, h] >= 0].tolist()) for c in store.sites.values()
+                      for h in range(c.slot_pos.shape[1])]
+    assert kept["sum"] != kept["mean"]
+
+
+def test_mean_mass_with_another_policy_is_a_config_error(sharp_model, prompt):
+    with pytest.raises(ConfigError) as err:
+        generate(sharp_model, prompt, max_new_tokens=2, capacity=64, config=_config(policy="a2sf", budget=16, mass="mean"))
+    assert str(err.value).startswith("passes.kv_eviction.mass (layer 0): got 'mean' with policy 'a2sf'; allowed: 'sum'")
+
+
 def test_kv_eviction_without_runtime_is_skipped():
     """Through plain torch.compile (no runtime store) the pass leaves the graph alone and says why."""
     model = tiny_model("llama_gqa")

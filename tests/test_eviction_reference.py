@@ -42,8 +42,10 @@ def _gumbel(t, positions, seed=0):
 class Reference:
     """One sequence, every kv head: kept positions and their scores (dict per head)."""
 
-    def __init__(self, name, q, k, v, capacity, n_sink, window):
+    def __init__(self, name, q, k, v, capacity, n_sink, window, mean=False):
         self.name, self.q, self.k, self.v, self.C, self.n_sink, self.window = name, q, k, v, capacity, n_sink, window
+        self.mean = mean  # H2O's mass per query that has seen the token (its `mass = "mean"`)
+        self.seen = 0  # tokens seen when ranking
         self.hkv = k.shape[0]
         self.held = [dict() for _ in range(self.hkv)]  # position -> score
         self.kv = [dict() for _ in range(self.hkv)]  # position -> (key, value) as held (D2O merges change them)
@@ -60,6 +62,8 @@ class Reference:
             return sum(self.held[g][p] for g in range(self.hkv)) / self.hkv
         if self.name == "snapkv":
             return s if s > 0 else -1.0 / (p + 2)
+        if self.mean:  # queries p, ..., seen - 1 attended token p
+            return s / max(self.seen - p, 1)
         return s
 
     def protected(self, p, seen):
@@ -103,6 +107,7 @@ class Reference:
 
     def keep_top(self, seen):
         # Rankings are read before anything is dropped (TOVA's mean spans every head).
+        self.seen = seen
         ranks = [{p: self.rank(h, p) for p in self.held[h]} for h in range(self.hkv)]
         for h in range(self.hkv):
             prot = [p for p in self.held[h] if self.protected(p, seen)]
@@ -136,6 +141,7 @@ class Reference:
                                  (math.e * vc.double() + sum(w * v.double() for w, _, v in into)) / total)
 
     def decode(self, t):
+        self.seen = t
         ranks = [{p: self.rank(h, p) for p in self.held[h]} for h in range(self.hkv)]
         for h in range(self.hkv):
             victim = None
@@ -172,7 +178,8 @@ def _check_held_values(cache, b, ref):
             torch.testing.assert_close(cache.v[b, h, slot].double(), v.double(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+# H2O's mean-per-query variant runs as "h2o-mean" (policy h2o, layout param 1.0).
+@pytest.mark.parametrize("name", [*sorted(POLICIES), "h2o-mean"])
 @settings(max_examples=12, deadline=None)
 @given(data=st.data(), hkv=st.integers(1, 2), n_pad=st.integers(0, 5), seed=st.integers(0, 2**16))
 def test_keep_set_matches_the_papers_rule(name, data, hkv, n_pad, seed):
@@ -193,8 +200,10 @@ def test_keep_set_matches_the_papers_rule(name, data, hkv, n_pad, seed):
     q, k, v = (torch.stack([torch.cat([torch.zeros(x.shape[0], n, D), x], dim=1) for n, x in zip(pads, xs)])
                for xs in zip(*streams))
     positions = torch.stack([torch.arange(P + steps) - n for n in pads])
-    cache = evict_site(2, hkv, capacity, D, policy=name, n_sink=n_sink, window=window, param=PARAM.get(name, 0.0))
-    refs = [Reference(name, *stream, capacity, n_sink, window) for stream in streams]
+    mean = name == "h2o-mean"
+    name = "h2o" if mean else name
+    cache = evict_site(2, hkv, capacity, D, policy=name, n_sink=n_sink, window=window, param=1.0 if mean else PARAM.get(name, 0.0))
+    refs = [Reference(name, *stream, capacity, n_sink, window, mean) for stream in streams]
     for a in range(0, P, chunk):
         b_ = min(a + chunk, P)
         attention_ref(q[:, :, a:b_], k[:, :, a:b_], v[:, :, a:b_], positions[:, a:b_], cache)

@@ -25,13 +25,13 @@ def _state(B, H, C, D, seen, seed):
             torch.randn(B, H, C, D, generator=g), torch.randn(B, H, C, D, generator=g), slot_pos, scores)
 
 
-@pytest.mark.parametrize("policy", ["h2o", "streaming"])
-def test_reference_follows_the_policy_victim_rule(policy):
+@pytest.mark.parametrize("policy, options", [("h2o", {}), ("h2o", {"mean": True}), ("a2sf", {}), ("streaming", {}), ("duo", {})])
+def test_reference_follows_the_policy_victim_rule(policy, options):
     for seed in range(5):
         k, v, pos, kc, vc, sp, sc = _state(2, 3, 37, 8, 90, seed)
-        pol = make_policy(policy, 37, n_sink=3, window=5)
+        pol = make_policy(policy, 37, n_sink=3, window=5, **options)
         victim = pol.victim_slots(sc, sp, pos, 1)[..., 0]
-        evict_write_ref(k, v, pos, kc, vc, sp, sc, 3, 5, policy == "streaming")
+        evict_write_ref(k, v, pos, kc, vc, sp, sc, 3, 5, pol.fused_priority)
         chosen = torch.gather(sp, -1, victim[..., None])[..., 0]
         assert (chosen == 90).all()  # the new token sits in the slot the policy picked
         assert torch.equal(torch.gather(kc, 2, victim[..., None, None].expand(2, 3, 1, 8)), k)
@@ -41,21 +41,21 @@ _SCRIPT = textwrap.dedent("""
     import torch
     from slimfx.codegen.kernels.evict_write import evict_write, evict_write_ref
     from tests.test_kernels_evict_write import _state
-    for C, D, by_pos in ((37, 8, False), (37, 8, True), (1500, 16, False), (64, 24, True)):
+    for C, D, priority in ((37, 8, "score"), (37, 8, "position"), (37, 8, "mean"), (1500, 16, "score"), (1500, 16, "mean"), (64, 24, "position")):
         for seed in range(3):
             a = _state(2, 3, C, D, 3 * C, seed)
             b = tuple(t.clone() for t in a)
-            evict_write(*a, 4, 7, by_pos)
-            evict_write_ref(*b, 4, 7, by_pos)
+            evict_write(*a, 4, 7, priority)
+            evict_write_ref(*b, 4, 7, priority)
             for x, y in zip(a, b):
-                assert torch.equal(x, y), (C, D, by_pos, seed)
+                assert torch.equal(x, y), (C, D, priority, seed)
     # One position shared by the batch as an expanded (stride-0) view; the element after
     # it is 0, which a kernel reading pos[1] from memory would see.
     a = _state(2, 3, 37, 8, 111, 0)
     shared = torch.tensor([111, 0])[:1].expand(2)
     a, b = (a[0], a[1], shared) + a[3:], tuple(t.clone() for t in a[:2]) + (shared,) + tuple(t.clone() for t in a[3:])
-    evict_write(*a, 4, 7, True)
-    evict_write_ref(*b, 4, 7, True)
+    evict_write(*a, 4, 7, "position")
+    evict_write_ref(*b, 4, 7, "position")
     assert all(torch.equal(x, y) for x, y in zip(a, b)), "expanded pos"
     # ring_write (the non-evicting decode write) against attention_op.write_tokens: slot
     # pos % C, a pad (negative position) empties its slot, v strided like a transposed

@@ -3,12 +3,14 @@
 
 For each (sequence, kv head) one program scans the site's C slots once: the cost of a
 slot is -inf when empty, +inf when protected (a sink, or inside the recent window),
-else its priority (accumulated attention mass for H2O/A2SF/SnapKV, the position for
-StreamingLLM); the first slot of least cost receives the token's k, v, position, and a
+else its priority: "score" (accumulated attention mass: H2O, A2SF), "position"
+(StreamingLLM, DuoAttention's streaming heads) or "mean" (the mass divided by the number
+of queries that have seen the slot's token, pos - slot position: H2O with `mass =
+"mean"`); the first slot of least cost receives the token's k, v, position, and a
 zero score. In PyTorch the same choice takes ~12 small kernels per layer (where, sort
 or argmin, four scatters), which at batch 1 costs more than the attention itself.
 
-    evict_write(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, by_position)
+    evict_write(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, priority)
 
 k, v [B, Hkv, 1, D]; pos [B] int64 (the token's true position); caches as SiteCache.
 """
@@ -25,7 +27,7 @@ def _evict_write_kernel(
     k_ptr, v_ptr, pos_ptr, kc_ptr, vc_ptr, sp_ptr, sc_ptr,
     Hkv, C, D, n_sink, window,
     s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_cb, s_ch, s_cc, s_pb, s_ph, s_posb,
-    BY_POSITION: tl.constexpr, RING: tl.constexpr, SCORES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRIORITY: tl.constexpr, RING: tl.constexpr, SCORES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.program_id(1)  # RING: the token of a chunk (pos [B, T]); eviction writes one token
@@ -43,10 +45,12 @@ def _evict_write_kernel(
             offs = start + tl.arange(0, BLOCK_C)
             inside = offs < C
             p = tl.load(sp_ptr + b * s_pb + h * s_ph + offs, mask=inside, other=-1).to(tl.int64)
-            if BY_POSITION:
+            if PRIORITY == 1:  # position
                 prio = p.to(tl.float32)
             else:
                 prio = tl.load(sc_ptr + b * s_pb + h * s_ph + offs, mask=inside, other=0.0).to(tl.float32)
+                if PRIORITY == 2:  # mean per query; div_rn: the same rounding as PyTorch's division
+                    prio = tl.div_rn(prio, tl.maximum(seen - p, 1).to(tl.float32))
             filled = p >= 0
             protected = filled & ((p < n_sink) | (p >= seen - window))
             cost = tl.where(filled, tl.where(protected, float("inf"), prio), float("-inf"))
@@ -81,11 +85,14 @@ def _check(name: str, k, v, pos, k_cache, v_cache, slot_pos, scores) -> None:
         raise ValueError(f"{name}: last dimensions must be contiguous and slot_pos/scores share strides")
 
 
-def evict_write(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, window: int, by_position: bool) -> None:
+PRIORITIES = ("score", "position", "mean")
+
+
+def evict_write(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, window: int, priority: str) -> None:
     """Write one token per (sequence, kv head) into the slot the policy frees (in place).
     k, v [B, Hkv, 1, D]; pos [B]."""
     _check_one_token(k, pos)
-    _launch("evict_write", k, v, pos[:, None], k_cache, v_cache, slot_pos, scores, n_sink, window, by_position, ring=False)
+    _launch("evict_write", k, v, pos[:, None], k_cache, v_cache, slot_pos, scores, n_sink, window, priority, ring=False)
 
 
 def _check_one_token(k, pos) -> None:
@@ -102,11 +109,13 @@ def ring_write(k, v, pos, k_cache, v_cache, slot_pos, scores=None) -> None:
     C = k_cache.shape[2]
     if k.dim() == 4 and k.shape[2] > C:  # earlier tokens would be overwritten within the chunk: the last C win
         k, v, pos = k[:, :, -C:], v[:, :, -C:], pos[:, -C:]
-    _launch("ring_write", k, v, pos, k_cache, v_cache, slot_pos, scores, 0, 0, False, ring=True)
+    _launch("ring_write", k, v, pos, k_cache, v_cache, slot_pos, scores, 0, 0, "score", ring=True)
 
 
-def _launch(name, k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, by_position, *, ring: bool) -> None:
+def _launch(name, k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window, priority: str, *, ring: bool) -> None:
     _check(name, k, v, pos, k_cache, v_cache, slot_pos, scores)
+    if priority not in PRIORITIES:
+        raise ValueError(f"{name}: priority {priority!r}; allowed: {', '.join(PRIORITIES)}")
     B, Hkv, T, D = k.shape
     C = k_cache.shape[2]
     pos = pos.contiguous()  # the kernel reads pos[b, t]: an expanded (stride-0) tensor would read past it
@@ -115,12 +124,12 @@ def _launch(name, k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink, window,
         Hkv, C, D, n_sink, window,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slot_pos.stride(0), slot_pos.stride(1), pos.stride(0),
-        BY_POSITION=by_position, RING=ring, SCORES=scores is not None, BLOCK_C=min(1024, triton.next_power_of_2(C)), BLOCK_D=triton.next_power_of_2(D),
+        PRIORITY=PRIORITIES.index(priority), RING=ring, SCORES=scores is not None, BLOCK_C=min(1024, triton.next_power_of_2(C)), BLOCK_D=triton.next_power_of_2(D),
         num_warps=4,
     )
 
 
-def evict_write_ref(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, window: int, by_position: bool) -> None:
+def evict_write_ref(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, window: int, priority: str) -> None:
     """The definition in PyTorch (same in-place effect as evict_write)."""
     _check_one_token(k, pos)
     _check("evict_write", k, v, pos[:, None], k_cache, v_cache, slot_pos, scores)
@@ -128,7 +137,8 @@ def evict_write_ref(k, v, pos, k_cache, v_cache, slot_pos, scores, n_sink: int, 
     p = slot_pos.long()
     filled = p >= 0
     protected = filled & ((p < n_sink) | (p >= pos.view(B, 1, 1) - window))
-    prio = p.float() if by_position else scores.float()
+    prio = {"position": lambda: p.float(), "score": lambda: scores.float(),
+            "mean": lambda: scores.float() / (pos.view(B, 1, 1) - p).clamp_min(1).float()}[priority]()
     cost = torch.where(filled, torch.where(protected, float("inf"), prio), float("-inf"))
     slot = cost.argmin(dim=-1, keepdim=True)  # first index of the minimum
     idx = slot[..., None].expand(B, Hkv, 1, k.shape[3])

@@ -83,6 +83,8 @@ OPTIONS = {
                      lo=-1, hi=1 << 16),
     "window": Option(int, -1, "most recent tokens always kept; -1: the policy's paper default (H2O/A2SF half the budget, SnapKV "
                      "its observation window, Keyformer 30%, TOVA none, TokenSelect 512/2688 of the budget)", lo=-1, hi=1 << 20),
+    "mass": Option(str, "sum", "h2o: rank by the attention mass summed over the queries (sum: the paper's) or by its mean "
+                   "per query that has seen the token (mean: kvpress's ObservedAttentionPress)", choices=("sum", "mean")),
     "alpha": Option(float, 0.95, "A2SF forgetting factor", lo=0.0, hi=1.0),
     "vote": Option(str, "layer", "tokenselect: the heads whose soft votes pick one token set (layer: all of the layer's, the "
                    "paper's; kv_head: each kv head's query group)", choices=select_op.VOTES),
@@ -166,6 +168,8 @@ def prefill_chunk(options: dict, prompt_tokens: int, chunk: int) -> int:
 
 def _policy_param(opts: dict) -> float:
     """The policy's one parameter (eviction_op.py's layout field); only its own option is read."""
+    if opts["policy"] == "h2o":
+        return 1.0 if opts["mass"] == "mean" else 0.0
     key = {"a2sf": "alpha", "keyformer": "tau", "snapkv": "obs_window", "d2o": "merge_ema"}.get(opts["policy"])
     return float(opts[key]) if key else 0.0
 
@@ -178,6 +182,9 @@ def _check_options(index: int, opts: dict) -> None:
         raise at_layer(ConfigError(f"budget_fraction: got {opts['budget_fraction']} but the prompt length is unknown here; allowed: "
                                    "a fraction through slimfx.runtime.generate / slimfx run / slimfx eval (they resolve it per prompt), "
                                    "else 0 and an absolute budget"))
+    if opts["mass"] != "sum" and opts["policy"] != "h2o":
+        raise at_layer(ConfigError(f"mass: got {opts['mass']!r} with policy {opts['policy']!r}; allowed: 'sum' (the mean per "
+                                   "query is H2O's variant: policy 'h2o')"))
     if opts["policy"] == tidal_op.NAME:
         for key, off in (("n_sink", -1), ("window", -1), ("decode_budget", 0), ("evicted", "drop")):
             if opts[key] != off:

@@ -46,7 +46,7 @@ MERGE_FIELD = "merge_tau"  # D2O's moving merge threshold per (sequence, kv head
 @lru_cache(maxsize=None)
 def policy_for(name: str, capacity: int, n_sink: int, window: int, param: float) -> EvictionPolicy:
     extra = {"a2sf": {"alpha": param}, "keyformer": {"tau": param}, "snapkv": {"obs_window": int(param)},
-             "d2o": {"ema": param}}.get(name, {})
+             "d2o": {"ema": param}, "h2o": {"mean": param == 1.0}}.get(name, {})
     return make_policy(name, capacity, n_sink=n_sink, window=window, **extra)
 
 
@@ -87,18 +87,15 @@ def write_to_slots(main: dict, victims, k, v, pos) -> None:
     scatter_heads(main["scores"], victims, torch.zeros(B, Hkv, 1, device=k.device))
 
 
-# Policies whose decode-time priority is the slot's own score or position: their slot
-# choice and write run as one Triton kernel (codegen/kernels/evict_write.py). (SnapKV
-# ranks generated tokens by age below the prompt's scores: the torch path.)
-_FUSED_VICTIM = {"h2o": False, "a2sf": False, "streaming": True, "duo": True}
-
-
 def _write_victim(k, v, pos, main: dict, policy: EvictionPolicy, prefill_slots: int, triton: bool) -> None:
-    if triton and prefill_slots == 0 and policy.name in _FUSED_VICTIM:
+    # Policies whose victim rule the write kernel knows (policy.fused_priority) choose and
+    # write in one Triton kernel; the others (SnapKV ranks generated tokens by age below
+    # the prompt's scores) and SCOPE's decode region take the torch path.
+    if triton and prefill_slots == 0 and policy.fused_priority is not None:
         from slimfx.codegen.kernels.evict_write import evict_write
 
         evict_write(k.contiguous(), v.contiguous(), pos, main["k"], main["v"], main["slot_pos"], main["scores"],
-                    policy.n_sink, policy.window, _FUSED_VICTIM[policy.name])
+                    policy.n_sink, policy.window, policy.fused_priority)
         return
     # SCOPE: slots [prefill_slots, C) hold generated tokens; the victim is chosen among them
     # only, so the prompt's selection stays as the prefill left it (views write in place).

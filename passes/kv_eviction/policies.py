@@ -15,6 +15,7 @@ what `n_sink` / `window` -1 resolves to; B is the budget):
 | --------- | --------------------------------------------- | ---------------------------- | --------------------- |
 | streaming | its position                                  | oldest non-sink              | 4 / the rest          |
 | h2o       | attention mass summed over every prompt query | least accumulated mass       | 0 / B/2 (heavy = recent ratio) |
+| h2o, mass "mean" | that sum / the queries that saw the token (kvpress's ObservedAttentionPress) | least mean mass | 0 / B/2 |
 | a2sf      | mass summed with weight alpha^(T-1-t)         | least forgetting-factor sum  | 0 / B/2 (H2O's split) |
 | tova      | the last prompt query's attention, mean over heads | least attention of the current query, mean over heads | 0 / 0 |
 | keyformer | softmax((logits + Gumbel) / tau) summed over queries | least accumulated mass (*) | 0 / 30% of B (paper: 20-30%) |
@@ -67,6 +68,9 @@ class EvictionPolicy:
     name: str = "base"
     decay: float | None = None  # None: the policy needs no attention scores
     merges = False  # True: evicted tokens may be merged into kept ones (D2O)
+    # The decode-time victim rule of the fused write kernel (codegen/kernels/evict_write.py)
+    # that equals `priority`: "score", "position" or "mean"; None: the torch path.
+    fused_priority = None
 
     def __post_init__(self):
         self.check_budget()
@@ -154,6 +158,8 @@ class EvictionPolicy:
 class StreamingLLM(EvictionPolicy):
     """Sinks + recent window; the oldest non-sink token goes first (StreamingLLM)."""
 
+    fused_priority = "position"
+
     def __init__(self, budget, n_sink=4, window=64, **_):
         super().__init__(budget, n_sink, window, "streaming", None)
 
@@ -162,18 +168,27 @@ class StreamingLLM(EvictionPolicy):
 
 
 class H2O(EvictionPolicy):
-    """Heavy hitters: accumulated attention mass over every query seen (H2O)."""
+    """Heavy hitters: accumulated attention mass over every query seen (H2O). With
+    `mean`, the mass divided by the number of queries that have seen the token (seen -
+    its position): the rule of kvpress's ObservedAttentionPress, which does not favour
+    early tokens for having been seen by more queries."""
 
-    def __init__(self, budget, n_sink=4, window=64, **_):
+    def __init__(self, budget, n_sink=4, window=64, mean=False, **_):
         super().__init__(budget, n_sink, window, "h2o", 1.0)
+        self.mean = bool(mean)
+        self.fused_priority = "mean" if self.mean else "score"
 
     def priority(self, scores, slot_pos, seen):
+        if self.mean:
+            return scores / (seen.view(-1, 1, 1) - slot_pos).clamp_min(1).to(scores.dtype)
         return scores
 
 
 class A2SF(EvictionPolicy):
     """Accumulated mass with a forgetting factor: A_k = sum_q alpha^(n-q) S_qk (A2SF).
     The decay is applied by the attention kernel; ranking is by the decayed sum."""
+
+    fused_priority = "score"
 
     def __init__(self, budget, n_sink=4, window=64, alpha=0.95, **_):
         super().__init__(budget, n_sink, window, "a2sf", float(alpha))
@@ -252,6 +267,8 @@ class DuoAttention(EvictionPolicy):
     """DuoAttention's streaming heads: sinks + recent window, like StreamingLLM. The
     retrieval heads (calibrated by `slimfx calibrate duo-heads`) keep a full store of
     their own; duo_op.py runs the two head groups of a site side by side."""
+
+    fused_priority = "position"
 
     def __init__(self, budget, n_sink=4, window=64, **_):
         super().__init__(budget, n_sink, window, "duo", None)
