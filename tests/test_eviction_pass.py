@@ -217,3 +217,17 @@ def test_fraction_budget_through_generate_equals_the_absolute_one(sharp_model, p
                               config=_config(policy="h2o", budget_fraction=0.25, n_sink=2, window=4))
     absolute, _ = generate(sharp_model, prompt, max_new_tokens=8, capacity=64, config=_config(policy="h2o", budget=16, n_sink=2, window=4))
     assert torch.equal(by_fraction, absolute)
+
+
+def test_a_fractional_budget_error_says_where_its_budget_came_from():
+    """A budget_fraction is checked before any prompt is known, at a long prompt: the error
+    names the budget and window it resolved to, which the user never wrote."""
+    from slimfx.compiler.config import load_config
+    from slimfx.passes import kv_eviction
+
+    cfg = load_config(_config(policy="h2o", budget_fraction=0.25, decode_budget=64))
+    with pytest.raises(ConfigError) as err:
+        kv_eviction.check_config(cfg.pass_config("kv_eviction"))
+    assert str(err.value) == ("passes.kv_eviction.decode_budget (layer all): got 64; allowed: 0 (off) or > window (8192), so "
+                              "generated tokens outside the recent window can be evicted (budget_fraction 0.25 checked at a "
+                              "65536-token prompt: budget 16384; a window of -1 grows with it)")

@@ -242,9 +242,18 @@ def check_config(pc) -> None:
     _check_tidal(pc)
     for layer in ["all", *sorted(pc.overridden_layers())]:
         opts = pc.options if layer == "all" else pc.for_layer(layer)
-        if opts["budget_fraction"] > 0:
-            opts = {**opts, "budget": _fraction_budget(opts, 1 << 16), "budget_fraction": 0.0}
-        _check_options(layer, opts)
+        if opts["budget_fraction"] <= 0:
+            _check_options(layer, opts)
+            continue
+        budget = _fraction_budget(opts, LONG_PROMPT)
+        try:
+            _check_options(layer, {**opts, "budget": budget, "budget_fraction": 0.0})
+        except ConfigError as exc:  # say where a budget and window the user never wrote come from
+            raise ConfigError(f"{exc} (budget_fraction {opts['budget_fraction']} checked at a {LONG_PROMPT}-token prompt: "
+                              f"budget {budget}; a window of -1 grows with it)") from None
+
+
+LONG_PROMPT = 1 << 16  # a fractional budget must be valid for prompts up to this long
 
 
 def _evict_tiers(capacity: int, policy: str = "h2o"):
