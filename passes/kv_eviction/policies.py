@@ -135,6 +135,8 @@ class EvictionPolicy:
         prio = self.priority(scores, slot_pos, seen).float()
         # Empty slots cost nothing, protected ones are never chosen.
         cost = torch.where(~filled, NEG_INF, torch.where(prot, float("inf"), prio))
+        if n_new == 1:  # a decode step: argmin (first index of the minimum) is the stable sort's first, in one kernel
+            return cost.argmin(dim=-1, keepdim=True)
         return torch.sort(cost, dim=-1, stable=True).indices[..., :n_new]
 
     def compact(self, k, v, scores, slot_pos, seen, budget: int | None = None, keep: torch.Tensor | None = None):
