@@ -6,6 +6,10 @@ The reference below is written from that rule, one sequence and one query head a
 with Python lists."""
 
 import math
+import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +22,8 @@ from slimfx.passes.kv_eviction.tidal_op import chosen_tier, paper_layers, tidal_
 from slimfx.runtime import generate
 from slimfx.runtime.attention_op import attention_ref
 from slimfx.runtime.kv_store import SiteCache, plain_tier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**options):
@@ -196,3 +202,19 @@ def test_cuda_matches_cpu():
     gpu, cpu = _decode_pair("cuda"), _decode_pair("cpu")
     err = ((gpu - cpu).norm() / cpu.norm()).item()
     assert err <= 2e-3, f"rel err {err:.2e}"  # fp32 dots may run as tf32 on the GPU
+
+
+def test_op_under_interpreted_kernels_matches_the_references():
+    """The op with its Triton kernels (the selection layer's full read, the follower's
+    chosen-rows read), run by the interpreter, against the op with the references."""
+    script = ("import torch\nfrom tests.test_eviction_tidaldecode import _decode_pair\n"
+              "torch.save(_decode_pair('cpu', steps=3), __import__('sys').argv[1])\n")
+    outs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("triton", "ref"):
+            env = dict(os.environ, TRITON_INTERPRET="1", SLIMFX_ATTENTION=mode)
+            path = os.path.join(tmp, mode)
+            run = subprocess.run([sys.executable, "-c", script, path], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, run.stderr[-2000:]
+            outs[mode] = torch.load(path)
+    torch.testing.assert_close(outs["triton"], outs["ref"], rtol=1e-5, atol=1e-5)

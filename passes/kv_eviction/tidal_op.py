@@ -17,19 +17,23 @@ the tokens the layers after them read. Lossy; it saves no memory.
   (the authors' code: per query head, top-k of the raw scores, the current token read
   besides, so `budget` counts it) and writes them to `chosen`.
 - decode, following layer: the token is written, then each query head attends over its
-  chosen positions and the current token only.
+  chosen positions and the current token only (codegen/kernels/gather_decode_attention.py:
+  a chosen position is read where its slot still holds it).
 - layers before the first selection layer are left plain (exact); the pass wires them.
 
-No bandwidth-saving kernel exists yet: the read masks every slot the head did not choose
-(a PyTorch read, one per query head's set), so every slot is still loaded. Neither memory
-nor time is saved; only the attention's result is that of the chosen tokens. The selection
-is recomputed at every decode step, so rolling tokens back leaves nothing stale.
+What it saves is bandwidth, not memory: a following layer loads, per query head, only its
+K chosen K/V rows and the current token's (the gather kernel on GPU; its PyTorch reference
+gathers the same rows elsewhere), about (K + 1) * Hq rows against the C * Hkv a full
+read loads. A selection layer still reads every slot, and then scores every slot again
+for its top-k (`choose`, in PyTorch). The selection is recomputed at every decode step,
+so rolling tokens back leaves nothing stale.
 """
 
 from __future__ import annotations
 
 import torch
 
+from slimfx.codegen.kernels.gather_decode_attention import gather_decode_attention, gather_decode_attention_ref
 from slimfx.runtime.attention_op import Plain, TierRead, Tiers, decode_read, layout_string, register_variant, write_tokens
 from slimfx.runtime.kv_store import Tier
 
@@ -72,30 +76,6 @@ def choose(q1: torch.Tensor, keys: torch.Tensor, slot_pos: torch.Tensor, q_pos: 
     return torch.where(torch.isfinite(top), pos, -1).reshape(B, Hq, k)
 
 
-def read_mask(chosen: torch.Tensor, slot_pos: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, G, C] bool: the slots each query head reads, its chosen positions and the
-    current token. chosen [B, Hq, K]; slot_pos [B, Hkv, C] (the reading site's own ring:
-    position p sits in slot p % C)."""
-    B, Hkv, C = slot_pos.shape
-    Hq = chosen.shape[1]
-    chosen = chosen.to(torch.int64).view(B, Hkv, Hq // Hkv, -1)
-    held = slot_pos.to(torch.int64)[:, :, None, :]
-    # The position each slot would have to hold to be read; the newest wins a ring collision.
-    wanted = torch.full((B, Hkv, Hq // Hkv, C), -1, dtype=torch.int64, device=slot_pos.device)
-    wanted = wanted.scatter_reduce(3, chosen.clamp(min=0).remainder(C), chosen, reduce="amax")
-    return ((held == wanted) & (wanted >= 0)) | (held == q_pos.view(-1, 1, 1, 1))
-
-
-def masked_read(q, k_cache, v_cache, mask, scale: float) -> torch.Tensor:
-    """One query token per sequence over the slots `mask` [B, Hkv, G, C] lets each query
-    head see -> [B, Hq, 1, D], in float32 PyTorch."""
-    B, Hq, _, D = q.shape
-    Hkv = k_cache.shape[1]
-    logits = torch.einsum("bhgd,bhcd->bhgc", q[:, :, 0].float().view(B, Hkv, Hq // Hkv, D), k_cache.float()) * scale
-    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhgc,bhcd->bhgd", probs, v_cache.float()).reshape(B, Hq, 1, D)
-
-
 class Tidal:
     fields = FIELDS
     _plain = Plain()
@@ -116,8 +96,9 @@ class Tidal:
             chosen = tiers["chosen"]["slot_pos"]
             chosen.copy_(choose(q[:, :, 0], main["k"], main["slot_pos"], q_pos, chosen.shape[2]))
             return out
-        mask = read_mask(tiers["chosen"]["slot_pos"], main["slot_pos"], q_pos)
-        return masked_read(q, main["k"], main["v"], mask, scale)
+        # `choose` gives each head distinct positions, as the read requires.
+        read = gather_decode_attention if triton else gather_decode_attention_ref
+        return read(q, main["k"], main["v"], main["slot_pos"], tiers["chosen"]["slot_pos"], q_pos, scale)
 
     def read(self, q, positions, tiers: Tiers, scale: float, triton: bool):
         """A site reading this cache (cross-layer sharing) reads it whole: it is not a
