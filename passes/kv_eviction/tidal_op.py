@@ -63,14 +63,17 @@ def chosen_tier(batch: int, n_q_heads: int, budget: int, capacity: int, device) 
 
 
 def choose(q1: torch.Tensor, keys: torch.Tensor, slot_pos: torch.Tensor, q_pos: torch.Tensor, k: int) -> torch.Tensor:
-    """Per query head, the k held positions before q_pos of highest q.k ([B, Hq, k] int64,
-    -1 where fewer are held). q1 [B, Hq, D]; keys [B, Hkv, C, D]; slot_pos [B, Hkv, C]."""
+    """Per query head, the k held positions before q_pos of highest q.k ([B, Hq, k] int64 in
+    no particular order, -1 where fewer are held). q1 [B, Hq, D]; keys [B, Hkv, C, D]; slot_pos [B, Hkv, C]."""
     B, Hq, D = q1.shape
     Hkv = keys.shape[1]
-    logits = torch.einsum("bhgd,bhcd->bhgc", q1.float().view(B, Hkv, Hq // Hkv, D), keys.float())
+    # Scores in the cache's dtype (a GPU matmul accumulates in fp32 and rounds once; fp32
+    # caches, as on CPU, score in fp32): a float32 copy of a 16-bit cache would read and
+    # write the whole cache again at every step, which is what the following layers save.
+    logits = torch.einsum("bhgd,bhcd->bhgc", q1.to(keys.dtype).view(B, Hkv, Hq // Hkv, D), keys)
     earlier = (slot_pos >= 0) & (slot_pos < q_pos.view(-1, 1, 1))
     logits = logits.masked_fill(~earlier[:, :, None, :], float("-inf"))
-    top, idx = logits.topk(k, dim=-1)
+    top, idx = logits.topk(k, dim=-1, sorted=False)  # a set: the read does not depend on the order
     held = slot_pos[:, :, None, :].expand(B, Hkv, Hq // Hkv, -1).to(torch.int64)
     pos = torch.gather(held, 3, idx)
     return torch.where(torch.isfinite(top), pos, -1).reshape(B, Hq, k)
