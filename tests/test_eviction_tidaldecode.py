@@ -7,8 +7,6 @@ with Python lists."""
 
 import math
 import os
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -22,8 +20,8 @@ from slimfx.passes.kv_eviction.tidal_op import chosen_tier, paper_layers, tidal_
 from slimfx.runtime import generate
 from slimfx.runtime.attention_op import attention_ref
 from slimfx.runtime.kv_store import SiteCache, plain_tier
+from tests.interpreted import run_interpreted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**options):
@@ -212,9 +210,7 @@ def test_op_under_interpreted_kernels_matches_the_references():
     outs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("triton", "ref"):
-            env = dict(os.environ, TRITON_INTERPRET="1", SLIMFX_ATTENTION=mode)
             path = os.path.join(tmp, mode)
-            run = subprocess.run([sys.executable, "-c", script, path], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-            assert run.returncode == 0, run.stderr[-2000:]
+            run_interpreted(script, path, SLIMFX_ATTENTION=mode)
             outs[mode] = torch.load(path)
     torch.testing.assert_close(outs["triton"], outs["ref"], rtol=1e-5, atol=1e-5)

@@ -1,9 +1,6 @@
 """The fused decode-time slot choice + write kernel against its reference and against
 the policies' own victim rule (passes/kv_eviction/policies.py), under TRITON_INTERPRET=1."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -11,6 +8,7 @@ import torch
 
 from slimfx.codegen.kernels.evict_write import evict_write_ref
 from slimfx.passes.kv_eviction.policies import make_policy
+from tests.interpreted import run_interpreted
 
 
 def _state(B, H, C, D, seen, seed):
@@ -87,8 +85,4 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_kernel_matches_reference_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("ok")
+    assert run_interpreted(_SCRIPT).strip().endswith("ok")

@@ -3,15 +3,13 @@ against an independent definition written over every slot with a mask (which slo
 query head may see, then a masked softmax over the whole ring), and the Triton kernel
 against the reference under TRITON_INTERPRET=1."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from slimfx.codegen.kernels.gather_decode_attention import gather_decode_attention, gather_decode_attention_ref
+from tests.interpreted import run_interpreted
 
 
 def masked_definition(q, k_cache, v_cache, slot_pos, chosen, q_pos, scale):
@@ -136,11 +134,7 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_kernel_matches_reference_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("ok")
+    assert run_interpreted(_SCRIPT).strip().endswith("ok")
 
 
 @pytest.mark.cuda
