@@ -42,7 +42,8 @@ def rows(paths: list[str]) -> list[dict]:
             opts = c["config"]["passes"]["kv_eviction"]  # the configuration as run, swept values applied
             if opts.get("d2o_budgets") == "none" and opts["policy"] == "d2o":
                 continue  # an ablation row, not the policy as configured
-            out.append({"policy": opts["policy"], "fraction": opts["budget_fraction"],
+            policy = opts["policy"] + (" (mean)" if opts.get("mass") == "mean" else "")  # H2O's kvpress ranking
+            out.append({"policy": policy, "fraction": opts["budget_fraction"],
                         "source": Path(path).name, **_scores(c), "setting": _setting(data),
                         "unmodified_suite": base["suite"], "unmodified_passkey": base["passkey"]})
     return sorted(out, key=lambda r: (r["policy"], r["fraction"], -r["suite_n"]))
