@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import slimfx
 from slimfx.compiler.config import ConfigError
-from slimfx.passes.kv_eviction import _check_options, rewrite_mikv
+from slimfx.passes.kv_eviction import OPTIONS, _check_options, rewrite_mikv
 from slimfx.passes.kv_eviction.eviction_op import evict_site
 from slimfx.passes.kv_eviction.mikv_op import FORMATS, mikv_site
 from slimfx.runtime import generate
@@ -276,8 +276,9 @@ def _plain(D: int):
     return plain_site(1, 2, 32, D)
 
 
-OPTS = dict(policy="h2o", budget=16, n_sink=2, window=4, alpha=0.95, tau=1.0, obs_window=32, decode_budget=0,
-            evicted="int4", retrieval_fraction=0.5, duo_heads="duo_heads")
+# Every option at its default (as a loaded config has them), then this test's values.
+OPTS = {**{key: option.default for key, option in OPTIONS.items()},
+        **dict(policy="h2o", budget=16, n_sink=2, window=4, evicted="int4")}
 
 
 class _Store:
